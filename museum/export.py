@@ -1,0 +1,81 @@
+"""Export concepts in the formats plain diffusers loads.
+
+A concept becomes
+
+* ``learned_embeds.safetensors``: its token, ``{token: (1, D)}``, for ``pipe.load_textual_inversion``;
+* ``pytorch_lora_weights.safetensors`` (methods that change K/V): the exact K/V deltas the
+  museum applies for a prompt naming the concept(s), written as one LoRA with its adapter
+  metadata (ECOSYSTEM.md pitfall 4), for ``pipe.load_lora_weights``. Dense deltas (Custom
+  Diffusion, a C-LoRA stack, a closed-form merge) are factored exactly by SVD, keeping
+  every singular value above 1e-6 of the largest;
+* ``museum_export.json``: what was exported and the three lines that load it.
+
+Loading the export in plain diffusers gives the image Museum gives (a test checks this).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from museum.base.loading import resolve_base
+from museum.methods.kv import KV_PATTERN
+from museum.store.atomic import atomic_dir
+
+LOAD_SNIPPET = """from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{base}")
+{loads}"""
+
+
+def deltas_to_lora(deltas: dict[str, torch.Tensor], rel_tol: float = 1e-6) -> tuple[dict[str, torch.Tensor], int]:
+    """Exact low-rank factors of dense deltas: (peft-style state dict, rank). Smaller ranks are zero-padded."""
+    factors, rank = {}, 1
+    for name, delta in deltas.items():
+        u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+        r = max(1, int((s > s[0] * rel_tol).sum())) if s.numel() and s[0] > 0 else 1
+        factors[name] = (u[:, :r] * s[:r].sqrt(), s[:r].sqrt()[:, None] * vh[:r])
+        rank = max(rank, r)
+    state = {}
+    for name, (b, a) in factors.items():
+        pad = rank - a.shape[0]
+        state[f"{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
+        state[f"{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1).contiguous()
+    return state, rank
+
+
+def export_concepts(museum, names: list[str], out: Path) -> Path:
+    """Export one concept, or several composed (their deltas as the museum combines them), to ``out``."""
+    entries = [museum.manifest.concept(n) for n in names]
+    museum.pipe  # loads and verifies every concept
+    deltas = museum.deltas_for(entries)
+    loads = []
+    with atomic_dir(out) as tmp:
+        for e in entries:
+            file = "learned_embeds.safetensors" if len(entries) == 1 else f"learned_embeds-{e.name}.safetensors"
+            save_file({e.token: museum.concept_info(e).tensors[e.token].contiguous()}, tmp / file)
+            loads.append(f'pipe.load_textual_inversion("{out / file}", token="{e.token}")')
+        lora_rank = None
+        if deltas:
+            state, lora_rank = deltas_to_lora(deltas)
+            config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=KV_PATTERN)
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state,
+                                                      unet_lora_adapter_metadata=config.to_dict())
+            loads.append(f'pipe.load_lora_weights("{out}")')
+        base = str(resolve_base(museum.manifest.base_path))
+        snippet = LOAD_SNIPPET.format(base=base, loads="\n".join(loads))
+        (tmp / "museum_export.json").write_text(json.dumps({
+            "concepts": [{"name": e.name, "token": e.token, "method": e.method,
+                          "phrase": museum.concept(e.name).phrase} for e in entries],
+            "base": base, "base_hash": museum.manifest.base_hash, "lora_rank": lora_rank,
+            "needs_museum": False, "load_with_diffusers": snippet,
+        }, indent=2))
+    return out
+
+
+def export_concept(museum, name: str, out: Path) -> Path:
+    return export_concepts(museum, [name], out)

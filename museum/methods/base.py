@@ -1,0 +1,151 @@
+"""The interface every customization method implements, and the registry of methods by name.
+
+A method is a small class with a config dataclass. The trainer (``museum.training``) owns
+the loop; a method only says
+
+* which parameters it adds and trains (:meth:`Method.setup`),
+* how a concept is named in a prompt (:meth:`Method.phrase`),
+* which loss terms it adds to the denoising loss (:meth:`Method.loss_terms`),
+* what it stores per concept and across tasks (:meth:`Method.finish`),
+* how its stored tensors change the UNet at generation time (:meth:`Method.kv_deltas`).
+
+Add a method by writing one module in this folder with a ``@register`` class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: make a method available by ``cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    import museum.methods  # noqa: F401  (imports every method module, which registers it)
+
+    return sorted(METHODS)
+
+
+def get_method(name: str, **overrides) -> "Method":
+    """Instantiate a registered method with its default config updated by ``overrides``."""
+    method_names()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    return cls(cls.config_class.from_dict(overrides))
+
+
+@dataclass
+class MethodConfig:
+    """Settings every method has. Defaults are tuned for the embedded model; ``SD15`` holds SD-1.5's."""
+
+    steps: int = 300
+    batch_size: int = 4
+    lr: float = 1e-3  # learning rate of the method's UNet parameters
+    token_lr: float = 5e-3  # learning rate of the concept's token embedding
+    token_init: str = "class"  # "class": from the class word (textual inversion, Custom Diffusion); "random"
+    class_word_in_prompt: bool = True  # "a <tok> circle" (True) or "a <tok>" (False, C-LoRA)
+    seed: int = 0
+
+    SD15: ClassVar[dict] = {}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no setting(s) {unknown}; settings: {sorted(known)}")
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ConceptInfo:
+    """What a method knows about the concept being learned or generated."""
+
+    name: str
+    token: str
+    class_word: str  # the superclass word, or "style"
+    is_style: bool
+    task_index: int = 0
+    method: str = ""
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # stored per-concept tensors (generation)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainContext:
+    """Handed to a method during training."""
+
+    pipe: Any
+    concept: ConceptInfo
+    state: dict[str, torch.Tensor]  # the method's shared state before this task (empty on the first task)
+    earlier: list[ConceptInfo]  # concepts learned before this one, by any method, with their tokens
+    accelerator: Any
+    cache_dir: Any  # a folder the method may cache derived data in (class images, covariances)
+
+
+class Method:
+    """Base class. Subclasses set ``name``, ``config_class`` and override what they need."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    #: how ``museum export --format diffusers`` writes this method's concepts:
+    #: "textual_inversion", "lora", "custom_diffusion" or "museum" (needs Museum's own loader)
+    export_format: ClassVar[str] = "textual_inversion"
+    #: can one concept be removed without retraining the others?
+    removable: ClassVar[bool] = True
+    removable_why: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config or self.config_class()
+
+    # ---------------------------------------------------------------- prompts
+    def phrase(self, concept: ConceptInfo) -> str:
+        """How the concept is named in prompts: "<tok> circle", "<tok>" or, for styles, "<tok>"."""
+        if concept.is_style or not self.config.class_word_in_prompt:
+            return concept.token
+        return f"{concept.token} {concept.class_word}"
+
+    # ---------------------------------------------------------------- training
+    def setup(self, ctx: TrainContext) -> list[dict]:
+        """Install trainable parameters into ``ctx.pipe``; return optimizer param groups (token excluded)."""
+        return []
+
+    def loss_terms(self, ctx: TrainContext, batch: dict) -> dict[str, torch.Tensor]:
+        """Extra weighted loss terms added to the denoising loss (name -> scalar)."""
+        return {}
+
+    def finish(self, ctx: TrainContext) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """After training: (tensors stored with the concept, the method's new shared state).
+        Must leave ``ctx.pipe.unet`` as it found it (the trainer checks)."""
+        return {}, dict(ctx.state)
+
+    def teardown(self, ctx: TrainContext) -> None:
+        """Undo what :meth:`setup` installed besides K/V weights and peft adapters (the trainer
+        restores those itself); called even when training fails."""
+
+    def trainable_state(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
+        """The trained tensors, for checkpoints (resume)."""
+        return {}
+
+    def load_trainable_state(self, ctx: TrainContext, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    # ---------------------------------------------------------------- generation
+    def kv_deltas(self, concepts: list[ConceptInfo], active: list[ConceptInfo], state: dict[str, torch.Tensor],
+                  pipe) -> dict[str, torch.Tensor]:
+        """Weight deltas (module name -> dW) this method adds to the UNet when ``active`` of its
+        ``concepts`` appear in a prompt. Textual inversion adds none."""
+        return {}

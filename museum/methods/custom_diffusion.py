@@ -1,0 +1,207 @@
+"""Custom Diffusion (Kumari et al., CVPR 2023): fine-tune cross-attention K/V plus a modifier token.
+
+Training uses diffusers' own ``CustomDiffusionAttnProcessor`` (train_kv=True), which also
+detaches the start token's K/V gradients (sec. 3.1). The loss adds prior preservation:
+
+    L = L_diff(concept images, "a <V*> circle") + lambda_prior * L_diff(class images, "a circle")
+
+with class images generated once by the base model and cached in the museum (no retrieval
+is available offline; diffusers' DreamBooth does the same). Each concept stores its dense
+deltas dW_k, dW_v per layer.
+
+Several Custom Diffusion concepts in one prompt are combined by the paper's closed-form
+merge (sec. 3.2, METHODS.md): per layer
+
+    W = W0 + (V^T - W0 C^T) (D C^T)^-1 D,   D = C (C_reg^T C_reg)^-1
+
+with C the text features of the concepts' prompts (duplicate rows removed), V^T their
+fine-tuned outputs, C_reg the features of generic captions. A small ridge term keeps both
+inverses stable on small models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+from safetensors.torch import load_file
+
+from museum.methods import kv
+from museum.methods.base import ConceptInfo, Method, MethodConfig, TrainContext, register
+from museum.training.objectives import concept_prompt, denoising_loss, diffusion_target, encode_prompts
+
+RIDGE = 1e-3
+
+
+@dataclass
+class CustomDiffusionConfig(MethodConfig):
+    steps: int = 300
+    batch_size: int = 4
+    lr: float = 2e-4
+    token_lr: float = 5e-3
+    token_init: str = "class"
+    class_word_in_prompt: bool = True
+    prior_weight: float = 1.0
+    num_class_images: int = 32
+
+    SD15 = dict(steps=500, batch_size=2, lr=2e-5, token_lr=1e-5 * 2 * 1e3, num_class_images=200)
+
+
+def _processor_to_module(proc_name: str, which: str) -> str:
+    return proc_name.removesuffix(".processor") + f".to_{which}"
+
+
+@register
+class CustomDiffusion(Method):
+    name = "custom-diffusion"
+    config_class = CustomDiffusionConfig
+    export_format = "lora"
+
+    # ---------------------------------------------------------------- training
+    def setup(self, ctx: TrainContext) -> list[dict]:
+        unet = ctx.pipe.unet
+        self.class_latents, self.class_prompts = self._class_data(ctx)
+        self.class_text = encode_prompts(ctx.pipe, self.class_prompts).detach()
+        self.original_processors = dict(unet.attn_processors)
+        modules = dict(unet.named_modules())
+        processors, params = {}, []
+        for name, proc in self.original_processors.items():
+            if not name.endswith("attn2.processor"):
+                processors[name] = proc
+                continue
+            attn = modules[name.removesuffix(".processor")]
+            cd = CustomDiffusionAttnProcessor(train_kv=True, train_q_out=False, hidden_size=attn.to_k.out_features,
+                                              cross_attention_dim=attn.to_k.in_features)
+            cd.to(unet.device, unet.dtype)
+            with torch.no_grad():
+                cd.to_k_custom_diffusion.weight.copy_(attn.to_k.weight)
+                cd.to_v_custom_diffusion.weight.copy_(attn.to_v.weight)
+            processors[name] = cd
+            params += [cd.to_k_custom_diffusion.weight, cd.to_v_custom_diffusion.weight]
+        unet.set_attn_processor(processors)
+        for p in params:
+            p.requires_grad_(True)
+        self.w0 = kv.kv_weights(unet)
+        return [{"params": params, "lr": self.config.lr}]
+
+    def _class_data(self, ctx: TrainContext) -> tuple[torch.Tensor, list[str]]:
+        """Class images (as latents) from the base model, generated once per (class, count) and cached."""
+        from museum.world.render import base_samples, caption
+
+        n = self.config.num_class_images
+        if ctx.concept.is_style:  # a style's "class" is generic content
+            prompts = [caption(s, drop=frozenset({"style"})) for s, _ in base_samples(n, seed=4242)]
+        else:
+            prompts = [f"a {ctx.concept.class_word}"] * n
+        key = hashlib.sha256(repr((prompts, ctx.pipe.unet.config.sample_size)).encode()).hexdigest()[:12]
+        path = Path(ctx.cache_dir) / "class_images" / f"{ctx.concept.class_word}-{n}-{key}.safetensors" \
+            if ctx.cache_dir is not None else None
+        if path is not None and path.is_file():
+            return load_file(path)["latents"], prompts
+        from museum.generation.sampling import generate_images
+
+        latents = generate_images(ctx.pipe, prompts, seeds=list(range(n)), output_type="latent")
+        latents = torch.stack(latents).float().cpu()
+        if path is not None:
+            from museum.store.atomic import atomic_write_bytes
+            from safetensors.torch import save as save_bytes
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, save_bytes({"latents": latents.contiguous()}))
+        return latents, prompts
+
+    def loss_terms(self, ctx: TrainContext, batch: dict) -> dict[str, torch.Tensor]:
+        if self.config.prior_weight == 0:
+            return {}
+        gen, sched, unet = batch["generator"], batch["scheduler"], ctx.pipe.unet
+        idx = torch.randint(0, len(self.class_latents), (len(batch["x0"]),), generator=gen)
+        x0 = self.class_latents[idx].to(unet.device, unet.dtype)
+        noise = torch.randn(x0.shape, generator=gen).to(x0)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=gen).to(unet.device)
+        pred = unet(sched.add_noise(x0, noise, t), t, self.class_text[idx]).sample
+        return {"prior": self.config.prior_weight * denoising_loss(pred, diffusion_target(sched, x0, noise, t))}
+
+    def _trained(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, proc in ctx.pipe.unet.attn_processors.items():
+            if isinstance(proc, CustomDiffusionAttnProcessor):
+                out[_processor_to_module(name, "k")] = proc.to_k_custom_diffusion.weight
+                out[_processor_to_module(name, "v")] = proc.to_v_custom_diffusion.weight
+        return out
+
+    def trainable_state(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self._trained(ctx).items()}
+
+    def load_trainable_state(self, ctx: TrainContext, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, w in self._trained(ctx).items():
+                w.copy_(tensors[name])
+
+    def finish(self, ctx: TrainContext):
+        deltas = {f"delta.{n}": (w.detach() - self.w0[n]).float().cpu() for n, w in self._trained(ctx).items()}
+        return deltas, {}
+
+    def teardown(self, ctx: TrainContext) -> None:
+        ctx.pipe.unet.set_attn_processor(self.original_processors)
+
+    # ---------------------------------------------------------------- generation
+    def kv_deltas(self, concepts: list[ConceptInfo], active: list[ConceptInfo], state, pipe):
+        if not active:
+            return {}
+        own = [{k.removeprefix("delta."): v for k, v in c.tensors.items() if k.startswith("delta.")} for c in active]
+        if len(active) == 1:
+            return own[0]
+        return self.merge(pipe, active, own)
+
+    def merge(self, pipe, concepts: list[ConceptInfo], deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Closed-form merge of several concepts' K/V (Custom Diffusion eq. 4-5); returns W - W0 per layer."""
+        feats = [_token_features(pipe, [concept_prompt(self, c)]) for c in concepts]
+        c_reg = _generic_features(pipe)
+        w0 = kv.kv_weights(pipe.unet)
+        merged = {}
+        for name, W0 in w0.items():
+            W0 = W0.float()
+            C = torch.cat(feats)  # (s, d)
+            Vt = torch.cat([(W0 + d[name]) @ f.T for d, f in zip(deltas, feats)], dim=1)  # (out, s)
+            C, keep = _unique_rows(C)
+            Vt = Vt[:, keep]
+            eye = torch.eye(C.shape[1])
+            M = c_reg.T @ c_reg + RIDGE * torch.trace(c_reg.T @ c_reg) / C.shape[1] * eye
+            D = torch.linalg.solve(M, C.T).T  # C M^-1  (M symmetric)
+            DCt = D @ C.T
+            DCt = DCt + RIDGE * torch.trace(DCt) / len(DCt) * torch.eye(len(DCt))
+            W = W0 + (Vt - W0 @ C.T) @ torch.linalg.solve(DCt, D)
+            merged[name] = W - W0
+        return merged
+
+
+@torch.no_grad()
+def _token_features(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder outputs at every position up to and including the end token: (sum of lengths, d)."""
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    hidden = pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0].float().cpu()
+    lengths = ids.attention_mask.sum(1)
+    return torch.cat([hidden[i, :lengths[i]] for i in range(len(prompts))])
+
+
+def _generic_features(pipe, n: int = 200) -> torch.Tensor:
+    """C_reg: features of generic captions (the base world's), cached on the text encoder."""
+    encoder = pipe.text_encoder
+    if getattr(encoder, "_museum_generic_features", None) is None:
+        from museum.world.render import base_samples, caption
+
+        prompts = [caption(s) for s, _ in base_samples(n, seed=777)]
+        encoder._museum_generic_features = _token_features(pipe, prompts)
+    return encoder._museum_generic_features
+
+
+def _unique_rows(x: torch.Tensor, tol: float = 1e-5) -> tuple[torch.Tensor, list[int]]:
+    keep: list[int] = []
+    for i in range(len(x)):
+        if all((x[i] - x[j]).abs().max() > tol for j in keep):
+            keep.append(i)
+    return x[keep], keep

@@ -1,0 +1,222 @@
+"""The one training loop every method plugs into.
+
+For a concept (a token, a class word or "style", a few images) and a method, the loop
+minimises the denoising loss of Stable Diffusion (Rombach et al. 2022, eq. 2)
+
+    L_diff = E ||mask * (eps - eps_theta(x_t, t, c))||^2
+
+plus whatever terms the method adds (prior preservation, regularisers, distillation).
+Latents of the augmented images are encoded once; the text conditioning is recomputed
+each step only when the concept token is being trained. One ``Accelerator`` per process is
+reused across tasks (ECOSYSTEM.md pitfall 6). Checkpoints (safetensors + JSON, no pickle)
+are written every ``checkpoint_every`` steps; ``resume=True`` continues from the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from museum.base.loading import resolution
+from museum.methods import kv, tokens
+from museum.methods.base import ConceptInfo, Method, TrainContext
+from museum.training.data import encode_variants
+from museum.training.objectives import concept_prompt, denoising_loss, diffusion_target, encode_prompts
+
+_ACCELERATOR: Optional[Accelerator] = None
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/Inf; nothing was saved."""
+
+
+def get_accelerator() -> Accelerator:
+    """The process's single Accelerator (accelerate keeps one global state per process)."""
+    global _ACCELERATOR
+    if _ACCELERATOR is None:
+        _ACCELERATOR = Accelerator()
+    return _ACCELERATOR
+
+
+@dataclass
+class LearnResult:
+    tensors: dict[str, torch.Tensor]  # stored with the concept (token embedding included)
+    state: dict[str, torch.Tensor]  # the method's new shared state
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Checkpointer:
+    """Step checkpoints in ``folder``: ``checkpoint-{step}/`` with trainable tensors and Adam moments."""
+
+    folder: Optional[Path]
+    every: int = 100
+    keep: int = 2
+
+    def latest(self) -> Optional[Path]:
+        if self.folder is None or not self.folder.is_dir():
+            return None
+        done = [p for p in self.folder.glob("checkpoint-*") if (p / "step.json").is_file()]
+        return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+    def save(self, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, params: list) -> None:
+        if self.folder is None:
+            return
+        from museum.store.atomic import atomic_dir
+
+        moments = {}
+        for i, p in enumerate(params):
+            st = optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    moments[f"{i}.{key}"] = st[key].detach().cpu().contiguous()
+            if "step" in st:
+                moments[f"{i}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
+        with atomic_dir(self.folder / f"checkpoint-{step}") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+            save_file(moments or {"none": torch.zeros(1)}, tmp / "optimizer.safetensors")
+            (tmp / "step.json").write_text(json.dumps({"step": step}))
+        for old in sorted(self.folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-self.keep]:
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path, optimizer: torch.optim.Optimizer, params: list) -> tuple[int, dict[str, torch.Tensor]]:
+        trainable = load_file(path / "trainable.safetensors")
+        moments = load_file(path / "optimizer.safetensors")
+        for i, p in enumerate(params):
+            if f"{i}.exp_avg" in moments:
+                optimizer.state[p] = {
+                    "exp_avg": moments[f"{i}.exp_avg"].to(p.device),
+                    "exp_avg_sq": moments[f"{i}.exp_avg_sq"].to(p.device),
+                    "step": torch.tensor(float(moments[f"{i}.step"].item())),
+                }
+        return json.loads((path / "step.json").read_text())["step"], trainable
+
+
+def train_concept(
+    pipe,
+    method: Method,
+    concept: ConceptInfo,
+    images,
+    *,
+    state: dict[str, torch.Tensor] | None = None,
+    earlier: list[ConceptInfo] | None = None,
+    cache_dir: Path | None = None,
+    checkpoints: Checkpointer | None = None,
+    resume: bool = False,
+    variants: int = 8,
+    flip: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> LearnResult:
+    """Learn ``concept`` from PIL ``images`` with ``method``; returns what the museum stores.
+
+    The token is added to ``pipe`` (and stays: it is the concept's); every UNet weight the
+    method touched is restored afterwards, so the caller's base model is unchanged.
+    """
+    cfg = method.config
+    accelerator = get_accelerator()
+    checkpoints = checkpoints or Checkpointer(None)
+    t_start = time.time()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    unet, text_encoder, vae, scheduler = pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+    w0 = kv.kv_weights(unet)
+    for module in (unet, text_encoder, vae):
+        module.requires_grad_(False)
+
+    token_id = tokens.add_token(pipe, concept.token, tokens.initial_vector(pipe, cfg.token_init, concept.class_word, gen))
+    ctx = TrainContext(pipe=pipe, concept=concept, state=dict(state or {}), earlier=list(earlier or []),
+                       accelerator=accelerator, cache_dir=cache_dir)
+    groups = method.setup(ctx)
+    trains_token = cfg.token_lr > 0
+    embedding = text_encoder.get_input_embeddings()
+    hook = tokens.train_only_rows(embedding, [token_id]) if trains_token else None
+    if trains_token:
+        groups = groups + [{"params": [embedding.weight], "lr": cfg.token_lr, "weight_decay": 0.0}]
+    params = [p for g in groups for p in g["params"]]
+    if not params:
+        raise ValueError(f"method {method.name} trains nothing: check its config (lr, token_lr)")
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    optimizer = accelerator.prepare(optimizer)
+
+    latents = encode_variants(vae, images, resolution(pipe), variants=variants, flip=flip and not concept.is_style,
+                              seed=cfg.seed)
+    prompt = concept_prompt(method, concept)
+    start = 0
+    latest = checkpoints.latest() if resume else None
+    if latest is not None:
+        start, trainable = checkpoints.load(latest, optimizer, params)
+        method.load_trainable_state(ctx, trainable)
+        with torch.no_grad():
+            embedding.weight[token_id] = trainable["token"].to(embedding.weight.dtype)
+    fixed_text = None if trains_token else encode_prompts(pipe, [prompt]).detach()
+
+    losses: list[float] = []
+    bar = _progress(range(start, cfg.steps), progress, f"learning {concept.name} ({method.name})")
+    try:
+        for step in bar:
+            gen.manual_seed(cfg.seed * 1_000_003 + step)  # per-step seeding: resume reproduces the run
+            idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
+            x0, mask = latents.sample(idx, gen)
+            x0, mask = x0.to(unet.device, unet.dtype), mask.to(unet.device)
+            noise = torch.randn(x0.shape, generator=gen).to(x0)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(unet.device)
+            noisy = noise_scheduler.add_noise(x0, noise, t)
+            text = fixed_text if fixed_text is not None else encode_prompts(pipe, [prompt])
+            text = text.expand(cfg.batch_size, -1, -1)
+            pred = unet(noisy, t, text).sample
+            loss_diff = denoising_loss(pred, diffusion_target(noise_scheduler, x0, noise, t), mask)
+            batch = dict(x0=x0, noise=noise, t=t, noisy=noisy, text=text, mask=mask, generator=gen, step=step,
+                         scheduler=noise_scheduler, pred=pred)
+            terms = method.loss_terms(ctx, batch)
+            loss = loss_diff + sum(terms.values())
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"loss became {loss.item()} at step {step + 1} while learning {concept.name!r} with {method.name}; "
+                    f"nothing was saved. Lower the learning rate (lr={cfg.lr}, token_lr={cfg.token_lr}) and try again")
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if progress and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if on_step is not None:
+                on_step(step + 1, loss.item())
+            if checkpoints.folder is not None and (step + 1) % checkpoints.every == 0 and step + 1 < cfg.steps:
+                trainable = method.trainable_state(ctx)
+                trainable["token"] = embedding.weight[token_id].detach().clone()
+                checkpoints.save(step + 1, trainable, optimizer, params)
+        concept_tensors, new_state = method.finish(ctx)
+    finally:
+        method.teardown(ctx)
+        if hook is not None:
+            hook.remove()
+        embedding.weight.requires_grad_(False)
+        kv.remove_loras(unet)
+        with torch.no_grad():
+            for name, module in kv.kv_modules(unet).items():
+                module.weight.copy_(w0[name])
+        unet.requires_grad_(False)
+    concept_tensors = {**concept_tensors, concept.token: tokens.token_vector(pipe, concept.token)[None]}
+    return LearnResult(concept_tensors, new_state, cfg.steps, time.time() - t_start, losses)
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+

@@ -1,0 +1,381 @@
+"""Foundation quality benchmark of a base model: does it draw what the prompt says?
+
+    python scripts/bench_base_model.py                      # the embedded model, writes docs/BASE_MODEL.md
+    python scripts/bench_base_model.py --pipeline PATH --evaluator PATH --out /tmp/bench
+    python scripts/bench_base_model.py --sweep 1 3 5 7.5 10 # also read a guidance sweep
+
+What it does:
+
+1. Draws ``--prompts`` held-out base scenes (``random.Random(12345)``, not pretraining's
+   seeds 0/1), restricted to style "none" and pattern "plain" so the reading is about
+   shape, colour and background, and captions them with ``render.caption``.
+2. Generates one image per prompt with the pipeline (batches of 16, one seeded
+   ``torch.Generator`` per image, so an image does not depend on its batch).
+3. Reads every image zero-shot with the evaluator: for each attribute (shape, colour,
+   background) the candidates are the prompt's caption with that attribute swapped for
+   every value of its vocabulary (the rest kept); accuracy is the fraction where
+   ``evaluator.classify`` picks the prompt's own value. The same reading on real renders
+   of the same scenes is the evaluator's own accuracy: an upper bound that separates
+   generator errors from evaluator errors.
+4. Times a batch of 16 images at ``--steps`` steps (median of ``--timing-runs`` runs after
+   one warm-up).
+5. Writes ``BASE_MODEL.md``, ``base_model.json`` and ``images/base_samples.png`` /
+   ``images/base_renders.png`` (8 prompts x 4 seeds, nearest-neighbour upscaled x4) under
+   ``--out``, and prints the table. Exits 0 whether or not the target is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from museum.base.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline, resolution  # noqa: E402
+from museum.world import render as world  # noqa: E402
+
+HELD_OUT_SEED = 12345  # pretraining draws its scenes from seeds 0 (base set) and 1 (evaluator set)
+BATCH = 16
+TARGET = 0.90
+GRID_PROMPTS, GRID_SEEDS, GRID_SCALE = 8, 4, 4
+ATTRIBUTES = {
+    "shape": tuple(world.SHAPES),
+    "colour": tuple(world.COLOURS),
+    "background": tuple(world.BACKGROUNDS),
+}
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def held_out_scenes(n: int, seed: int = HELD_OUT_SEED) -> list[tuple[world.Scene, int]]:
+    """``n`` (scene, render-seed) pairs: random base scenes with style "none" and pattern "plain"."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        scene = replace(world.random_scene(rng, base_styles=False), pattern="plain", style="none")
+        out.append((scene, seed * 1_000_003 + i))
+    return out
+
+
+def swapped_captions(scene: world.Scene, attribute: str) -> list[str]:
+    """The scene's caption with ``attribute`` set to every value of its vocabulary, in vocabulary order."""
+    return [world.caption(replace(scene, **{attribute: value})) for value in ATTRIBUTES[attribute]]
+
+
+def read_attributes(evaluator, images: np.ndarray, scenes: list[world.Scene]) -> dict[str, list[str]]:
+    """Zero-shot reading: for each attribute, the evaluator's pick among the swapped captions, per image."""
+    readings = {}
+    for attribute, values in ATTRIBUTES.items():
+        picks = evaluator.classify(images, [swapped_captions(s, attribute) for s in scenes])
+        readings[attribute] = [values[k] for k in picks]
+    return readings
+
+
+def accuracies(readings: dict[str, list[str]], scenes: list[world.Scene]) -> dict[str, dict]:
+    result = {}
+    hits_all = np.ones(len(scenes), bool)
+    for attribute, picks in readings.items():
+        hits = np.array([p == getattr(s, attribute) for p, s in zip(picks, scenes)])
+        hits_all &= hits
+        result[attribute] = {"accuracy": float(hits.mean()), "correct": int(hits.sum()), "n": len(scenes),
+                             "chance": 1.0 / len(ATTRIBUTES[attribute])}
+    result["all three"] = {"accuracy": float(hits_all.mean()), "correct": int(hits_all.sum()), "n": len(scenes),
+                           "chance": float(np.prod([1.0 / len(v) for v in ATTRIBUTES.values()]))}
+    return result
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, size: int,
+             device: str) -> np.ndarray:
+    """(N, size, size, 3) uint8; image i is drawn from ``torch.Generator().manual_seed(seeds[i])``."""
+    out = []
+    for i in range(0, len(prompts), BATCH):
+        gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds[i:i + BATCH]]
+        images = pipe(prompts[i:i + BATCH], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                      height=size, width=size, output_type="np").images
+        out.append(np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def image_seed(seed: int, prompt_index: int, k: int = 0) -> int:
+    return seed * 1_000_000 + prompt_index * 100 + k
+
+
+def time_batch(pipe, prompts: list[str], *, steps: int, guidance: float, size: int, device: str,
+               runs: int) -> list[float]:
+    """Seconds per batch of 16 prompts (after one untimed warm-up)."""
+    batch = (prompts * BATCH)[:BATCH]
+    seeds = list(range(BATCH))
+    generate(pipe, batch, seeds, steps=steps, guidance=guidance, size=size, device=device)  # warm-up
+    times = []
+    for _ in range(runs):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        generate(pipe, batch, seeds, steps=steps, guidance=guidance, size=size, device=device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def grid(rows: list[list[np.ndarray]], scale: int = GRID_SCALE, pad: int = 2) -> Image.Image:
+    """Rows of uint8 HxWx3 tiles -> one image, each tile nearest-neighbour upscaled, row numbers on the left."""
+    h, w = rows[0][0].shape[:2]
+    th, tw = h * scale, w * scale
+    label = 22
+    ncols = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (label + ncols * (tw + pad) + pad, len(rows) * (th + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        y = pad + r * (th + pad)
+        draw.text((4, y + th // 2 - 5), str(r + 1), fill=(0, 0, 0))
+        for c, tile in enumerate(row):
+            canvas.paste(Image.fromarray(tile).resize((tw, th), Image.NEAREST), (label + pad + c * (tw + pad), y))
+    return canvas
+
+
+def pose_variants(scene: world.Scene, k: int, seed: int) -> list[world.Scene]:
+    """The scene and ``k - 1`` re-posed copies (rotation/jitter are not captioned: all match the caption)."""
+    rng = random.Random(seed)
+    out = [scene]
+    for _ in range(k - 1):
+        out.append(replace(scene, rotation=rng.uniform(-20, 20) if scene.shape != "circle" else 0.0,
+                           jitter=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04))))
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def results_table(gen: dict, ren: dict) -> str:
+    lines = ["| attribute | generated accuracy | renders accuracy | target >= 90% |", "|---|---|---|---|"]
+    for attribute in [*ATTRIBUTES, "all three"]:
+        g, r = gen[attribute], ren[attribute]
+        met = "met" if g["accuracy"] >= TARGET else "not met"
+        if attribute == "all three":
+            met = "(joint, no target)"
+        lines.append(f"| {attribute} | {pct(g['accuracy'])} ({g['correct']}/{g['n']}) | "
+                     f"{pct(r['accuracy'])} ({r['correct']}/{r['n']}) | {met} |")
+    return "\n".join(lines)
+
+
+def sweep_table(sweep: list[dict]) -> str:
+    cols = [*ATTRIBUTES, "all three"]
+    lines = ["| guidance | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for row in sweep:
+        lines.append(f"| {row['guidance']:g} | " + " | ".join(pct(row["accuracy"][c]["accuracy"]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "nproc": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_num_threads": torch.get_num_threads(),
+        "diffusers": __import__("diffusers").__version__,
+    }
+
+
+def write_markdown(path: Path, r: dict) -> None:
+    a, t, m = r["args"], r["timing"], r["machine"]
+    captions = "\n".join(f"{i + 1}. {c}" for i, c in enumerate(r["grid_captions"]))
+    chance = ", ".join(f"{k} {pct(v['chance'])}" for k, v in r["generated"].items() if k != "all three")
+    sweep = ""
+    if r.get("sweep"):
+        sweep = (f"\n## Guidance sweep\n\nGenerated accuracy on the same {a['prompts']} prompts and seeds, "
+                 f"{a['steps']} steps:\n\n{sweep_table(r['sweep'])}\n")
+    timing_line = (f"**Timing**: a batch of 16 images at {a['steps']} steps (guidance {a['guidance']:g}) takes\n"
+                   f"**{t['median_s']:.2f} s** (median of {len(t['runs_s'])} runs after one warm-up; runs:\n"
+                   f"{', '.join(f'{x:.2f}' for x in t['runs_s'])} s) on {a['device']} with "
+                   f"torch.get_num_threads() = {m['torch_num_threads']}.") if t["runs_s"] else \
+        f"**Timing**: not measured (`--timing-runs 0`); torch.get_num_threads() = {m['torch_num_threads']}."
+    text = f"""# Base model quality (Foundation benchmark)
+
+Does the base model draw what the prompt says? {a['prompts']} held-out prompts (random base scenes
+from `random.Random({HELD_OUT_SEED})`, style "none", pattern "plain"; pretraining draws from seeds 0 and 1)
+are generated once each ({a['steps']} DDIM steps, guidance {a['guidance']:g}, {r['resolution']}x{r['resolution']},
+one seeded generator per image) and read zero-shot by the evaluator: for each attribute the candidates are
+the prompt's caption with that attribute swapped for every value of its vocabulary, and a reading is
+correct when the evaluator's argmax is the prompt's value. "Renders accuracy" is the same reading on
+real renders of the same scenes: the evaluator's own accuracy, an upper bound on what generated
+images can score. A generated accuracy well below the renders accuracy is a generator error; a
+renders accuracy below 100% is an evaluator error. Chance: {chance}. The scenes are new (pose, jitter
+and render noise), but with a finite vocabulary their captions can also occur in pretraining: this measures
+prompt following within the base vocabulary, not generalisation to new words.
+
+Pipeline: `{a['pipeline']}`; evaluator: `{a['evaluator']}`.
+
+{results_table(r['generated'], r['renders'])}
+{sweep}
+{timing_line}
+
+## Samples
+
+Generated, {GRID_PROMPTS} prompts (rows) x {GRID_SEEDS} seeds (columns), upscaled x{GRID_SCALE} (nearest neighbour);
+column 1 is the image that was read for the table:
+
+![generated samples](images/base_samples.png)
+
+Renders of the same prompts (column 1 is the held-out scene itself, columns 2-4 re-pose it:
+rotation and jitter are not in the caption):
+
+![renders](images/base_renders.png)
+
+Prompts, by row:
+
+{captions}
+
+## Reproduce
+
+```
+{r['command']}
+```
+
+Run on {r['date']} on `{m['platform']}` ({m['processor']}), nproc = {m['nproc']}, Python {m['python']},
+torch {m['torch']}, diffusers {m['diffusers']}. Per-prompt readings are in `base_model.json`.
+"""
+    path.write_text(text)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", default=EMBEDDED, help="diffusers pipeline directory, or 'embedded' (default)")
+    parser.add_argument("--evaluator", default=EMBEDDED, help="evaluator directory, or 'embedded' (default)")
+    parser.add_argument("--prompts", type=int, default=200, help="number of held-out prompts (default 200)")
+    parser.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--sweep", type=float, nargs="*", default=None, metavar="G",
+                        help="also read generated accuracy at these guidance scales (e.g. --sweep 1 3 5 7.5 10)")
+    parser.add_argument("--timing-runs", type=int, default=5, help="timed batches of 16 after one warm-up (default 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="docs/", help="directory for BASE_MODEL.md, base_model.json, images/")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for lib in ("diffusers", "transformers"):  # quiet loading bars and warnings; results go to stdout
+        logging = __import__(f"{lib}.utils", fromlist=["logging"]).logging
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    out = Path(args.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    pipe = load_pipeline(args.pipeline, device=args.device)
+    evaluator = load_evaluator(EMBEDDED_EVALUATOR if args.evaluator == EMBEDDED else args.evaluator).to(args.device)
+    size = resolution(pipe)
+
+    samples = held_out_scenes(args.prompts)
+    scenes = [s for s, _ in samples]
+    prompts = [world.caption(s) for s in scenes]
+    seeds = [image_seed(args.seed, i) for i in range(len(prompts))]
+
+    # readings on real renders (the evaluator's own accuracy) and on generated images
+    renders = world.render_batch(samples)
+    ren_readings = read_attributes(evaluator, renders, scenes)
+    ren_acc = accuracies(ren_readings, scenes)
+
+    def run_generation(guidance: float):
+        images = generate(pipe, prompts, seeds, steps=args.steps, guidance=guidance, size=size, device=args.device)
+        readings = read_attributes(evaluator, images, scenes)
+        return images, readings, accuracies(readings, scenes)
+
+    _, gen_readings, gen_acc = run_generation(args.guidance)
+    print(f"generated and read {len(prompts)} prompts ({time.time() - t_start:.0f}s)", flush=True)
+
+    sweep = []
+    for g in args.sweep or []:
+        acc = gen_acc if g == args.guidance else run_generation(g)[2]
+        sweep.append({"guidance": g, "accuracy": acc})
+        print(f"guidance {g:g}: " + ", ".join(f"{k} {pct(v['accuracy'])}" for k, v in acc.items()), flush=True)
+
+    # grids: 8 prompts x 4 seeds, and renders of the same prompts
+    k = min(GRID_PROMPTS, len(prompts))
+    grid_prompts = [p for p in prompts[:k] for _ in range(GRID_SEEDS)]
+    grid_seeds = [image_seed(args.seed, i, j) for i in range(k) for j in range(GRID_SEEDS)]
+    grid_images = generate(pipe, grid_prompts, grid_seeds, steps=args.steps, guidance=args.guidance, size=size,
+                           device=args.device)
+    grid([list(grid_images[i * GRID_SEEDS:(i + 1) * GRID_SEEDS]) for i in range(k)]).save(out / "images" / "base_samples.png")
+    render_rows = [[np.asarray(world.render(v, samples[i][1])) for v in pose_variants(scenes[i], GRID_SEEDS, samples[i][1])]
+                   for i in range(k)]
+    grid(render_rows).save(out / "images" / "base_renders.png")
+
+    times = time_batch(pipe, prompts[:BATCH], steps=args.steps, guidance=args.guidance, size=size,
+                       device=args.device, runs=args.timing_runs) if args.timing_runs > 0 else []
+    timing = {"batch": BATCH, "steps": args.steps, "runs_s": times,
+              "median_s": statistics.median(times) if times else None,
+              "torch_num_threads": torch.get_num_threads()}
+
+    result = {
+        "args": {**vars(args), "pipeline": str(args.pipeline), "evaluator": str(args.evaluator)},
+        "command": shlex.join(["python", "scripts/bench_base_model.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "resolution": size,
+        "held_out_seed": HELD_OUT_SEED,
+        "target": TARGET,
+        "generated": gen_acc,
+        "renders": ren_acc,
+        "sweep": sweep,
+        "timing": timing,
+        "grid_captions": prompts[:k],
+        "per_prompt": [
+            {"caption": p, "seed": sd, "render_seed": rs, **{a: getattr(s, a) for a in ATTRIBUTES},
+             "generated_reading": {a: gen_readings[a][i] for a in ATTRIBUTES},
+             "render_reading": {a: ren_readings[a][i] for a in ATTRIBUTES}}
+            for i, (p, sd, (s, rs)) in enumerate(zip(prompts, seeds, samples))
+        ],
+        "wall_s": None,
+    }
+    result["wall_s"] = round(time.time() - t_start, 1)
+    (out / "base_model.json").write_text(json.dumps(result, indent=2))
+    write_markdown(out / "BASE_MODEL.md", result)
+
+    print()
+    print(results_table(gen_acc, ren_acc))
+    if sweep:
+        print()
+        print(sweep_table(sweep))
+    median = f"{timing['median_s']:.2f} s" if times else "not measured"
+    print(f"\nbatch of {BATCH} at {args.steps} steps: median {median} "
+          f"({len(times)} runs), torch threads {timing['torch_num_threads']}")
+    print(f"wrote {out / 'BASE_MODEL.md'}, {out / 'base_model.json'}, {out / 'images'}/base_*.png "
+          f"({result['wall_s']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

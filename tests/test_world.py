@@ -1,0 +1,171 @@
+"""The rendered world and its customization concepts (fast: a few dozen 32x32 renders)."""
+
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from museum.world import concepts as C
+from museum.world import render as W
+
+
+def _words(text):
+    return [w for w in re.split(r"[ ,]+", text) if w]
+
+
+def _px(img):
+    return np.asarray(img, dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def pretraining_captions():
+    return [W.caption(scene) for scene, _ in W.base_samples(2000, seed=0)]
+
+
+# --------------------------------------------------------------------------- renderer
+
+
+def test_render_deterministic_by_seed():
+    scene = W.Scene(shape="star", colour="blue", background="sand", size="large", position="left")
+    a, b, c = W.render(scene, 7), W.render(scene, 7), W.render(scene, 8)
+    assert np.array_equal(_px(a), _px(b))
+    assert not np.array_equal(_px(a), _px(c))  # sand is noisy, so the seed shows
+
+
+def test_images_are_32x32_rgb():
+    for scene, seed in W.base_samples(12, seed=3):
+        img = W.render(scene, seed)
+        assert img.mode == "RGB" and img.size == (W.IMAGE_SIZE, W.IMAGE_SIZE) == (32, 32)
+    assert W.render_batch(W.base_samples(3, seed=1)).shape == (3, 32, 32, 3)
+
+
+def test_held_out_names_never_in_pretraining_captions(pretraining_captions):
+    held_out = set(W.INSTANCES) | set(W.NOVEL_STYLES)
+    assert held_out == set(W.held_out_vocabulary())
+    seen = {w for cap in pretraining_captions for w in _words(cap)}
+    assert not (seen & held_out)
+    assert not (held_out & set(W.base_vocabulary()))
+
+
+def test_base_vocabulary_covers_pretraining_captions(pretraining_captions):
+    vocab = set(W.base_vocabulary())
+    missing = {w for cap in pretraining_captions for w in _words(cap)} - vocab
+    assert not missing, sorted(missing)
+
+
+def test_caption_drop_and_phrases():
+    scene = W.Scene(shape="star", colour="red", background="sand", size="large", position="left",
+                    pattern="stripes", style="outline")
+    assert W.caption(scene) == "a large red star with stripes on the left on a sand background, outline style"
+    assert W.caption(scene, drop=frozenset({"size", "colour", "pattern", "position", "style"})) == \
+        "a star on a sand background"
+    assert W.caption(scene, object_phrase="<x> star", style_phrase="<y>") == \
+        "a large <x> star on the left on a sand background, <y> style"
+
+
+@pytest.mark.parametrize("name", sorted(W.INSTANCES))
+def test_instance_renders_and_differs_from_plain_shape(name):
+    shape = W.INSTANCES[name][0]
+    plain = W.render(W.Scene(shape=shape, colour="red", background="sky"), 0)
+    inst = W.render(W.Scene(shape=shape, colour="red", background="sky", instance=name), 0)
+    assert inst.size == (32, 32)
+    assert np.abs(_px(inst) - _px(plain)).mean() > 2.0
+
+
+@pytest.mark.parametrize("name", sorted(W.NOVEL_STYLES))
+def test_novel_style_renders_and_differs_from_unstyled(name):
+    scene = W.Scene(shape="star", colour="yellow", background="grass")
+    plain = W.render(scene, 0)
+    styled = W.render(W.replace(scene, novel_style=name), 0)
+    assert styled.size == (32, 32)
+    assert np.abs(_px(styled) - _px(plain)).mean() > 5.0
+
+
+def test_package_keeps_render_module():
+    import museum.world as world_pkg
+
+    # pretraining does `from museum.world import render as world`: it must stay the module
+    assert hasattr(world_pkg.render, "caption") and callable(world_pkg.render_scene)
+    assert world_pkg.build_concept is C.build_concept
+
+
+# --------------------------------------------------------------------------- concepts
+
+
+def test_build_concept_deterministic_and_held_out():
+    a = C.build_concept("sunburst", n_train=4, n_ref=6, seed=1)
+    b = C.build_concept("sunburst", n_train=4, n_ref=6, seed=1)
+    other = C.build_concept("sunburst", n_train=4, n_ref=6, seed=2)
+    assert (len(a.train_images), len(a.reference_images)) == (4, 6)
+    for x, y in zip(a.train_images + a.reference_images, b.train_images + b.reference_images):
+        assert np.array_equal(_px(x), _px(y))
+    assert not all(np.array_equal(_px(x), _px(y)) for x, y in zip(a.train_images, other.train_images))
+    train = [_px(im) for im in a.train_images]
+    for ref in a.reference_images:
+        assert not any(np.array_equal(_px(ref), t) for t in train)
+    assert len({s.background for s in a.train_scenes}) == 4  # varied backgrounds
+    assert all(s.instance == "sunburst" and s.style == "none" for s in a.train_scenes)
+
+
+def test_style_concept_uses_base_scenes_with_the_style():
+    c = C.build_concept("neon", n_train=3, n_ref=2)
+    assert c.kind == "style" and c.class_word == "style"
+    assert all(s.novel_style == "neon" and s.instance is None and s.style == "none"
+               for s in c.train_scenes + c.reference_scenes)
+    assert all(im.size == (32, 32) and im.mode == "RGB" for im in c.train_images)
+
+
+def test_benchmark_concepts():
+    kinds = [C.spec(n).kind for n in C.BENCHMARK_CONCEPTS]
+    assert len(C.BENCHMARK_CONCEPTS) == 10 == len(set(C.BENCHMARK_CONCEPTS))
+    assert kinds.count("object") == 7 and kinds.count("style") == 3
+    assert C.ZERO_SHOT_CONCEPTS == ("honeycomb", "smiley", "flag")
+    assert set(C.STYLE_SEQUENCE) <= set(W.NOVEL_STYLES)
+    assert C.spec("checker") == C.ConceptSpec("checker", "object", "square")
+
+
+def test_prompt_templates():
+    assert len(C.OBJECT_TEMPLATES) >= 20 and len(C.STYLE_TEMPLATES) >= 20
+    for t in C.OBJECT_TEMPLATES + C.STYLE_TEMPLATES:
+        assert t.count("{}") == 1
+    for t in C.STYLE_TEMPLATES:
+        assert t.endswith(", {} style")
+    for t in C.OBJECT_TEMPLATES[: C.N_QUICK_PROMPTS]:  # quick mode: no base styles
+        assert "style" not in t
+    vocab = set(W.base_vocabulary())
+    for t in C.OBJECT_TEMPLATES + C.STYLE_TEMPLATES:
+        assert set(_words(t.replace("{}", ""))) <= vocab
+
+
+def test_class_prompts():
+    obj = C.build_concept("sunburst", n_train=3, n_ref=1)
+    sty = C.build_concept("thermal", n_train=3, n_ref=1)
+    assert obj.class_prompts()[1] == "a circle on a sand background"
+    assert sty.class_prompts()[0] == "a red star on a sand background"
+    for c in (obj, sty):
+        prompts = c.class_prompts()
+        assert len(prompts) == len(c.prompts)
+        assert all("{}" not in p for p in prompts)
+        assert len(c.class_prompts(quick=True)) == C.N_QUICK_PROMPTS
+    assert all(not p.endswith(" style") and "thermal" not in p for p in sty.class_prompts())
+    assert obj.format_prompt("a {} on a sky background", "<tok> circle") == "a <tok> circle on a sky background"
+    assert obj.concept_prompts("<s>")[0] == "a <s> circle"
+    assert sty.concept_prompts("<t>")[0] == "a red star on a sand background, <t> style"
+
+
+def test_unknown_concept_raises_with_valid_names():
+    with pytest.raises(ValueError) as err:
+        C.build_concept("unicorn")
+    msg = str(err.value)
+    assert "unicorn" in msg
+    for name in list(W.INSTANCES) + list(W.NOVEL_STYLES):
+        assert name in msg
+
+
+def test_save_writes_numbered_pngs(tmp_path):
+    c = C.build_concept("gem", n_train=3, n_ref=0)
+    paths = c.save(tmp_path / "user")
+    assert [p.name for p in paths] == ["00.png", "01.png", "02.png"]
+    for p, img in zip(sorted((tmp_path / "user").glob("*.png")), c.train_images):
+        assert np.array_equal(_px(Image.open(p).convert("RGB")), _px(img))
