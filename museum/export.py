@@ -76,6 +76,3 @@ def export_concepts(museum, names: list[str], out: Path) -> Path:
         }, indent=2))
     return out
 
-
-def export_concept(museum, name: str, out: Path) -> Path:
-    return export_concepts(museum, [name], out)

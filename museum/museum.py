@@ -342,11 +342,11 @@ class Museum:
                 warnings.warn(f"prompt has {n} tokens, more than the model's {limit}; it is truncated: {p[:60]}...")
 
     # ------------------------------------------------------------------ export
-    def export(self, name: str, out: str | Path) -> Path:
-        """Write ``name`` in diffusers' formats (see ``museum.export``)."""
-        from museum.export import export_concept
+    def export(self, names: str | Sequence[str], out: str | Path) -> Path:
+        """Write one concept, or several composed, in diffusers' formats (see ``museum.export``)."""
+        from museum.export import export_concepts
 
-        return export_concept(self, name, Path(out))
+        return export_concepts(self, [names] if isinstance(names, str) else list(names), Path(out))
 
 
 def _image_hash(image: Image.Image) -> str:

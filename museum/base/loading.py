@@ -14,15 +14,12 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from museum.errors import BaseModelError
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
 EMBEDDED_PIPELINE = EMBEDDED_DIR / "pipeline"
 EMBEDDED_EVALUATOR = EMBEDDED_DIR / "evaluator"
 EMBEDDED = "embedded"
-
-
-class BaseModelError(ValueError):
-    """A base model could not be found or loaded; the message says what to do."""
 
 
 def resolve_base(base: str | Path) -> Path:

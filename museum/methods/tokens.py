@@ -9,10 +9,7 @@ inversion layout (``{token: (1, D)}``) so ``pipe.load_textual_inversion`` reads 
 from __future__ import annotations
 
 import torch
-
-
-class TokenError(ValueError):
-    pass
+from museum.errors import TokenError
 
 
 def word_vector(pipe, word: str) -> torch.Tensor:

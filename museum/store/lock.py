@@ -13,10 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-
-
-class MuseumLockedError(RuntimeError):
-    pass
+from museum.errors import MuseumLockedError
 
 
 @contextmanager

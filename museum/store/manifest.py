@@ -29,8 +29,7 @@ MANIFEST = "museum.json"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 
 
-class MuseumError(ValueError):
-    """A museum on disk is missing, damaged or does not fit the request; the message says what to do."""
+from museum.errors import MuseumError  # noqa: F401  (re-exported)
 
 
 def sha256_file(path: Path) -> str:

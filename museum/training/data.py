@@ -18,14 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+from museum.errors import ImageFolderError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 MIN_SIDE = 8
 MAX_PIXELS = 64_000_000  # decompression-bomb guard (PIL's own default warns at ~89M)
-
-
-class ImageFolderError(ValueError):
-    """A concept image folder is unusable; the message names the file and what to do."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

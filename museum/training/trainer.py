@@ -29,11 +29,9 @@ from museum.methods import kv, tokens
 from museum.methods.base import ConceptInfo, Method, TrainContext
 from museum.training.data import encode_variants
 from museum.training.objectives import concept_prompt, denoising_loss, diffusion_target, encode_prompts
+from museum.errors import TrainingDivergedError
 
 _ACCELERATOR: Optional[Accelerator] = None
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN/Inf; nothing was saved."""
 
 
 def get_accelerator() -> Accelerator:

@@ -1,0 +1,233 @@
+"""The ``museum`` command line (typer). Every user error prints one ``error: ...`` line and exits 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typer.exceptions import TyperException
+
+from museum.errors import MuseumUserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Museum: teach a text-to-image model concept after concept, and forget none.")
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; shown as one line, exit code 2."""
+
+
+def fail(message: str) -> None:
+    raise UsageError(message)
+
+
+def _check_writable(out: Path) -> None:
+    if out.is_dir():
+        fail(f"cannot write {out}: it is a folder; pass a file name such as {out / 'samples.png'}")
+    parent = out.expanduser().resolve().parent
+    if not parent.is_dir():
+        fail(f"cannot write {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        fail(f"cannot write {out}: permission denied; choose another --out")
+
+
+def _check_sampling(prompt: str, n: int, steps: int, guidance: float) -> None:
+    if not prompt or not prompt.strip():
+        fail("the prompt is empty; describe the image, e.g. \"a red star on a sand background\"")
+    if n < 1:
+        fail(f"--n must be at least 1 (got {n})")
+    if steps < 1:
+        fail(f"--steps must be at least 1 (got {steps})")
+    if guidance < 0:
+        fail(f"--guidance must be >= 0 (got {guidance})")
+
+
+def _quiet() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+@app.command()
+def generate(
+    args: List[str] = typer.Argument(..., metavar="[DIR] PROMPT", help="a museum folder (optional) and the prompt"),
+    n: int = typer.Option(4, "--n", help="images to draw"),
+    seed: int = typer.Option(0, help="seed of the first image; image k uses seed+k"),
+    steps: int = typer.Option(25, help="denoising steps"),
+    guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
+    out: Path = typer.Option(Path("museum-samples.png"), help="where to write the image grid (PNG)"),
+    base: str = typer.Option("embedded", help="base model without a museum: 'embedded' or a pipeline folder"),
+) -> None:
+    """Draw images of PROMPT (with a museum's concepts when DIR is given) into one grid."""
+    if len(args) > 2:
+        fail("too many arguments: quote the prompt, e.g. museum generate DIR \"a <name> on a sand background\"")
+    folder, prompt = (None, args[0]) if len(args) == 1 else (Path(args[0]), args[1])
+    _check_sampling(prompt, n, steps, guidance)
+    _check_writable(out)
+    _quiet()
+    from museum.generation.sampling import generate_images, image_grid
+
+    if folder is not None:
+        from museum.museum import Museum
+
+        images = Museum.open(folder).generate(prompt, n=n, seed=seed, steps=steps, guidance=guidance)
+    else:
+        from museum.base.loading import load_pipeline
+
+        images = generate_images(load_pipeline(base), [prompt] * n, seeds=[seed + k for k in range(n)],
+                                 steps=steps, guidance=guidance)
+    image_grid(images, cols=min(n, 8)).save(out)
+    typer.echo(f"wrote {n} image(s) of {prompt!r} to {out}")
+
+
+@app.command()
+def init(folder: Path = typer.Argument(..., metavar="DIR"),
+         base: str = typer.Option("embedded", help="'embedded' or a diffusers pipeline folder")) -> None:
+    """Create an empty museum on a base model."""
+    _quiet()
+    from museum.museum import Museum
+
+    m = Museum.init(folder, base=base)
+    typer.echo(f"created museum {folder} on base model {m.manifest.base_path} ({m.manifest.base_hash})")
+
+
+@app.command()
+def learn(
+    folder: Path = typer.Argument(..., metavar="DIR"),
+    name: str = typer.Argument(..., help="concept name; its token is <name>"),
+    images: Path = typer.Option(..., help="folder of 3-10 images of the concept (png, jpg, webp)"),
+    method: str = typer.Option("c-lora", help="see `museum methods`"),
+    class_word: Optional[str] = typer.Option(None, help="what the concept is, e.g. circle, dog"),
+    style: bool = typer.Option(False, "--style", help="the concept is a style"),
+    steps: Optional[int] = typer.Option(None, help="training steps (default: the method's)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of this concept"),
+    wait: bool = typer.Option(False, "--wait", help="wait for another writer instead of failing"),
+    seed: Optional[int] = typer.Option(None),
+) -> None:
+    """Learn a new concept and add it to the museum."""
+    if steps is not None and steps < 1:
+        fail(f"--steps must be at least 1 (got {steps})")
+    _quiet()
+    from museum.museum import Museum
+
+    m = Museum.open(folder)
+    c = m.learn(name, images, method=method, class_word=class_word, style=style, steps=steps, resume=resume,
+                wait=wait, seed=seed)
+    typer.echo(f"learned {c.name} with {c.method} in {c.info['train_seconds']:.0f}s ({c.info['steps']} steps); "
+               f"use it as \"{c.phrase}\"; sample: {c.folder / 'sample.png'}")
+
+
+@app.command("list")
+def list_concepts(folder: Path = typer.Argument(..., metavar="DIR")) -> None:
+    """List the museum's concepts in learning order."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from museum.museum import Museum
+
+    m = Museum.open(folder)
+    table = Table(title=f"{folder} (base {m.manifest.base_path})")
+    for col in ("#", "name", "use as", "method", "class", "steps", "seconds", "bytes"):
+        table.add_column(col)
+    for c in m.concepts:
+        size = sum(p.stat().st_size for p in c.folder.glob("*.safetensors"))
+        table.add_row(str(c.task_index), c.name, c.phrase, c.method, c.class_word, str(c.info.get("steps", "")),
+                      f"{c.info.get('train_seconds', 0):.0f}", f"{size:,}")
+    Console().print(table)
+    if not m.concepts:
+        typer.echo("no concepts yet: `museum learn DIR NAME --images FOLDER --class-word WORD`")
+
+
+@app.command()
+def remove(folder: Path = typer.Argument(..., metavar="DIR"), name: str = typer.Argument(...),
+           wait: bool = typer.Option(False, "--wait")) -> None:
+    """Forget a concept (refused for methods whose shared state cannot drop one concept)."""
+    from museum.museum import Museum
+
+    Museum.open(folder).remove(name, wait=wait)
+    typer.echo(f"removed {name} from {folder}")
+
+
+@app.command()
+def export(folder: Path = typer.Argument(..., metavar="DIR"), names: List[str] = typer.Argument(..., metavar="NAME..."),
+           out: Path = typer.Option(..., help="output folder"),
+           format: str = typer.Option("diffusers", help="only 'diffusers' (textual inversion + LoRA files)")) -> None:
+    """Write concepts in files plain diffusers loads (several names: composed as Museum composes them)."""
+    if format != "diffusers":
+        fail(f"unknown --format {format!r}; supported: diffusers")
+    _quiet()
+    from museum.museum import Museum
+
+    path = Museum.open(folder).export(names, out)
+    typer.echo(f"exported {', '.join(names)} to {path}; see {path / 'museum_export.json'} for the 3 lines that load it")
+
+
+@app.command()
+def merge(folder: Path = typer.Argument(..., metavar="DIR"), names: List[str] = typer.Argument(..., metavar="NAME..."),
+          out: Path = typer.Option(..., help="output folder")) -> None:
+    """Merge several concepts into one set of weights (Custom Diffusion's closed form for its concepts) and export it."""
+    if len(names) < 2:
+        fail("merge needs at least two concept names")
+    _quiet()
+    from museum.museum import Museum
+
+    path = Museum.open(folder).export(names, out)
+    typer.echo(f"merged {', '.join(names)} into {path}")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods and their default settings."""
+    from museum.methods import METHODS, method_names
+
+    for name in method_names():
+        cls = METHODS[name]
+        typer.echo(f"{name}: {cls.__doc__.strip().splitlines()[0] if cls.__doc__ else ''}")
+        typer.echo(f"    defaults: {cls.config_class().to_dict()}")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("museum-demo"), help="folder for the museum and its gallery"),
+         method: str = typer.Option("c-lora"), steps: Optional[int] = typer.Option(None)) -> None:
+    """Learn three concepts one after another on the embedded model and write a gallery page."""
+    _quiet()
+    from museum.demo import run_demo
+
+    run_demo(out, method=method, steps=steps)
+
+
+@app.command()
+def pretrain(out: Path = typer.Option(Path("museum/embedded")), work: Path = typer.Option(Path(".cache/pretrain")),
+             seed: int = typer.Option(0)) -> None:
+    """Train the embedded model and evaluator from scratch (about 75 minutes on 2 CPU cores)."""
+    from museum.base.pretrain import pretrain as run
+
+    run(out, work, seed=seed)
+
+
+def main() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time chatter before an error line
+    try:
+        app(standalone_mode=False)
+    except (UsageError, MuseumUserError) as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except TyperException as err:  # typer's own usage errors (missing argument, bad option value)
+        typer.echo(f"error: {err.format_message() if hasattr(err, 'format_message') else err}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    main()

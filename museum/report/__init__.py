@@ -1,0 +1,1 @@
+"""Pages a person looks at: the museum gallery and the benchmark report."""

@@ -1,0 +1,47 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion pipeline folder (built offline, saved with save_pretrained)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    from museum.base.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def concept_images(tmp_path_factory):
+    """Training-image folders of two benchmark concepts."""
+    from museum.world.concepts import build_concept
+
+    root = tmp_path_factory.mktemp("images")
+    out = {}
+    for name in ("sunburst", "checker", "neon"):
+        c = build_concept(name, n_train=3)
+        c.save(root / name)
+        out[name] = (root / name, c)
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error")
+    return subprocess.run([sys.executable, "-m", "museum", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+
+
+def museum_snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file of a museum except the lock and caches: to check an error left it unchanged."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and p.name != ".lock" and "cache" not in p.parts}

@@ -1,0 +1,104 @@
+"""The embedded model, seeded generation, the evaluator and the CLI's handling of bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextModel
+
+from conftest import run_cli
+from museum.base.loading import EMBEDDED_EVALUATOR, EMBEDDED_PIPELINE, load_evaluator, load_pipeline
+from museum.generation.sampling import generate_images
+from museum.world import render as world
+
+needs_embedded = pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file(),
+                                    reason="embedded model not built")
+
+
+@needs_embedded
+def test_shipped_model_loads_with_plain_diffusers():
+    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_PIPELINE, safety_checker=None)
+    assert isinstance(pipe.unet, UNet2DConditionModel)
+    assert isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    # pitfall 3: the embedding table matches the tokenizer, so load_textual_inversion works
+    assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
+    assert pipe.tokenizer.model_max_length <= pipe.text_encoder.config.max_position_embeddings
+    # every world word is one token
+    for word in world.base_vocabulary():
+        assert len(pipe.tokenizer.tokenize(word)) == 1, word
+    size_mb = sum(p.stat().st_size for p in EMBEDDED_PIPELINE.parent.rglob("*") if p.is_file()) / 1e6
+    assert size_mb < 32, f"shipped weights are {size_mb:.1f} MB"
+
+
+def test_seeded_generation_is_deterministic(tiny_base):
+    pipe = load_pipeline(tiny_base)
+    a = generate_images(pipe, ["a red star"] * 2, seeds=[1, 2], steps=3)
+    b = generate_images(pipe, ["a red star"], seeds=[2], steps=3)  # same seed, other batch
+    assert np.array_equal(np.asarray(a[1]), np.asarray(b[0]))
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))
+    assert a[0].size == (32, 32)
+
+
+@needs_embedded
+def test_evaluator_prefers_matching_captions():
+    import random
+
+    evaluator = load_evaluator(EMBEDDED_EVALUATOR)
+    rng = random.Random(99)
+    scenes = [world.random_scene(rng, base_styles=False) for _ in range(40)]
+    images = [world.render(s, 1000 + i) for i, s in enumerate(scenes)]
+    wins = 0
+    for scene, image in zip(scenes, images):
+        other_shape = next(s for s in world.SHAPES if s != scene.shape)
+        texts = [world.caption(scene), world.caption(world.replace(scene, shape=other_shape))]
+        sims = evaluator.embed_texts(texts) @ evaluator.embed_images([image])[0]
+        wins += int(sims[0] > sims[1])
+    assert wins >= 36, f"matching caption preferred in only {wins}/40 renders"
+
+
+@needs_embedded
+def test_evaluator_knows_held_out_concepts():
+    from museum.world.concepts import build_concept
+
+    evaluator = load_evaluator(EMBEDDED_EVALUATOR)
+    a, b = build_concept("sunburst", n_ref=8), build_concept("checker", n_ref=8)
+    ea, eb = evaluator.embed_images(a.reference_images), evaluator.embed_images(b.reference_images)
+    within = (ea @ ea.T).mean()
+    across = (ea @ eb.T).mean()
+    assert within > across + 0.2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", ""], "prompt is empty"),
+    (["generate", "   "], "prompt is empty"),
+    (["generate", "a red star", "--steps", "-3"], "--steps must be at least 1"),
+    (["generate", "a red star", "--n", "0"], "--n must be at least 1"),
+    (["generate", "a red star", "--out", "/nonexistent-dir/x.png"], "cannot write"),
+    (["learn"], "Missing argument"),
+])
+def test_cli_bad_input_is_one_clear_line_and_exit_2(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_cli_out_that_is_a_folder(tmp_path):
+    result = run_cli("generate", "a red star", "--out", str(tmp_path))
+    assert result.returncode == 2 and "it is a folder" in result.stderr
+
+
+def test_cli_generate_writes_a_grid(tiny_base, tmp_path):
+    out = tmp_path / "grid.png"
+    result = run_cli("generate", "a red star on a sand background", "--base", str(tiny_base), "--n", "3",
+                     "--steps", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert str(out) in result.stdout
+    with Image.open(out) as im:
+        assert im.size == (3 * 32 * 4, 32 * 4)  # 3 images in a row, upscaled x4
+        assert len(set(im.convert("RGB").getdata())) > 1
