@@ -142,7 +142,10 @@ def list_concepts(folder: Path = typer.Argument(..., metavar="DIR")) -> None:
         size = sum(p.stat().st_size for p in c.folder.glob("*.safetensors"))
         table.add_row(str(c.task_index), c.name, c.phrase, c.method, c.class_word, str(c.info.get("steps", "")),
                       f"{c.info.get('train_seconds', 0):.0f}", f"{size:,}")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
     if not m.concepts:
         typer.echo("no concepts yet: `museum learn DIR NAME --images FOLDER --class-word WORD`")
 
