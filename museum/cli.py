@@ -112,6 +112,7 @@ def learn(
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of this concept"),
     wait: bool = typer.Option(False, "--wait", help="wait for another writer instead of failing"),
     seed: Optional[int] = typer.Option(None),
+    checkpoint_every: Optional[int] = typer.Option(None, help="save a checkpoint every N steps (for --resume)"),
 ) -> None:
     """Learn a new concept and add it to the museum."""
     if steps is not None and steps < 1:
@@ -121,7 +122,7 @@ def learn(
 
     m = Museum.open(folder)
     c = m.learn(name, images, method=method, class_word=class_word, style=style, steps=steps, resume=resume,
-                wait=wait, seed=seed)
+                wait=wait, seed=seed, checkpoint_every=checkpoint_every)
     typer.echo(f"learned {c.name} with {c.method} in {c.info['train_seconds']:.0f}s ({c.info['steps']} steps); "
                f"use it as \"{c.phrase}\"; sample: {c.folder / 'sample.png'}")
 
@@ -211,7 +212,7 @@ def demo(out: Path = typer.Option(Path("museum-demo"), help="folder for the muse
 @app.command()
 def pretrain(out: Path = typer.Option(Path("museum/embedded")), work: Path = typer.Option(Path(".cache/pretrain")),
              seed: int = typer.Option(0)) -> None:
-    """Train the embedded model and evaluator from scratch (about 75 minutes on 2 CPU cores)."""
+    """Train the embedded model and evaluator from scratch (about an hour on 2 CPU cores)."""
     from museum.base.pretrain import pretrain as run
 
     run(out, work, seed=seed)

@@ -166,8 +166,13 @@ class Museum:
     # ------------------------------------------------------------------ learning
     def learn(self, name: str, images: str | Path | Sequence[Image.Image], *, method: str = "c-lora",
               class_word: str | None = None, style: bool = False, steps: int | None = None, resume: bool = False,
-              wait: bool = False, progress: bool = True, seed: int | None = None, **config) -> Concept:
-        """Learn a new concept from a folder of images (or PIL images) and commit it to the museum."""
+              wait: bool = False, progress: bool = True, seed: int | None = None,
+              checkpoint_every: int | None = None, **config) -> Concept:
+        """Learn a new concept from a folder of images (or PIL images) and commit it to the museum.
+
+        ``config`` overrides the method's settings (see ``museum methods``). Checkpoints are
+        written every ``checkpoint_every`` steps (default: a quarter of the run, at least 25);
+        ``resume=True`` continues from the latest one."""
         check_name(name)
         if style and class_word not in (None, "style"):
             raise MuseumError("a style has no class word: pass either --style or --class-word, not both")
@@ -201,7 +206,7 @@ class Museum:
             try:
                 result = train_concept(
                     self.pipe, m, info, pil_images, state=self.method_state(m.name), earlier=earlier,
-                    cache_dir=self.folder / "cache", checkpoints=Checkpointer(work, every=max(25, m.config.steps // 4)),
+                    cache_dir=self.folder / "cache", checkpoints=Checkpointer(work, every=checkpoint_every or max(25, m.config.steps // 4)),
                     resume=resume, progress=progress,
                 )
                 self._commit_concept(m, info, result, image_hashes)

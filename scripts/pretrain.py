@@ -2,7 +2,7 @@
 
     python scripts/pretrain.py --out museum/embedded --work .cache/pretrain 2>&1 | tee docs/logs/pretrain.log
 
-Same as ``museum pretrain``. About 75 minutes on a 2-core CPU; see museum/base/pretrain.py.
+Same as ``museum pretrain``. About an hour on a 2-core CPU; see museum/base/pretrain.py.
 """
 
 import argparse
@@ -15,6 +15,6 @@ if __name__ == "__main__":
     parser.add_argument("--work", default=".cache/pretrain")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stages", nargs="+", default=["all"], choices=["all", "vae", "evaluator", "unet"])
-    parser.add_argument("--unet-steps", type=int, default=4500)
+    parser.add_argument("--unet-steps", type=int, default=3500)
     args = parser.parse_args()
     pretrain(args.out, args.work, seed=args.seed, stages=tuple(args.stages), unet_steps=args.unet_steps)

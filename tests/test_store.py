@@ -165,3 +165,49 @@ def test_cli_list_and_learn(tiny_base, concept_images, tmp_path):
     assert listing.returncode == 0 and "checker" in listing.stdout and "textual-inversion" in listing.stdout
     r = run_cli("generate", str(folder), "a <mug> on a table", "--out", str(tmp_path / "x.png"))
     assert r.returncode == 2 and "<checker>" in r.stderr
+
+
+def test_diverging_training_stops_cleanly(museum, concept_images):
+    from museum.errors import TrainingDivergedError
+
+    before = museum_snapshot(museum.folder)
+    with pytest.raises(TrainingDivergedError, match="Lower the learning rate"):
+        museum.learn("checker", concept_images["checker"][0], method="c-lora", class_word="square", steps=30,
+                     lr=1e12, token_lr=1e12, progress=False)
+    assert museum_snapshot(museum.folder) == before
+    assert [c.name for c in Museum.open(museum.folder).concepts] == ["sunburst"]
+
+
+def test_resume_continues_an_interrupted_concept(tiny_base, concept_images, tmp_path, monkeypatch):
+    """Interrupt learning after a checkpoint; --resume finishes it and gives the uninterrupted result."""
+    import museum.museum as museum_module
+    from safetensors.torch import load_file
+
+    kw = dict(method="c-lora", class_word="circle", steps=8, lr=1e-2, progress=False, checkpoint_every=4)
+    straight = Museum.init(tmp_path / "straight", base=tiny_base)
+    straight.learn("sunburst", concept_images["sunburst"][0], **kw)
+
+    original = museum_module.train_concept
+
+    def interrupted(*args, **kwargs):
+        def stop(step, loss):
+            if step == 6:
+                raise KeyboardInterrupt
+
+        return original(*args, on_step=stop, **kwargs)
+
+    m = Museum.init(tmp_path / "resumed", base=tiny_base)
+    monkeypatch.setattr(museum_module, "train_concept", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        m.learn("sunburst", concept_images["sunburst"][0], **kw)
+    monkeypatch.setattr(museum_module, "train_concept", original)
+    assert Museum.open(m.folder).concepts == []
+    assert (m.folder / "work" / "sunburst" / "checkpoint-4").is_dir()
+    m = Museum.open(m.folder)
+    m.learn("sunburst", concept_images["sunburst"][0], resume=True, **kw)
+    a = load_file(straight.concept("sunburst").folder / "tensors.safetensors")
+    b = load_file(m.concept("sunburst").folder / "tensors.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-5, k
+    assert not (m.folder / "work" / "sunburst").exists()

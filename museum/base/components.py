@@ -1,7 +1,7 @@
 """Configurations of the embedded model's components, all stock diffusers/transformers classes.
 
 The embedded model is a Stable Diffusion pipeline shrunk to the rendered world: 32x32 RGB
-images, a 4x8x8 latent (AutoencoderKL, factor 4), a 3-layer CLIP text encoder of width 64
+images, an 8x8x8 latent (AutoencoderKL, factor 4, 8 channels), a 3-layer CLIP text encoder of width 64
 and a two-level UNet2DConditionModel with cross-attention at 8x8 and 4x4. The scheduler is
 Stable Diffusion 1.x's (scaled-linear betas, 1000 steps, epsilon prediction).
 """
@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TEXT_WIDTH = 64
+LATENT_CHANNELS = 8  # 4 (SD 1.x) loses the world's stripes, outlines and held-out styles at 8x8
 
 SD_SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -32,9 +33,10 @@ def make_vae() -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(32, 64, 64),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=LATENT_CHANNELS,
         norm_num_groups=16,
         sample_size=32,
+        mid_block_add_attention=False,
     )
 
 
@@ -57,8 +59,8 @@ def make_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 def make_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
-        out_channels=4,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(64, 128),

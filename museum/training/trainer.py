@@ -135,6 +135,7 @@ def train_concept(
         module.requires_grad_(False)
 
     token_id = tokens.add_token(pipe, concept.token, tokens.initial_vector(pipe, cfg.token_init, concept.class_word, gen))
+    torch.manual_seed(cfg.seed)  # adapters initialise from the global generator
     ctx = TrainContext(pipe=pipe, concept=concept, state=dict(state or {}), earlier=list(earlier or []),
                        accelerator=accelerator, cache_dir=cache_dir)
     groups = method.setup(ctx)
