@@ -124,7 +124,7 @@ def learn(
     c = m.learn(name, images, method=method, class_word=class_word, style=style, steps=steps, resume=resume,
                 wait=wait, seed=seed, checkpoint_every=checkpoint_every)
     typer.echo(f"learned {c.name} with {c.method} in {c.info['train_seconds']:.0f}s ({c.info['steps']} steps); "
-               f"use it as \"{c.phrase}\"; sample: {c.folder / 'sample.png'}")
+               f"use it as \"{c.phrase}\"; sample: {c.path / 'sample.png'}")
 
 
 @app.command("list")
@@ -140,7 +140,7 @@ def list_concepts(folder: Path = typer.Argument(..., metavar="DIR")) -> None:
     for col in ("#", "name", "use as", "method", "class", "steps", "seconds", "bytes"):
         table.add_column(col)
     for c in m.concepts:
-        size = sum(p.stat().st_size for p in c.folder.glob("*.safetensors"))
+        size = sum(p.stat().st_size for p in c.path.glob("*.safetensors"))
         table.add_row(str(c.task_index), c.name, c.phrase, c.method, c.class_word, str(c.info.get("steps", "")),
                       f"{c.info.get('train_seconds', 0):.0f}", f"{size:,}")
     console = Console()

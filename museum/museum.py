@@ -16,7 +16,7 @@ import re
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -42,17 +42,11 @@ TENSORS = "tensors.safetensors"
 
 
 @dataclass
-class Concept:
-    """A learned concept as the API shows it."""
+class Concept(ConceptEntry):
+    """A learned concept as the API shows it: its manifest entry, where it lives and its concept.json."""
 
-    name: str
-    token: str
-    method: str
-    task_index: int
-    class_word: str
-    is_style: bool
-    folder: Path
-    info: dict
+    path: Path = Path()
+    info: dict = field(default_factory=dict)
 
     @property
     def phrase(self) -> str:
@@ -99,8 +93,7 @@ class Museum:
         for c in self.manifest.concepts:
             info_path = self.folder / c.folder / "concept.json"
             info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-            out.append(Concept(c.name, c.token, c.method, c.task_index, c.class_word, c.is_style,
-                               self.folder / c.folder, info))
+            out.append(Concept(**vars(c), path=self.folder / c.folder, info=info))
         return out
 
     def concept(self, name: str) -> Concept:

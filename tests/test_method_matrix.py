@@ -34,7 +34,7 @@ def learned(request, tiny_base, concept_images, tmp_path_factory):
 def test_learn_save_reload_generate(learned):
     method, folder, m = learned
     assert [c.name for c in m.concepts] == ["sunburst", "neon"]
-    assert (m.concept("sunburst").folder / "sample.png").is_file()
+    assert (m.concept("sunburst").path / "sample.png").is_file()
     prompt = f"a {m.concept('sunburst').phrase} on a sand background"
     before = m.generate(prompt, n=2, steps=3)
     fresh = Museum.open(folder)  # a new object reads everything from disk

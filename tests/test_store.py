@@ -205,8 +205,8 @@ def test_resume_continues_an_interrupted_concept(tiny_base, concept_images, tmp_
     assert (m.folder / "work" / "sunburst" / "checkpoint-4").is_dir()
     m = Museum.open(m.folder)
     m.learn("sunburst", concept_images["sunburst"][0], resume=True, **kw)
-    a = load_file(straight.concept("sunburst").folder / "tensors.safetensors")
-    b = load_file(m.concept("sunburst").folder / "tensors.safetensors")
+    a = load_file(straight.concept("sunburst").path / "tensors.safetensors")
+    b = load_file(m.concept("sunburst").path / "tensors.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] - b[k]).abs().max() < 1e-5, k

@@ -29,7 +29,7 @@ def write_gallery(museum, path: Path, extra: Sequence[tuple[str, Sequence[tuple[
         if training_images and c.name in training_images:
             body.extend(figure(im.resize((96, 96), Image.NEAREST), f"training image {i + 1}")
                         for i, im in enumerate(training_images[c.name]))
-        sample = c.folder / "sample.png"
+        sample = c.path / "sample.png"
         if sample.is_file():
             with Image.open(sample) as im:
                 body.append(figure(im.convert("RGB"), f"samples of \"{c.phrase}\" right after learning", width=384))

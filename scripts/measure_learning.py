@@ -1,0 +1,70 @@
+"""Measure every method on the embedded model: learning time and how much it learns.
+
+    python scripts/measure_learning.py --concepts sunburst checker neon --out docs/learning.json
+
+For each method and concept: learn it alone from an empty museum with the method's default
+settings, record the training time (median over concepts), and the evaluator's image and text
+alignment of 8 prompts x 2 seeds against the base model drawing the class prompts. Writes the
+JSON and prints a markdown table (pasted into docs/METHODS.md with this command beside it).
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from museum.base.loading import load_evaluator, load_pipeline
+from museum.evaluation.protocol import score_base, score_concept
+from museum.methods import method_names
+from museum.museum import Museum
+from museum.world.concepts import build_concept
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=method_names())
+    parser.add_argument("--concepts", nargs="+", default=["sunburst", "checker", "neon"])
+    parser.add_argument("--out", type=Path, default=Path("docs/learning.json"))
+    args = parser.parse_args()
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()
+    evaluator = load_evaluator()
+    pipe = load_pipeline()
+    concepts = {n: build_concept(n) for n in args.concepts}
+    base = {n: score_base(pipe, c, evaluator).to_dict() for n, c in concepts.items()}
+    results = {"base": base, "methods": {}, "machine": f"{platform.platform()}, {torch.get_num_threads()} threads",
+               "date": time.strftime("%Y-%m-%d")}
+    for method in args.methods:
+        rows = {}
+        for name, concept in concepts.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                m = Museum.init(Path(tmp) / "museum")
+                c = m.learn(name, concept.train_images, method=method, style=concept.is_style,
+                            class_word=None if concept.is_style else concept.class_word, progress=False)
+                score = score_concept(m, name, concept, evaluator).to_dict()
+                rows[name] = dict(score, seconds=c.info["train_seconds"], steps=c.info["steps"],
+                                  bytes=(c.path / "tensors.safetensors").stat().st_size)
+            print(method, name, rows[name], flush=True)
+        results["methods"][method] = rows
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print("\n| method | median seconds / concept | steps | image alignment (base) | text alignment (base) | bytes / concept |")
+    print("|---|---|---|---|---|---|")
+    base_ia = statistics.mean(b["image_alignment"] for b in base.values())
+    base_ta = statistics.mean(b["text_alignment"] for b in base.values())
+    for method, rows in results["methods"].items():
+        r = list(rows.values())
+        print(f"| {method} | {statistics.median(x['seconds'] for x in r):.0f} | {r[0]['steps']} | "
+              f"{statistics.mean(x['image_alignment'] for x in r):.3f} ({base_ia:.3f}) | "
+              f"{statistics.mean(x['text_alignment'] for x in r):.3f} ({base_ta:.3f}) | "
+              f"{statistics.median(x['bytes'] for x in r):,.0f} |")
+
+
+if __name__ == "__main__":
+    main()

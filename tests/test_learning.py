@@ -1,0 +1,77 @@
+"""Each method learns on the embedded model, and sequential fine-tuning forgets while C-LoRA forgets less.
+
+These tests use the shipped model and each method's default settings (about a minute per
+concept on 2 CPU cores). Thresholds come from measured margins, recorded next to each.
+"""
+
+import pytest
+
+from museum.base.loading import EMBEDDED_PIPELINE, load_evaluator, load_pipeline
+from museum.evaluation.protocol import score_base, score_concept
+from museum.methods import method_names
+from museum.museum import Museum
+from museum.world.concepts import build_concept
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file(),
+                                                   reason="embedded model not built")]
+
+SEQUENCE = ("sunburst", "checker", "rainbow")
+SEQUENTIAL_METHODS = ("finetune", "c-lora")
+# Measured on the embedded model (scripts/measure_learning.py): see docs/METHODS.md.
+LEARNING_MARGIN = 0.10  # image alignment must rise at least this much above the base model's
+FORGETTING_MIN = 0.05  # finetune's drop on concept 1 after two more tasks is at least this
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return load_evaluator()
+
+
+@pytest.fixture(scope="module")
+def concepts():
+    return {name: build_concept(name) for name in SEQUENCE}
+
+
+@pytest.fixture(scope="module")
+def base_alignment(evaluator, concepts):
+    pipe = load_pipeline()
+    return score_base(pipe, concepts["sunburst"], evaluator).image_alignment
+
+
+def learn(folder, method, concept):
+    m = Museum.open(folder) if (folder / "museum.json").exists() else Museum.init(folder)
+    m.learn(concept.name, concept.train_images, method=method, style=concept.is_style,
+            class_word=None if concept.is_style else concept.class_word, progress=False)
+    return m
+
+
+@pytest.fixture(scope="module")
+def sequences(tmp_path_factory, evaluator, concepts):
+    """R[t] = image alignment of concept 1 after task t, for the sequential methods."""
+    out = {}
+    for method in SEQUENTIAL_METHODS:
+        folder = tmp_path_factory.mktemp(method) / "museum"
+        scores = []
+        for name in SEQUENCE:
+            m = learn(folder, method, concepts[name])
+            scores.append(score_concept(m, "sunburst", concepts["sunburst"], evaluator).image_alignment)
+        out[method] = scores
+    return out
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_method_learns_the_concept(method, tmp_path, evaluator, concepts, base_alignment, sequences):
+    if method in sequences:
+        learned = sequences[method][0]
+    else:
+        m = learn(tmp_path / "museum", method, concepts["sunburst"])
+        learned = score_concept(m, "sunburst", concepts["sunburst"], evaluator).image_alignment
+    print(f"{method}: image alignment {learned:.3f} vs base {base_alignment:.3f}")
+    assert learned > base_alignment + LEARNING_MARGIN
+
+
+def test_finetune_forgets_and_c_lora_forgets_less(sequences):
+    drop = {m: s[0] - s[-1] for m, s in sequences.items()}
+    print(f"concept-1 alignment after each task: {sequences}; drops {drop}")
+    assert drop["finetune"] > FORGETTING_MIN
+    assert drop["c-lora"] < drop["finetune"]
