@@ -22,10 +22,10 @@ def _prompt(concept, phrase: str) -> str:
 
 
 def run_demo(out: Path, *, method: str = "c-lora", steps: int | None = None, names=DEMO_CONCEPTS,
-             echo=print) -> Path:
+             base: str | Path = "embedded", echo=print, progress: bool = True) -> Path:
     out = Path(out)
     folder = out / "museum"
-    m = Museum.open(folder) if (folder / "museum.json").exists() else Museum.init(folder)
+    m = Museum.open(folder) if (folder / "museum.json").exists() else Museum.init(folder, base=base)
     concepts = {n: build_concept(n) for n in names}
     start = time.time()
     for name, concept in concepts.items():
@@ -35,7 +35,7 @@ def run_demo(out: Path, *, method: str = "c-lora", steps: int | None = None, nam
         images = out / "images" / name
         concept.save(images)
         c = m.learn(name, images, method=method, class_word=None if concept.is_style else concept.class_word,
-                    style=concept.is_style, steps=steps)
+                    style=concept.is_style, steps=steps, progress=progress)
         echo(f"learned {name} ({method}, {c.info['steps']} steps) in {c.info['train_seconds']:.0f}s; prompt it as \"{c.phrase}\"")
     phrases = {c.name: c.phrase for c in m.concepts}
     sections = []
@@ -44,9 +44,7 @@ def run_demo(out: Path, *, method: str = "c-lora", steps: int | None = None, nam
                      [(p, img) for p, _ in alone for img in m.generate(p, n=4, seed=100)]))
     objects = [n for n in names if not concepts[n].is_style]
     styles = [n for n in names if concepts[n].is_style]
-    composed = [f"a {phrases[o]} on a night background, {phrases[styles[0]]} style" for o in objects[:2]] if styles else []
-    if len(objects) >= 1 and not styles and len(objects) >= 2:
-        composed = [f"a {phrases[objects[0]]} on a sand background", f"a {phrases[objects[1]]} on a sand background"]
+    composed = [f"a {phrases[o]} on a night background, {phrases[s]} style" for o in objects[:2] for s in styles[:1]]
     sections.append(("Two concepts composed in one prompt", [(p, img) for p in composed for img in m.generate(p, n=4, seed=200)]))
     page = write_gallery(m, out / "gallery.html", extra=sections,
                          training_images={n: c.train_images for n, c in concepts.items()})
