@@ -218,6 +218,47 @@ def pretrain(out: Path = typer.Option(Path("museum/embedded")), work: Path = typ
     run(out, work, seed=seed)
 
 
+@app.command()
+def bench(
+    methods: str = typer.Option("all", help="'all' or comma-separated method names (see `museum methods`)"),
+    tasks: int = typer.Option(10, help="how many benchmark concepts to learn, in order"),
+    quick: bool = typer.Option(True, "--quick/--full", help="quick: 8 prompts x 4 seeds per concept; full: 20 x 8"),
+    out: Path = typer.Option(Path("museum-bench"), help="output folder (a rerun continues what is there)"),
+    steps: Optional[int] = typer.Option(None, help="training steps per concept (default: each method's)"),
+    upper_bound: bool = typer.Option(False, "--upper-bound", help="also learn each concept alone from the base model"),
+    base: str = typer.Option("embedded", help="'embedded' or a diffusers pipeline folder"),
+) -> None:
+    """Run the continual benchmark: every method learns the concepts one after another and is scored after each."""
+    from museum.world.concepts import BENCHMARK_CONCEPTS
+
+    if not 1 <= tasks <= len(BENCHMARK_CONCEPTS):
+        fail(f"--tasks must be between 1 and {len(BENCHMARK_CONCEPTS)} (got {tasks})")
+    if steps is not None and steps < 1:
+        fail(f"--steps must be at least 1 (got {steps})")
+    from museum.methods.base import method_names
+
+    chosen = "all" if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in method_names()] if chosen != "all" else []
+    if unknown or not chosen:
+        fail(f"unknown method(s) {', '.join(unknown) or '(none given)'}; available: {', '.join(method_names())} or all")
+    _quiet()
+    from museum.evaluation.benchmark import RESULTS, run_benchmark
+    from museum.report.benchmark_report import write_report
+
+    run_benchmark(chosen, BENCHMARK_CONCEPTS[:tasks], out, quick=quick, base=base, steps=steps, upper_bound=upper_bound)
+    page = write_report(out)
+    typer.echo(f"results: {out / RESULTS}\nreport: {page}\nopen it with: python -m webbrowser -t {page.resolve().as_uri()}")
+
+
+@app.command()
+def report(folder: Path = typer.Argument(..., metavar="DIR", help="a `museum bench` output folder")) -> None:
+    """Write DIR/report.html from a benchmark's DIR/results.json."""
+    from museum.report.benchmark_report import write_report
+
+    page = write_report(folder)
+    typer.echo(f"report: {page}\nopen it with: python -m webbrowser -t {page.resolve().as_uri()}")
+
+
 def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time chatter before an error line
     try:
