@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import ExitStack, contextmanager
 import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -290,17 +291,26 @@ class Museum:
                 found.append(by_token[tok])
         return found
 
-    def deltas_for(self, active: list[ConceptEntry], entries: list[ConceptEntry] | None = None) -> dict[str, torch.Tensor]:
-        """The K/V weight deltas every method contributes for a prompt naming ``active``."""
-        entries = self.manifest.concepts if entries is None else entries
-        total: list[dict[str, torch.Tensor]] = []
+    def _involved_methods(self, active: list[ConceptEntry]):
+        """For each method named by ``active``: (method, all its concepts, the active ones, its state)."""
         for method_name in dict.fromkeys(e.method for e in active):
-            m = get_method(method_name)
-            mine = [e for e in entries if e.method == method_name]
+            mine = [e for e in self.manifest.concepts if e.method == method_name]
             infos = [self.concept_info(e) for e in mine]
             act = [i for i, e in zip(infos, mine) if e in active]
-            total.append(m.kv_deltas(infos, act, self.method_state(method_name), self.pipe))
-        return kv.sum_deltas(*total)
+            yield get_method(method_name), infos, act, self.method_state(method_name)
+
+    def deltas_for(self, active: list[ConceptEntry]) -> dict[str, torch.Tensor]:
+        """The K/V weight deltas every method contributes for a prompt naming ``active``."""
+        return kv.sum_deltas(*[m.kv_deltas(infos, act, state, self.pipe)
+                               for m, infos, act, state in self._involved_methods(active)])
+
+    @contextmanager
+    def activated(self, active: list[ConceptEntry]) -> Iterator[None]:
+        """The pipeline with every method's effect for a prompt naming ``active`` installed (and removed after)."""
+        with ExitStack() as stack:
+            for m, infos, act, state in self._involved_methods(active):
+                stack.enter_context(m.activate(self.pipe, infos, act, state))
+            yield
 
     def generate(self, prompt: str | Sequence[str], *, n: int = 4, seed: int = 0, steps: int = 25,
                  guidance: float = 7.5) -> list[Image.Image]:
@@ -323,7 +333,7 @@ class Museum:
             images: list[Image.Image | None] = [None] * len(prompts)
             for names, idx in groups.items():
                 active = [self.manifest.concept(nm) for nm in names]
-                with kv.applied_deltas(self.pipe.unet, self.deltas_for(active)):
+                with self.activated(active):
                     out = generate_images(self.pipe, [prompts[i] for i in idx], seeds=[seeds[i] for i in idx],
                                           steps=steps, guidance=guidance)
                 for i, im in zip(idx, out):

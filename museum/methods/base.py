@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, ContextManager
 
 import torch
 
@@ -144,6 +144,15 @@ class Method:
         pass
 
     # ---------------------------------------------------------------- generation
+    def activate(self, pipe, concepts: list[ConceptInfo], active: list[ConceptInfo],
+                 state: dict[str, torch.Tensor]) -> ContextManager:
+        """Install this method's effect on ``pipe`` for a prompt naming ``active`` of its ``concepts``,
+        undone on exit. The default applies :meth:`kv_deltas`; methods that change the attention
+        computation itself (e.g. Perfusion's gated edit) override this."""
+        from museum.methods.kv import applied_deltas
+
+        return applied_deltas(pipe.unet, self.kv_deltas(concepts, active, state, pipe))
+
     def kv_deltas(self, concepts: list[ConceptInfo], active: list[ConceptInfo], state: dict[str, torch.Tensor],
                   pipe) -> dict[str, torch.Tensor]:
         """Weight deltas (module name -> dW) this method adds to the UNet when ``active`` of its
