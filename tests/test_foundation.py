@@ -16,6 +16,7 @@ from museum.world import render as world
 
 needs_embedded = pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file(),
                                     reason="embedded model not built")
+needs_evaluator = pytest.mark.skipif(not (EMBEDDED_EVALUATOR / "config.json").is_file(), reason="evaluator not built")
 
 
 @needs_embedded
@@ -43,7 +44,7 @@ def test_seeded_generation_is_deterministic(tiny_base):
     assert a[0].size == (32, 32)
 
 
-@needs_embedded
+@needs_evaluator
 def test_evaluator_prefers_matching_captions():
     import random
 
@@ -60,7 +61,7 @@ def test_evaluator_prefers_matching_captions():
     assert wins >= 36, f"matching caption preferred in only {wins}/40 renders"
 
 
-@needs_embedded
+@needs_evaluator
 def test_evaluator_knows_held_out_concepts():
     from museum.world.concepts import build_concept
 
