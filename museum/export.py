@@ -8,9 +8,14 @@ A concept becomes
   metadata (ECOSYSTEM.md pitfall 4), for ``pipe.load_lora_weights``. Dense deltas (Custom
   Diffusion, a C-LoRA stack, a closed-form merge) are factored exactly by SVD, keeping
   every singular value above 1e-6 of the largest;
+* ``museum-{name}.safetensors`` (methods with ``export_format = "museum"``, e.g. Perfusion, whose
+  effect is not a weight delta): the concept's stored tensors, token included, read by the
+  method module's ``load_into(pipe, export_dir)``; ``museum_export.json`` then says
+  ``needs_museum: true`` and names the loader;
 * ``museum_export.json``: what was exported and the three lines that load it.
 
-Loading the export in plain diffusers gives the image Museum gives (a test checks this).
+Loading the export in plain diffusers (plus Museum's loader where ``needs_museum``) gives the
+image Museum gives (a test checks this).
 """
 
 from __future__ import annotations
@@ -50,15 +55,27 @@ def deltas_to_lora(deltas: dict[str, torch.Tensor], rel_tol: float = 1e-6) -> tu
 
 def export_concepts(museum, names: list[str], out: Path) -> Path:
     """Export one concept, or several composed (their deltas as the museum combines them), to ``out``."""
+    from museum.methods.base import get_method
+
     entries = [museum.manifest.concept(n) for n in names]
     museum.pipe  # loads and verifies every concept
     deltas = museum.deltas_for(entries)
-    loads = []
+    loads, museum_concepts, loaders = [], [], {}
     with atomic_dir(out) as tmp:
         for e in entries:
+            info = museum.concept_info(e)
             file = "learned_embeds.safetensors" if len(entries) == 1 else f"learned_embeds-{e.name}.safetensors"
-            save_file({e.token: museum.concept_info(e).tensors[e.token].contiguous()}, tmp / file)
-            loads.append(f'pipe.load_textual_inversion("{out / file}", token="{e.token}")')
+            save_file({e.token: info.tensors[e.token].contiguous()}, tmp / file)
+            method = get_method(e.method)
+            if method.export_format == "museum":  # the method's own loader adds the token too
+                own = f"museum-{e.name}.safetensors"
+                save_file({k: v.contiguous() for k, v in info.tensors.items()}, tmp / own)
+                loader = f"{type(method).__module__}:load_into"
+                museum_concepts.append({"name": e.name, "token": e.token, "method": e.method, "file": own,
+                                        "config": info.config, "loader": loader})
+                loaders[loader] = None
+            else:
+                loads.append(f'pipe.load_textual_inversion("{out / file}", token="{e.token}")')
         lora_rank = None
         if deltas:
             state, lora_rank = deltas_to_lora(deltas)
@@ -66,13 +83,17 @@ def export_concepts(museum, names: list[str], out: Path) -> Path:
             StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state,
                                                       unet_lora_adapter_metadata=config.to_dict())
             loads.append(f'pipe.load_lora_weights("{out}")')
+        for loader in loaders:
+            module, func = loader.split(":")
+            loads.append(f'from {module} import {func}; {func}(pipe, "{out}")')
         base = str(resolve_base(museum.manifest.base_path))
         snippet = LOAD_SNIPPET.format(base=base, loads="\n".join(loads))
         (tmp / "museum_export.json").write_text(json.dumps({
             "concepts": [{"name": e.name, "token": e.token, "method": e.method,
                           "phrase": museum.concept(e.name).phrase} for e in entries],
             "base": base, "base_hash": museum.manifest.base_hash, "lora_rank": lora_rank,
-            "needs_museum": False, "load_with_diffusers": snippet,
+            "needs_museum": bool(museum_concepts), "museum_concepts": museum_concepts,
+            "load_with_diffusers": snippet,
         }, indent=2))
     return out
 
