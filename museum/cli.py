@@ -66,6 +66,9 @@ def generate(
     guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
     out: Path = typer.Option(Path("museum-samples.png"), help="where to write the image grid (PNG)"),
     base: str = typer.Option("embedded", help="base model without a museum: 'embedded' or a pipeline folder"),
+    gate_bias: Optional[float] = typer.Option(None, help="Perfusion gate bias beta (default: each concept's, 0.7)"),
+    gate_temp: Optional[float] = typer.Option(None, help="Perfusion gate temperature tau (default 0.15)"),
+    strength: List[str] = typer.Option([], help="Perfusion per-concept strength, NAME=X (repeatable)"),
 ) -> None:
     """Draw images of PROMPT (with a museum's concepts when DIR is given) into one grid."""
     if len(args) > 2:
@@ -76,10 +79,21 @@ def generate(
     _quiet()
     from museum.generation.sampling import generate_images, image_grid
 
+    if gate_temp is not None and gate_temp <= 0:
+        fail(f"--gate-temp must be > 0 (got {gate_temp})")
+    strengths = {}
+    for item in strength:
+        name, _, value = item.partition("=")
+        try:
+            strengths[name.strip()] = float(value)
+        except ValueError:
+            fail(f"--strength takes NAME=NUMBER, e.g. --strength sunburst=0.8 (got {item!r})")
     if folder is not None:
+        from museum.methods import perfusion
         from museum.museum import Museum
 
-        images = Museum.open(folder).generate(prompt, n=n, seed=seed, steps=steps, guidance=guidance)
+        with perfusion.gate(beta=gate_bias, tau=gate_temp, strength=strengths or None):
+            images = Museum.open(folder).generate(prompt, n=n, seed=seed, steps=steps, guidance=guidance)
     else:
         from museum.base.loading import load_pipeline
 
