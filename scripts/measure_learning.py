@@ -30,7 +30,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=method_names())
     parser.add_argument("--concepts", nargs="+", default=["sunburst", "checker", "neon"])
     parser.add_argument("--out", type=Path, default=Path("docs/learning.json"))
+    parser.add_argument("--table", type=Path, help="only print the table of an earlier run's JSON")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     import diffusers
 
     diffusers.utils.logging.disable_progress_bar()
@@ -54,17 +58,24 @@ def main() -> None:
         results["methods"][method] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    print("\n| method | median seconds / concept | steps | image alignment (base) | text alignment (base) | bytes / concept |")
-    print("|---|---|---|---|---|---|")
-    base_ia = statistics.mean(b["image_alignment"] for b in base.values())
-    base_ta = statistics.mean(b["text_alignment"] for b in base.values())
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    """Markdown: per method the median learning time and each concept's image alignment (base in the header)."""
+    base = results["base"]
+    names = list(base)
+    head = " | ".join(f"{n} image alignment (base {base[n]['image_alignment']:.3f})" for n in names)
+    lines = [f"| method | median seconds / concept | steps | {head} | mean text alignment (base "
+             f"{statistics.mean(b['text_alignment'] for b in base.values()):.3f}) | bytes / concept |",
+             "|---" * (5 + len(names)) + "|"]
     for method, rows in results["methods"].items():
         r = list(rows.values())
-        print(f"| {method} | {statistics.median(x['seconds'] for x in r):.0f} | {r[0]['steps']} | "
-              f"{statistics.mean(x['image_alignment'] for x in r):.3f} ({base_ia:.3f}) | "
-              f"{statistics.mean(x['text_alignment'] for x in r):.3f} ({base_ta:.3f}) | "
-              f"{statistics.median(x['bytes'] for x in r):,.0f} |")
-
+        cells = " | ".join(f"{rows[n]['image_alignment']:.3f}" for n in names)
+        lines.append(f"| {method} | {statistics.median(x['seconds'] for x in r):.0f} | {r[0]['steps']} | {cells} | "
+                     f"{statistics.mean(x['text_alignment'] for x in r):.3f} | "
+                     f"{statistics.median(x['bytes'] for x in r):,.0f} |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

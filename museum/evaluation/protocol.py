@@ -48,3 +48,44 @@ def score_base(pipe, concept: Concept, evaluator, *, n_prompts: int = N_QUICK_PR
     seeds = [s for _ in range(n_prompts) for s in range(n_seeds)]
     images = generate_images(pipe, prompts, seeds=seeds, steps=steps, guidance=guidance)
     return _score(evaluator, images, concept, n_prompts, n_seeds)
+
+
+COMPOSITION_BACKGROUNDS = ("sand", "sky", "grass", "night")
+
+
+@dataclass
+class CompositionScore:
+    """Image alignment to concept ``a`` of a prompt naming both concepts and of one naming only ``b``."""
+    with_both: float
+    with_other_only: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def score_composition(museum, a: str, b: str, concepts: dict[str, Concept], evaluator, *, n_seeds: int = 4,
+                      steps: int = 25, guidance: float = 7.5) -> dict[str, CompositionScore]:
+    """Does a prompt naming two concepts draw each of them? (issue: Perfusion, "Composition").
+
+    For each of ``a`` and ``b``: the image alignment to its references of "a <a> and a <b> on a
+    {bg} background" against that of "a <b> on a {bg} background" (the other concept alone).
+    Styles are named as "..., <s> style". Any method's museum works.
+    """
+    def part(name):
+        phrase = museum.concept(name).phrase
+        return (None, f"{phrase} style") if concepts[name].is_style else (f"a {phrase}", None)
+
+    def prompt(names, bg):
+        objects = [part(n)[0] for n in names if part(n)[0]] or ["a scene"]
+        styles = [part(n)[1] for n in names if part(n)[1]]
+        return " and ".join(objects) + f" on a {bg} background" + "".join(f", {s}" for s in styles)
+
+    out = {}
+    for this, other in ((a, b), (b, a)):
+        scores = []
+        for names in ((this, other), (other,)):
+            prompts = [prompt(names, bg) for bg in COMPOSITION_BACKGROUNDS]
+            images = museum.generate(prompts, n=n_seeds, seed=0, steps=steps, guidance=guidance)
+            scores.append(image_alignment(evaluator, images, concepts[this].reference_images))
+        out[this] = CompositionScore(*scores)
+    return out

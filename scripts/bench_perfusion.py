@@ -1,0 +1,131 @@
+"""Perfusion on the embedded model: composition, the gate curve, and the cost of many loaded concepts.
+
+    python scripts/bench_perfusion.py --out docs/
+
+1. Composition: learn `sunburst` and `checker` (default settings); for each, the evaluator's image
+   alignment to its references of "a <a> circle and a <b> square on a {bg} background" against the
+   prompt with only the other concept (4 backgrounds x 4 seeds).
+2. Gate curve: generate `sunburst`'s evaluation prompts at gate biases beta (tau 0.15) and plot
+   image alignment (fidelity) against text alignment (the prompt's scene): moving beta trades
+   one for the other without retraining (paper, Fig. 8).
+3. Many concepts: a museum with 20 Perfusion concepts loaded against one with 1, generating a
+   prompt that names 1 (and 2) of them: the median time ratio over alternating runs.
+Writes perfusion.json and images/perfusion_gate.png under --out and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from museum.base.loading import load_evaluator  # noqa: E402
+from museum.evaluation.protocol import score_composition, score_concept  # noqa: E402
+from museum.methods import perfusion  # noqa: E402
+from museum.museum import Museum  # noqa: E402
+from museum.world.concepts import build_concept  # noqa: E402
+from museum.world.render import INSTANCES  # noqa: E402
+
+BETAS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def learn(m: Museum, name: str, concept, images: Path, **overrides):
+    concept.save(images / name)
+    return m.learn(name, images / name, method="perfusion", class_word=concept.class_word, progress=False,
+                   **overrides)
+
+
+def timed(m: Museum, prompt: str, n: int) -> float:
+    start = time.perf_counter()
+    m.generate(prompt, n=n, steps=25)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--runs", type=int, default=7, help="timed runs per setting (median)")
+    parser.add_argument("--many", type=int, default=20, help="concepts loaded in the large museum")
+    args = parser.parse_args()
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()
+    evaluator = load_evaluator()
+    work = Path(tempfile.mkdtemp(prefix="museum-perfusion-"))
+    result: dict = {"command": shlex.join(["python", "scripts/bench_perfusion.py", *sys.argv[1:]]),
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    "machine": f"{platform.platform()}, torch threads {torch.get_num_threads()}"}
+
+    # 1. composition
+    concepts = {n: build_concept(n) for n in ("sunburst", "checker")}
+    m = Museum.init(work / "pair")
+    for name, concept in concepts.items():
+        learn(m, name, concept, work / "images")
+    comp = score_composition(m, "sunburst", "checker", concepts, evaluator)
+    result["composition"] = {k: v.to_dict() for k, v in comp.items()}
+    print("| concept | alignment, prompt with both | alignment, prompt with only the other |\n|---|---|---|")
+    for name, s in comp.items():
+        print(f"| {name} | {s.with_both:.3f} | {s.with_other_only:.3f} |")
+
+    # 2. gate curve
+    curve = []
+    for beta in BETAS:
+        with perfusion.gate(beta=beta, tau=0.15):
+            s = score_concept(m, "sunburst", concepts["sunburst"], evaluator)
+        curve.append({"beta": beta, "image_alignment": s.image_alignment, "text_alignment": s.text_alignment})
+        print(f"beta {beta}: image alignment {s.image_alignment:.3f}, text alignment {s.text_alignment:.3f}", flush=True)
+    result["gate_curve"] = curve
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    ax.plot([c["text_alignment"] for c in curve], [c["image_alignment"] for c in curve], "o-")
+    for c in curve:
+        ax.annotate(f"β={c['beta']}", (c["text_alignment"], c["image_alignment"]), fontsize=8,
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("text alignment (CLIP-T)")
+    ax.set_ylabel("image alignment (CLIP-I)")
+    ax.set_title("Perfusion gate bias, sunburst (tau 0.15)")
+    fig.tight_layout()
+    (args.out / "images").mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out / "images" / "perfusion_gate.png", dpi=120)
+
+    # 3. many loaded concepts (quality does not matter here: a few steps each)
+    names = list(INSTANCES)
+    one, many = Museum.init(work / "one"), Museum.init(work / "many")
+    base_concepts = {n: build_concept(n, n_train=3) for n in names}
+    for i in range(args.many):
+        src = names[i % len(names)]
+        for museum in ([one, many] if i == 0 else [many]):
+            learn(museum, f"c{i:02d}", base_concepts[src], work / "many-images", steps=10)
+    prompts = {"1 named": f"a {many.concept('c00').phrase} on a sand background",
+               "2 named": f"a {many.concept('c00').phrase} and a {many.concept('c01').phrase} on a sand background"}
+    timing = {}
+    for label, prompt in prompts.items():
+        one_prompt = prompt if label == "1 named" else f"a {one.concept('c00').phrase} on a sand background"
+        runs_one, runs_many = [], []
+        timed(one, one_prompt, 8), timed(many, prompt, 8)  # warm-up
+        for _ in range(args.runs):
+            runs_one.append(timed(one, one_prompt, 8))
+            runs_many.append(timed(many, prompt, 8))
+        ratios = [b / a for a, b in zip(runs_one, runs_many)]
+        timing[label] = {"one_loaded_s": runs_one, "many_loaded_s": runs_many, "median_ratio": statistics.median(ratios)}
+        print(f"{label}: {args.many} loaded / 1 loaded = {statistics.median(ratios):.3f} (median of {args.runs})",
+              flush=True)
+    result["many_concepts"] = {"loaded": args.many, "batch": 8, "steps": 25, **timing}
+    (args.out / "perfusion.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out / 'perfusion.json'} and {args.out / 'images' / 'perfusion_gate.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
