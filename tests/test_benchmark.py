@@ -1,9 +1,14 @@
 """The continual benchmark on the tiny random pipeline with a tiny random evaluator: the shape of
-its results, the report, resuming, and the metrics on cases whose answer is known."""
+its results, the report, resuming (after an exception and after a SIGKILL), the gate curve, and
+the metrics on cases whose answer is known."""
 
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,15 +28,29 @@ RUN = dict(steps=2, n_prompts=1, n_seeds=4, gen_steps=2, progress=False,
            method_overrides={m: FAST for m in METHODS})
 
 
-@pytest.fixture(scope="module")
-def evaluator(tmp_path_factory):
+def make_evaluator(folder):
+    """A tiny random evaluator (the same weights every call: a killed run's subprocess builds it too)."""
     from museum.base.tokenizer import write_clip_tokenizer
     from museum.evaluation.evaluator import Evaluator
     from museum.world.render import base_vocabulary, held_out_vocabulary
 
-    tokenizer = write_clip_tokenizer(base_vocabulary() + held_out_vocabulary(), tmp_path_factory.mktemp("evaluator"))
+    tokenizer = write_clip_tokenizer(base_vocabulary() + held_out_vocabulary(), folder)
     torch.manual_seed(0)
     return Evaluator.create(tokenizer).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: on 2 busy cores one torch thread is several times faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def evaluator(tmp_path_factory):
+    return make_evaluator(tmp_path_factory.mktemp("evaluator"))
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +86,15 @@ def test_matrices_are_lower_triangular(bench):
                     else:
                         assert isinstance(R[t][j], float) and np.isfinite(R[t][j]), (method, metric, t, j)
         assert all(0.0 <= v <= 1.0 for row in r["R"]["recognition"] for v in row if v is not None)
-        assert r["summary"]["image_alignment"]["A"] == pytest.approx(np.mean(r["R"]["image_alignment"][2]))
+        for metric in bm.METRICS:  # A, F and BWT from the matrix, F and BWT oriented so that F > 0 is worse
+            sign = 1.0 if bm.HIGHER_IS_BETTER[metric] else -1.0
+            R = [[None if v is None else sign * v for v in row] for row in r["R"][metric]]
+            F = np.mean([max(R[t][j] for t in range(j, 2)) - R[2][j] for j in range(2)])
+            BWT = np.mean([R[2][j] - R[j][j] for j in range(2)])
+            assert r["summary"][metric] == pytest.approx(
+                {"A": np.mean(r["R"][metric][2]), "F": F, "BWT": BWT}, abs=1e-12), (method, metric)
         assert len(r["train_seconds"]) == 3 and r["seconds_per_task"] > 0
+        assert r["gate_curve"] is None  # no generation gate in these methods
 
 
 def test_storage_is_the_concept_files_plus_state(bench):
@@ -81,6 +107,38 @@ def test_storage_is_the_concept_files_plus_state(bench):
         r = results["methods"][method]
         assert sum(r["concept_bytes"]) == tensors > 0
         assert r["bytes_per_concept"] == pytest.approx((tensors + state) / 3)
+
+
+def test_grid_rows_are_padded_to_whole_rows():
+    """A concept with fewer samples than a grid row still fills exactly one row, so row j of a task's
+    grid is always concept j (the report cuts the grids into cells by row)."""
+    from PIL import Image
+
+    from museum.generation.sampling import image_grid
+
+    red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+    row = bm.grid_row([red, red])
+    assert len(row) == bm.GRID_IMAGES and row[2].getpixel((0, 0)) == (255, 255, 255)
+    assert len(bm.grid_row([red] * 9)) == bm.GRID_IMAGES
+    grid = image_grid(bm.grid_row([red, red]) + bm.grid_row([blue] * 5), cols=bm.GRID_IMAGES, scale=2)
+    assert grid.size == (4 * 16, 2 * 16)
+    assert grid.getpixel((0, 16)) == (0, 0, 255)  # concept 2 starts its own row
+
+
+def test_grid_cells_cut_a_grid_by_rows(tmp_path):
+    from PIL import Image
+
+    from museum.generation.sampling import image_grid
+    from museum.report.benchmark_report import grid_cells
+
+    colors = ["red", "green", "blue", "yellow"]
+    rows = [[Image.new("RGB", (8, 8), c)] * 4 for c in colors[:3]]
+    image_grid([im for r in rows for im in r], cols=4, scale=2).save(tmp_path / "g.png")
+    cells = grid_cells(tmp_path / "g.png", 3)
+    assert [c.size for c in cells] == [(32, 32)] * 3  # 4 images of 16 px as 2 x 2
+    assert [c.getpixel((20, 20)) for c in cells] == [(255, 0, 0), (0, 128, 0), (0, 0, 255)]
+    assert grid_cells(tmp_path / "g.png", 2) is None  # 3 rows of 16 px are not 2 rows of square images
+    assert grid_cells(tmp_path / "missing.png", 1) is None
 
 
 def test_grids_hold_one_row_per_seen_concept(bench):
@@ -132,10 +190,18 @@ def test_report_has_a_row_per_method_base_and_upper_bound(bench):
     assert header[:4] == ["method", "A (CLIP-I)", "F", "BWT"] and "bytes/concept" in header
     for method in METHODS:
         assert f'id="final-{method}"' in text and f"id='method-{method}'" in text
-    # self-contained: every image inline; 1 curves plot + per method a heatmap and 3 grids + 3 base grids
+        samples = re.search(rf'<table id="samples-{method}" class="samples">.*?</table>', text, re.S).group(0)
+        labels = re.findall(r"<tr><td>([^<]*)</td>", samples)
+        assert labels == ["base model (class prompt)", *(f"after task {t + 1} ({c})" for t, c in enumerate(CONCEPTS)),
+                          "each concept alone (upper bound)"]
+        # lower-triangular: task t shows concepts 0..t; the base and upper-bound rows show all
+        per_row = [len(re.findall(r"<img ", row)) for row in re.findall(r"<tr><td>.*?</tr>", samples)]
+        assert per_row == [3, 1, 2, 3, 3]
+        assert "gate curve" not in text  # no gated method in this run
+    # self-contained: every image inline; 1 curves plot + per method the heatmaps and 12 sample cells
     srcs = re.findall(r'<img src="([^"]{0,30})', text)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
-    assert len(srcs) == 1 + len(METHODS) * (1 + 3) + 3
+    assert len(srcs) == 1 + len(METHODS) * (1 + 12)
 
 
 def test_report_cli(bench, monkeypatch, capsys):
@@ -190,6 +256,8 @@ def test_rerun_with_other_settings_is_refused(bench, tiny_base, evaluator):
     out, _ = bench
     with pytest.raises(BenchmarkError, match="n_seeds: 4 there, 2 now"):
         run_benchmark(METHODS, CONCEPTS, out, base=tiny_base, evaluator=evaluator, **dict(RUN, n_seeds=2))
+    with pytest.raises(BenchmarkError, match="another task sequence"):
+        run_benchmark(METHODS, [CONCEPTS[1], CONCEPTS[0]], out, base=tiny_base, evaluator=evaluator, **RUN)
 
 
 def test_interrupted_run_continues(bench, tiny_base, evaluator, tmp_path, monkeypatch):
@@ -222,10 +290,109 @@ def test_interrupted_run_continues(bench, tiny_base, evaluator, tmp_path, monkey
     assert r["complete"]
     assert [t["task"] for t in json.loads((out / "textual-inversion" / "progress.json").read_text())["tasks"]] == [0, 1, 2]
     assert r["train_seconds"][1] is not None  # the concept learned before the interruption keeps its time
-    # same settings, same seeds: the same matrix as the uninterrupted run
-    expected = bench[1]["methods"]["textual-inversion"]["R"]["image_alignment"]
-    for row, exp in zip(r["R"]["image_alignment"], expected):
-        assert row == pytest.approx(exp, abs=1e-6)
+    # same settings, same seeds: the same matrices as the uninterrupted run
+    for metric in bm.METRICS:
+        expected = bench[1]["methods"]["textual-inversion"]["R"][metric]
+        for row, exp in zip(r["R"][metric], expected):
+            assert row == pytest.approx(exp, abs=1e-6), metric
+
+
+KILLED_RUN = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import test_benchmark as tb
+from museum.evaluation.benchmark import run_benchmark
+run_benchmark(tb.METHODS, tb.CONCEPTS, Path(sys.argv[2]), base=sys.argv[3], evaluator=tb.make_evaluator(Path(sys.argv[4])),
+              base_row=False, **tb.RUN)
+"""
+
+
+def test_killed_run_resumes_with_the_same_results(bench, tiny_base, tmp_path):
+    """A run SIGKILLed while the second method learns its second concept (a crash, `kill -9`): the
+    rerun keeps every finished task of both methods (no relearning, no rescoring), learns the
+    killed concept again, and ends with the matrices of an uninterrupted run."""
+    out = tmp_path / "out"
+    env = dict(os.environ, MUSEUM_FAULT="train.step:9", OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    # train.step hits: textual-inversion's 3 tasks x 2 steps, c-lora's first task's 2 steps, then the 9th
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(Path(__file__).parent), str(out), str(tiny_base),
+                           str(tmp_path / "evaluator")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    ti, cl = out / "textual-inversion", out / "c-lora"
+    assert [t["task"] for t in json.loads((ti / "progress.json").read_text())["tasks"]] == [0, 1, 2]
+    assert [t["task"] for t in json.loads((cl / "progress.json").read_text())["tasks"]] == [0]
+    from museum.museum import Museum
+
+    assert [c.name for c in Museum.open(cl / "museum").concepts] == CONCEPTS[:1]  # the second was not committed
+    kept = {m: concept_files(out / m / "museum") for m in ("textual-inversion", "c-lora")}
+    progress_ti = (ti / "progress.json").read_bytes()
+    first_scores = json.loads((cl / "progress.json").read_text())["tasks"][0]
+    grids = {p: p.stat().st_mtime_ns for p in out.rglob("grids/*.png")}
+    assert len(grids) == 3 + 1
+
+    evaluator = make_evaluator(tmp_path / "evaluator")  # the same weights as the killed run's
+    results = run_benchmark(METHODS, CONCEPTS, out, base=tiny_base, evaluator=evaluator, base_row=False, **RUN)
+    assert concept_files(ti / "museum") == kept["textual-inversion"]  # finished method: untouched
+    assert (ti / "progress.json").read_bytes() == progress_ti
+    after = concept_files(cl / "museum")
+    assert {k: after[k] for k in kept["c-lora"]} == kept["c-lora"]  # c-lora's first concept: not relearned
+    assert len(after) == 3 * len(kept["c-lora"])
+    assert json.loads((cl / "progress.json").read_text())["tasks"][0] == first_scores  # not rescored
+    assert all(p.stat().st_mtime_ns == t for p, t in grids.items())
+    for method in METHODS:
+        r, expected = results["methods"][method], bench[1]["methods"][method]
+        assert r["complete"]
+        for metric in bm.METRICS:
+            for row, exp in zip(r["R"][metric], expected["R"][metric]):
+                assert row == pytest.approx(exp, abs=1e-6), (method, metric)
+        assert r["concept_bytes"] == expected["concept_bytes"] and r["state_bytes"] == expected["state_bytes"]
+
+
+# ----------------------------------------------------------------------------- the gate curve
+
+
+def test_gate_curve_of_a_gated_method(tiny_base, evaluator, tmp_path):
+    """Perfusion gets a gate curve after its last task: at its own beta (0.7) the point is the last row
+    of R, at other betas the concepts are drawn again; a rerun redoes nothing; the report shows it."""
+    out = tmp_path / "out"
+    kw = dict(RUN, base=tiny_base, evaluator=evaluator, base_row=False, gate_betas=(0.9, 0.7, 0.3),
+              method_overrides={"perfusion": dict(lr=2e-2, token_lr=0.5)})
+    results = run_benchmark(["perfusion"], CONCEPTS[:2], out, **kw)
+    curve = results["methods"]["perfusion"]["gate_curve"]
+    assert [p["beta"] for p in curve["points"]] == [0.3, 0.7, 0.9] and curve["tau"] == [0.15]
+    R = results["methods"]["perfusion"]["R"]
+    own = curve["points"][1]
+    assert own["from_final_row"] and not curve["points"][0]["from_final_row"]
+    for metric in bm.METRICS:
+        assert [own["scores"][c][metric] for c in CONCEPTS[:2]] == R[metric][1]
+        assert own["mean"][metric] == pytest.approx(np.mean(R[metric][1]))
+    # a wide-open gate (beta 0.3) draws other images than the concepts' own gate
+    for p in (curve["points"][0], curve["points"][2]):
+        assert set(p["scores"]) == set(CONCEPTS[:2]) and all(v["n_images"] == 4 for v in p["scores"].values())
+    assert curve["points"][0]["scores"] != own["scores"]
+
+    progress = (out / "perfusion" / "progress.json").read_bytes()
+    again = run_benchmark(["perfusion"], CONCEPTS[:2], out, **kw)
+    assert (out / "perfusion" / "progress.json").read_bytes() == progress
+    assert again["methods"]["perfusion"]["gate_curve"]["points"] == curve["points"]
+
+    text = write_report(out).read_text()
+    assert "id='gate-curve-perfusion'" in text and 'alt="perfusion gate curve"' in text
+    table = re.search(r'<table id="gate-perfusion">.*?</table>', text, re.S).group(0)
+    assert re.findall(r"<tr><td>(.*?)</td>", table) == ["0.3", "0.7", "0.9"]
+
+    # one more task into the same folder: the curve is measured again, after the new last task
+    longer = run_benchmark(["perfusion"], CONCEPTS, out, **dict(kw, gate_betas=(0.7, 0.3)))
+    curve3 = longer["methods"]["perfusion"]["gate_curve"]
+    assert [p["beta"] for p in curve3["points"]] == [0.3, 0.7]
+    assert all(set(p["scores"]) == set(CONCEPTS) for p in curve3["points"])
+    assert curve3["points"][1]["scores"] == {c: s for c, s in zip(CONCEPTS, [
+        json.loads((out / "perfusion" / "progress.json").read_text())["tasks"][2]["scores"][c] for c in CONCEPTS])}
+    assert longer["methods"]["perfusion"]["R"]["image_alignment"][:2] == [row + [None] for row in R["image_alignment"]]
+    # and the shorter sequence again: its 2 x 2 results, no curve of a museum that has gone on since
+    shorter = run_benchmark(["perfusion"], CONCEPTS[:2], out, **kw)
+    r2 = shorter["methods"]["perfusion"]
+    assert r2["complete"] and r2["R"] == R and r2["gate_curve"] is None and len(r2["grids"]) == 2
 
 
 # ----------------------------------------------------------------------------- metrics, known cases

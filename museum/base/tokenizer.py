@@ -33,7 +33,9 @@ def write_clip_tokenizer(words: list[str], directory: str | Path, model_max_leng
     bpe.train_from_iterator([" ".join(sorted(set(words)))] * 4, trainer=trainer)
     learned = json.loads(bpe.to_str())["model"]
     vocab: dict[str, int] = {}
-    for token in alphabet + [c + "</w>" for c in alphabet] + sorted(learned["vocab"], key=learned["vocab"].get):
+    # ids in a fixed order: the trainer breaks ties between equally frequent merges differently in every
+    # process, so its own ids (and any model initialised on them) would change from run to run
+    for token in alphabet + [c + "</w>" for c in alphabet] + sorted(learned["vocab"], key=lambda t: (len(t), t)):
         vocab.setdefault(token, len(vocab))
     merges = [m if isinstance(m, str) else " ".join(m) for m in learned["merges"]]
     for token in (BOS, EOS):

@@ -23,9 +23,16 @@ Layout of ``out_dir``::
     results.json                   everything the report needs (``RESULTS_VERSION``)
     <method>/museum/               the method's museum, concept after concept
     <method>/progress.json         settings and the scores of every finished task (resume point)
-    <method>/grids/task-NN.png     4 samples of every seen concept after task NN (rows: concepts)
-    <method>/upper/<concept>/museum, <method>/upper/progress.json   the upper bound (optional)
-    base/progress.json, base/grid.png                               the untrained base model
+    <method>/grids/task-NN.png     4 samples of every seen concept after task NN (rows: concepts,
+                                   a row padded with white where a concept has fewer samples)
+    <method>/upper/<concept>/museum, <method>/upper/progress.json,
+    <method>/upper/grids/<concept>.png                              the upper bound (optional)
+    base/progress.json, base/grids/<concept>.png                    the untrained base model
+
+For a method with a generation gate (Perfusion), the method's progress file also holds the
+gate curve: after the last task, every concept drawn again with the same prompts and seeds at
+each gate bias beta of ``gate_betas`` (the temperature stays each concept's own) and scored.
+Where beta is the concepts' own, the point is the last row of R (no images are drawn again).
 
 A rerun with the same settings skips whatever is done: learned concepts are read back from
 the museum, scored tasks from ``progress.json``.
@@ -60,6 +67,10 @@ QUICK = (8, 4)
 FULL = (20, 8)
 GRID_IMAGES = 4  # samples per concept (row) in a task's grid: the first template's first seeds
 SHAPE_PROTOTYPE_RENDERS = 16
+#: gate biases of the gate curve (methods in GATED_METHODS); Perfusion's own generation default is 0.7
+GATE_BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
+#: methods with a generation gate: name -> the module whose ``gate(beta=...)`` context overrides it
+GATED_METHODS = {"perfusion": "museum.methods.perfusion"}
 
 
 class BenchmarkError(MuseumUserError):
@@ -216,6 +227,14 @@ class Settings:
         return asdict(self)
 
 
+def grid_row(images: Sequence, n: int = GRID_IMAGES) -> list:
+    """The first ``n`` of a concept's images, padded with white ones so the concept fills exactly one grid row."""
+    from PIL import Image
+
+    row = list(images[:n])
+    return row + [Image.new("RGB", row[0].size, "white") for _ in range(n - len(row))]
+
+
 def evaluator_fingerprint(evaluator) -> str:
     digest = hashlib.sha256()
     for k, v in sorted(evaluator.state_dict().items()):
@@ -315,8 +334,9 @@ class _Run:
         done = {t["task"] for t in tasks}
         m = self.open_museum(folder / "museum", self.settings.base)
         have = [c.name for c in m.concepts]
-        if have != self.names[:len(have)]:
-            raise BenchmarkError(f"{folder / 'museum'} holds concepts {have}, which is not how this run starts "
+        n = min(len(have), len(self.names))  # a longer or a shorter run of the same sequence continues it
+        if have[:n] != self.names[:n]:
+            raise BenchmarkError(f"{folder / 'museum'} holds concepts {have}, another task sequence than this run's "
                                  f"({self.names}); choose another output folder")
         wrong = [c.name for c in m.concepts if c.method != method]
         if wrong:
@@ -342,7 +362,7 @@ class _Run:
             for j in self.names[:t + 1]:
                 images = self.generate(m, j)
                 scores[j] = self.score(j, images)
-                grid_rows.extend(images[:GRID_IMAGES])
+                grid_rows.extend(grid_row(images))
             grid = folder / "grids" / f"task-{t:02d}.png"
             grid.parent.mkdir(parents=True, exist_ok=True)
             image_grid(grid_rows, cols=GRID_IMAGES, scale=2).save(grid)
@@ -357,8 +377,56 @@ class _Run:
             self.advance()
         return progress
 
+    # ------------------------------------------------------------------ the gate curve
+    def run_gate_curve(self, method: str, betas: Sequence[float]) -> dict:
+        """Score every concept of the finished run at each gate bias (see the module docstring)."""
+        import importlib
+
+        folder = self.out_dir / method
+        path = folder / PROGRESS
+        settings = {**self.settings.to_dict(), "overrides": self.settings.overrides.get(method, {})}
+        progress = self.progress_of(path, "method", settings)
+        tasks = {t["task"]: t for t in progress.get("tasks", [])}
+        T = len(self.names)
+        if any(t not in tasks for t in range(T)):
+            raise BenchmarkError(f"{path}: the gate curve needs every task scored first")
+        m = self.open_museum(folder / "museum", self.settings.base)
+        if [c.name for c in m.concepts] != self.names:
+            # the museum went on to later tasks (an earlier, longer run): it cannot be drawn as it was after task T
+            for _ in betas:
+                self.advance()
+            return progress
+        final = tasks[T - 1]["scores"]
+        gate = importlib.import_module(GATED_METHODS[method]).gate
+        configs = [m.concept(n).info.get("config", {}) for n in self.names]
+        own = {c.get("beta") for c in configs}
+        if (progress.get("gate_curve") or {}).get("concepts") != self.names:  # none yet, or after another task
+            progress["gate_curve"] = {"concepts": list(self.names)}
+        curve = progress["gate_curve"]
+        curve["tau"] = sorted({c.get("tau") for c in configs}, key=str)
+        points = curve.setdefault("points", {})
+        for beta in betas:
+            key = f"{float(beta):g}"
+            if key in points:
+                self.advance()
+                continue
+            if own == {float(beta)}:  # the concepts' own gate: exactly the images of the last row of R
+                points[key] = {"beta": float(beta), "scores": final, "from_final_row": True}
+            else:
+                self.step(f"{method}: gate beta {key}")
+                scores = {}
+                with gate(beta=float(beta)):
+                    for name in self.names:
+                        scores[name] = self.score(name, self.generate(m, name))
+                points[key] = {"beta": float(beta), "scores": scores, "from_final_row": False}
+            atomic_write_json(path, progress)
+            self.advance()
+        return progress
+
     # ------------------------------------------------------------------ each concept alone
     def run_upper_bound(self, method: str) -> dict:
+        from museum.generation.sampling import image_grid
+
         folder = self.out_dir / method / "upper"
         path = folder / PROGRESS
         settings = {**self.settings.to_dict(), "overrides": self.settings.overrides.get(method, {})}
@@ -374,9 +442,14 @@ class _Run:
                     wall = self.learn(m, name, method)
                 self.step(f"{method} alone: scoring {name}")
                 concept_bytes, state_bytes = _storage(m, name)
-                rows[name] = {"scores": self.score(name, self.generate(m, name)),
+                images = self.generate(m, name)
+                grid = folder / "grids" / f"{name}.png"
+                grid.parent.mkdir(parents=True, exist_ok=True)
+                image_grid(grid_row(images), cols=GRID_IMAGES, scale=2).save(grid)
+                rows[name] = {"scores": self.score(name, images),
                               "train_seconds": m.concept(name).info.get("train_seconds"), "learn_wall_seconds": wall,
-                              "concept_bytes": concept_bytes, "state_bytes": state_bytes}
+                              "concept_bytes": concept_bytes, "state_bytes": state_bytes,
+                              "grid": str(grid.relative_to(self.out_dir))}
                 atomic_write_json(path, progress)
             self.advance()
         return progress
@@ -404,7 +477,7 @@ class _Run:
             images = generate_images(pipe, prompts, seeds=seeds, steps=s.gen_steps, guidance=s.guidance)
             grid = folder / "grids" / f"{name}.png"
             grid.parent.mkdir(parents=True, exist_ok=True)
-            image_grid(images[:GRID_IMAGES], cols=GRID_IMAGES, scale=2).save(grid)
+            image_grid(grid_row(images), cols=GRID_IMAGES, scale=2).save(grid)
             rows[name] = {"scores": self.score(name, images), "grid": str(grid.relative_to(self.out_dir))}
             atomic_write_json(path, progress)
             self.advance()
@@ -416,7 +489,8 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
                   evaluator=None, steps: int | None = None, method_overrides: dict[str, dict] | None = None,
                   progress: bool = True, upper_bound: bool = False, base_row: bool = True,
                   n_prompts: int | None = None, n_seeds: int | None = None, gen_steps: int = 25,
-                  guidance: float = 7.5, seed: int = 0, n_train: int = 5, n_ref: int = 16) -> dict:
+                  guidance: float = 7.5, seed: int = 0, n_train: int = 5, n_ref: int = 16,
+                  gate_betas: Sequence[float] = GATE_BETAS) -> dict:
     """Run (or continue) the continual benchmark into ``out_dir``; returns the results (also in
     ``out_dir/results.json``).
 
@@ -424,7 +498,8 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
     ``BENCHMARK_CONCEPTS``). ``quick`` evaluates 8 templates x 4 seeds per concept, full mode
     20 x 8; ``n_prompts`` / ``n_seeds`` override either. ``steps``: training steps (default: each
     method's); ``method_overrides``: method name -> config overrides. ``gen_steps``: denoising
-    steps of the evaluation samples. ``evaluator``: default the shipped one."""
+    steps of the evaluation samples. ``evaluator``: default the shipped one. ``gate_betas``: the
+    gate biases of the gate curve of a gated method (Perfusion); empty for none."""
     from tqdm.auto import tqdm
 
     from museum.base.loading import EMBEDDED, base_hash, load_evaluator
@@ -453,15 +528,19 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
                         overrides={k: dict(v) for k, v in (method_overrides or {}).items()})
     if settings.n_seeds < 1 or settings.n_prompts < 1 or gen_steps < 1:
         raise BenchmarkError("n_prompts, n_seeds and gen_steps must be at least 1")
+    gate_betas = list(dict.fromkeys(float(b) for b in gate_betas))
     out_dir.mkdir(parents=True, exist_ok=True)
     T = len(concepts)
-    total = len(methods) * T * (2 if upper_bound else 1) + (T if base_row else 0)
+    total = (len(methods) * T * (2 if upper_bound else 1) + (T if base_row else 0)
+             + len(gate_betas) * sum(m in GATED_METHODS for m in methods))
     with tqdm(total=total, desc="benchmark", unit="task", disable=not progress) as bar:
         run = _Run(concepts, evaluator, settings, out_dir, bar)
         if base_row:
             run.run_base()
         for method in methods:
             run.run_method(method)
+            if method in GATED_METHODS and gate_betas:
+                run.run_gate_curve(method, gate_betas)
             write_results(out_dir, methods, concepts, settings)
             if upper_bound:
                 run.run_upper_bound(method)
@@ -479,7 +558,8 @@ def _read(path: Path) -> dict | None:
 
 def method_results(progress: dict, concepts: Sequence[str]) -> dict:
     """A method's progress file -> its matrices, summaries, storage and times."""
-    tasks = {t["task"]: t for t in progress.get("tasks", [])}
+    # tasks beyond ``concepts`` (a longer earlier run into the same folder) are not part of these results
+    tasks = {t["task"]: t for t in progress.get("tasks", []) if t["task"] < len(concepts)}
     T = max(tasks) + 1 if tasks else 0
     rows = [tasks.get(t) for t in range(T)]
     R = {metric: [[(rows[t]["scores"].get(concepts[j], {}).get(metric) if rows[t] and j <= t else None)
@@ -501,7 +581,24 @@ def method_results(progress: dict, concepts: Sequence[str]) -> dict:
         "train_seconds": [r.get("train_seconds") for r in done],
         "seconds_per_task": float(np.mean(seconds)) if seconds else None,
         "grids": [r.get("grid") for r in done],
+        "gate_curve": gate_curve_results(progress.get("gate_curve"), concepts[:T]),
     }
+
+
+def gate_curve_results(curve: dict | None, concepts: Sequence[str]) -> dict | None:
+    """The stored gate curve -> points sorted by beta, each with per-concept scores and their means;
+    None without one, or if it was measured after another task than the last of ``concepts``."""
+    if not curve or not curve.get("points") or curve.get("concepts") != list(concepts):
+        return None
+    points = []
+    for p in sorted(curve["points"].values(), key=lambda p: p["beta"]):
+        mean = {}
+        for metric in METRICS:
+            vals = [s[metric] for s in p["scores"].values() if s.get(metric) is not None]
+            mean[metric] = float(np.mean(vals)) if vals else None
+        points.append({"beta": p["beta"], "mean": mean, "scores": p["scores"],
+                       "from_final_row": p.get("from_final_row", False)})
+    return {"tau": curve.get("tau"), "points": points}
 
 
 def _row_results(rows: dict, concepts: Sequence[str]) -> dict:
@@ -570,5 +667,5 @@ def read_results(out_dir: str | Path) -> dict:
 __all__ = [
     "run_benchmark", "collect_results", "write_results", "read_results", "kid", "build_prototypes", "Prototypes",
     "score_images", "summarize", "curves", "shape_renders", "EvaluatorFeatures", "BenchmarkError", "METRICS",
-    "HIGHER_IS_BETTER", "RESULTS_VERSION", "QUICK", "FULL",
+    "HIGHER_IS_BETTER", "RESULTS_VERSION", "QUICK", "FULL", "GATE_BETAS", "GATED_METHODS", "gate_curve_results",
 ]

@@ -1,5 +1,11 @@
 """The benchmark report: one self-contained HTML page from ``results.json`` (``museum report DIR``).
 
+What it shows: the results table (every method, the base model, the upper bounds); average
+image alignment and forgetting over the tasks for all methods; per method the R[t, j]
+heatmaps of every metric, its final scores per concept, a table of samples (rows: the base
+model, after each task, each concept learned alone; columns: the concepts) and, for a gated
+method (Perfusion), the gate curve.
+
 Figures are drawn with matplotlib into PNG bytes in memory and embedded as base64, like the
 sample grids, so the page can be mailed or opened offline.
 """
@@ -8,18 +14,21 @@ from __future__ import annotations
 
 import html
 import io
+import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from museum.evaluation.benchmark import read_results
-from museum.report.html import figure, img_tag, table, write_page
+from museum.report.html import Raw, img_tag, table, write_page
 
 REPORT = "report.html"
 LABELS = {"image_alignment": "image alignment (CLIP-I)", "text_alignment": "text alignment (CLIP-T)",
           "kid": "KID", "recognition": "recognition accuracy"}
+SHORT = {"image_alignment": "CLIP-I", "text_alignment": "CLIP-T", "kid": "KID", "recognition": "recognition"}
 RESULTS_HEADER = ["method", "A (CLIP-I)", "F", "BWT", "CLIP-T", "KID", "recognition", "bytes/concept", "seconds/task"]
+GATE_HEADER = ["gate bias beta", "CLIP-I", "CLIP-T", "KID", "recognition", "note"]
 
 
 def _f(x, digits: int = 3) -> str:
@@ -28,6 +37,10 @@ def _f(x, digits: int = 3) -> str:
 
 def _int(x) -> str:
     return "–" if x is None else f"{int(round(x)):,}"
+
+
+def _digits(metric: str) -> int:
+    return 4 if metric == "kid" else 3
 
 
 def _render(fig) -> Image.Image:
@@ -41,16 +54,17 @@ def _matrix(R) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in row] for row in R], dtype=float)
 
 
-def heatmap(R, concepts, title: str) -> Image.Image:
-    """R[t, j] as a heatmap: rows the task just learned, columns the concept scored."""
-    from matplotlib.figure import Figure
+def _nan(values) -> list[float]:
+    return [np.nan if v is None else v for v in values]
 
+
+def _heatmap_axes(fig, ax, R, concepts, title: str, higher_is_better: bool = True) -> None:
     arr = _matrix(R)
     T = len(arr)
-    fig = Figure(figsize=(1.2 + 0.55 * T, 1.0 + 0.5 * T))
-    ax = fig.add_subplot()
-    im = ax.imshow(np.ma.masked_invalid(arr), cmap="viridis", vmin=np.nanmin(arr) if np.isfinite(arr).any() else 0,
-                   vmax=np.nanmax(arr) if np.isfinite(arr).any() else 1)
+    finite = np.isfinite(arr).any()
+    cmap = "viridis" if higher_is_better else "viridis_r"  # bright = good for every metric
+    im = ax.imshow(np.ma.masked_invalid(arr), cmap=cmap, vmin=np.nanmin(arr) if finite else 0,
+                   vmax=np.nanmax(arr) if finite else 1)
     ax.set_xticks(range(T), concepts[:T], rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(T), [f"after {c}" for c in concepts[:T]], fontsize=8)
     ax.set_xlabel("concept j")
@@ -59,10 +73,37 @@ def heatmap(R, concepts, title: str) -> Image.Image:
     for t in range(T):
         for j in range(T):
             if np.isfinite(arr[t, j]):
-                light = hi > lo and (arr[t, j] - lo) / (hi - lo) > 0.6  # viridis is light at the top
+                x = (arr[t, j] - lo) / (hi - lo) if hi > lo else 0.0
+                light = (x if higher_is_better else 1 - x) > 0.6  # viridis is light at its top
                 ax.text(j, t, f"{arr[t, j]:.2f}", ha="center", va="center", fontsize=7,
                         color="black" if light else "white")
     fig.colorbar(im, ax=ax, shrink=0.8)
+
+
+def heatmap(R, concepts, title: str, higher_is_better: bool = True) -> Image.Image:
+    """R[t, j] as a heatmap: rows the task just learned, columns the concept scored."""
+    from matplotlib.figure import Figure
+
+    T = len(R)
+    fig = Figure(figsize=(1.2 + 0.55 * T, 1.0 + 0.5 * T))
+    _heatmap_axes(fig, fig.add_subplot(), R, concepts, title, higher_is_better)
+    return _render(fig)
+
+
+def heatmaps(r: dict, results: dict, method: str) -> Image.Image:
+    """Every metric's R[t, j] of one method, two heatmaps a row."""
+    from matplotlib.figure import Figure
+
+    metrics = results["metrics"]
+    T = len(r["R"][metrics[0]])
+    cols = 2
+    rows = math.ceil(len(metrics) / cols)
+    fig = Figure(figsize=(cols * (2.2 + 0.55 * T), rows * (1.6 + 0.5 * T)))
+    for k, metric in enumerate(metrics):
+        hib = results["higher_is_better"][metric]
+        title = f"{method}: {LABELS[metric]} R[t, j]" + ("" if hib else " (lower is better)")
+        _heatmap_axes(fig, fig.add_subplot(rows, cols, k + 1), r["R"][metric], r["concepts"], title, hib)
+    fig.tight_layout()
     return _render(fig)
 
 
@@ -75,12 +116,13 @@ def curves_plot(results: dict, metric: str = "image_alignment") -> Image.Image:
     for method, r in results["methods"].items():
         c = r["curves"][metric]
         x = np.arange(1, len(c["average"]) + 1)
-        ax_a.plot(x, [np.nan if v is None else v for v in c["average"]], marker="o", label=method)
-        ax_f.plot(x, [np.nan if v is None else v for v in c["forgetting"]], marker="o", label=method)
+        ax_a.plot(x, _nan(c["average"]), marker="o", label=method)
+        ax_f.plot(x, _nan(c["forgetting"]), marker="o", label=method)
     base = results.get("base")
     if base:  # the untrained model's average over the same concepts seen so far
-        vals = [base["scores"].get(c, {}).get(metric) for c in results["concepts"]]
-        avg = [np.nanmean([np.nan if v is None else v for v in vals[:t + 1]]) for t in range(len(vals))]
+        vals = np.array(_nan(base["scores"].get(c, {}).get(metric) for c in results["concepts"]), dtype=float)
+        avg = [float(np.nanmean(vals[:t + 1])) if np.isfinite(vals[:t + 1]).any() else np.nan
+               for t in range(len(vals))]
         ax_a.plot(np.arange(1, len(avg) + 1), avg, color="grey", linestyle="--", label="base model")
     for ax, title in ((ax_a, f"average {LABELS[metric]} over the concepts seen"),
                       (ax_f, f"forgetting of {LABELS[metric]}")):
@@ -89,6 +131,33 @@ def curves_plot(results: dict, metric: str = "image_alignment") -> Image.Image:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     ax_a.legend(fontsize=8)
+    fig.tight_layout()
+    return _render(fig)
+
+
+def gate_plot(curve: dict, method: str) -> Image.Image:
+    """The gate curve: mean image and text alignment over the concepts against beta, and CLIP-T against CLIP-I."""
+    from matplotlib.figure import Figure
+
+    points = curve["points"]
+    betas = [p["beta"] for p in points]
+    x = _nan(p["mean"]["image_alignment"] for p in points)
+    y = _nan(p["mean"]["text_alignment"] for p in points)
+    fig = Figure(figsize=(12, 3.4))
+    ax_i, ax_t, ax_p = (fig.add_subplot(1, 3, k) for k in (1, 2, 3))
+    for ax, values, metric in ((ax_i, x, "image_alignment"), (ax_t, y, "text_alignment")):
+        ax.plot(betas, values, marker="o")
+        ax.set_xlabel("gate bias beta")
+        ax.set_title(f"{method}: mean {LABELS[metric]}", fontsize=9)
+    ax_p.plot(x, y, marker="o")
+    for p, xi, yi in zip(points, x, y):
+        ax_p.annotate(f"beta {p['beta']:g}" + (" (own)" if p.get("from_final_row") else ""), (xi, yi),
+                      textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax_p.set_xlabel(LABELS["image_alignment"])
+    ax_p.set_ylabel(LABELS["text_alignment"])
+    ax_p.set_title("fidelity against text alignment", fontsize=9)
+    for ax in (ax_i, ax_t, ax_p):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return _render(fig)
 
@@ -115,11 +184,67 @@ def results_rows(results: dict) -> list[list[str]]:
     return rows
 
 
-def _grid(out_dir: Path, rel: str | None, caption: str) -> str:
-    if not rel or not (out_dir / rel).is_file():
-        return f"<p>(missing image: {html.escape(str(rel))})</p>"
-    with Image.open(out_dir / rel) as im:
-        return figure(im.convert("RGB"), caption)
+def gate_rows(curve: dict) -> list[list[str]]:
+    return [[f"{p['beta']:g}", _f(p["mean"]["image_alignment"]), _f(p["mean"]["text_alignment"]),
+             _f(p["mean"]["kid"], 4), _f(p["mean"]["recognition"], 2),
+             "the concepts' own (the last row of R)" if p.get("from_final_row") else ""] for p in curve["points"]]
+
+
+def grid_cells(path: Path, n_rows: int) -> list[Image.Image] | None:
+    """Cut a sample grid (one row of square images per concept) into one cell per row, each row's
+    images rearranged into a square block (4 images: 2 x 2). None if the file is missing or is not
+    ``n_rows`` rows of square images."""
+    if not path.is_file():
+        return None
+    with Image.open(path) as im:
+        grid = im.convert("RGB")
+    h = grid.height // n_rows
+    if n_rows < 1 or h < 1 or grid.height != h * n_rows or grid.width % h:
+        return None
+    k = grid.width // h
+    cols = math.ceil(math.sqrt(k))
+    cells = []
+    for row in range(n_rows):
+        cell = Image.new("RGB", (cols * h, math.ceil(k / cols) * h), "white")
+        for i in range(k):
+            cell.paste(grid.crop((i * h, row * h, (i + 1) * h, (row + 1) * h)), ((i % cols) * h, (i // cols) * h))
+        cells.append(cell)
+    return cells
+
+
+def samples_rows(out_dir: Path, results: dict, method: str) -> list[list]:
+    """The samples table of one method: rows the base model, after each task, each concept alone;
+    columns the concepts; a cell holds the first samples of that concept (empty if not drawn)."""
+    r = results["methods"][method]
+    concepts = r["concepts"]
+
+    def cell(path: Path | None, alt: str):
+        cells = grid_cells(path, 1) if path is not None else None
+        return Raw(img_tag(cells[0], alt=alt)) if cells else ""
+
+    rows = []
+    base = results.get("base") or {}
+    if base.get("grids"):
+        rows.append(["base model (class prompt)"]
+                    + [cell(out_dir / base["grids"][c] if c in base["grids"] else None, f"base model: {c}")
+                       for c in concepts])
+    for t, rel in enumerate(r["grids"]):
+        cells = grid_cells(out_dir / rel, t + 1) if rel else None
+        row = [f"after task {t + 1} ({concepts[t]})"]
+        for j, c in enumerate(concepts):
+            if cells and j <= t:
+                row.append(Raw(img_tag(cells[j], alt=f"{method} after task {t + 1}: {c}")))
+            elif j <= t:
+                row.append(f"(missing {rel})")
+            else:
+                row.append("")
+        rows.append(row)
+    upper = (results.get("upper_bound") or {}).get(method) or {}
+    if upper.get("grids"):
+        rows.append(["each concept alone (upper bound)"]
+                    + [cell(out_dir / upper["grids"][c] if c in upper["grids"] else None, f"{method} alone: {c}")
+                       for c in concepts])
+    return rows
 
 
 def write_report(out_dir: str | Path) -> Path:
@@ -144,17 +269,25 @@ def write_report(out_dir: str | Path) -> Path:
         body += ["<h2>Over the tasks</h2>", img_tag(curves_plot(results), alt="average and forgetting over tasks")]
     for method, r in results["methods"].items():
         body.append(f"<h2 id='method-{html.escape(method)}'>{html.escape(method)}</h2>")
-        body.append(img_tag(heatmap(r["R"]["image_alignment"], r["concepts"],
-                                    f"{method}: image alignment R[t, j]"), alt=f"{method} heatmap"))
+        if r["grids"]:
+            body.append(img_tag(heatmaps(r, results, method), alt=f"{method} heatmaps"))
         final = len(r["R"]["image_alignment"]) - 1
         if final >= 0:
-            rows = [[c] + [_f(r["R"][metric][final][j], 4 if metric == "kid" else 3)
-                           for metric in results["metrics"]] for j, c in enumerate(r["concepts"])]
+            rows = [[c] + [_f(r["R"][metric][final][j], _digits(metric)) for metric in results["metrics"]]
+                    for j, c in enumerate(r["concepts"])]
+            body.append(f"<p>Scores after task {final + 1}:</p>")
             body.append(table(["concept"] + [LABELS[m] for m in results["metrics"]], rows, f"final-{method}"))
-        body.append("<p>Samples after each task (rows: the concepts learned so far, in order):</p>")
-        body += [_grid(out_dir, rel, f"after task {t + 1} ({r['concepts'][t]})") for t, rel in enumerate(r["grids"])]
-    base = results.get("base")
-    if base and base.get("grids"):
-        body.append("<h2>Base model (class prompts, no training)</h2>")
-        body += [_grid(out_dir, rel, c) for c, rel in base["grids"].items()]
+        body.append("<p>Samples (rows: the base model with the class prompt, the museum after each task, each "
+                    "concept learned alone; columns: the concepts; the first prompt's first seeds):</p>")
+        body.append(table(["", *concepts[:len(r["concepts"])]], samples_rows(out_dir, results, method),
+                          f"samples-{method}", "samples"))
+        curve = r.get("gate_curve")
+        if curve:
+            tau = ", ".join(f"{t:g}" for t in curve.get("tau") or [] if t is not None) or "the concepts' own"
+            body.append(f"<h3 id='gate-curve-{html.escape(method)}'>{html.escape(method)}: gate curve</h3>")
+            body.append(f"<p>After the last task, every concept drawn again with the same prompts and seeds at each "
+                        f"gate bias beta (temperature tau {html.escape(tau)}): a lower beta opens the gate wider "
+                        f"(more of the concept, less of the rest of the prompt).</p>")
+            body.append(img_tag(gate_plot(curve, method), alt=f"{method} gate curve"))
+            body.append(table(GATE_HEADER, gate_rows(curve), f"gate-{method}"))
     return write_page(out_dir / REPORT, "Museum continual benchmark", body)

@@ -17,6 +17,8 @@ figure { display: inline-block; margin: 0.4em; text-align: center; vertical-alig
 figure img { image-rendering: pixelated; border: 1px solid #ccc; }
 figcaption { font-size: 0.8em; max-width: 260px; }
 table { border-collapse: collapse; margin: 1em 0; } td, th { border: 1px solid #ccc; padding: 4px 8px; }
+table.samples td { padding: 2px; text-align: center; } table.samples img { image-rendering: pixelated; display: block; }
+table.samples th { font-size: 0.8em; font-weight: normal; }
 code { background: #f4f4f4; padding: 1px 4px; }
 """
 
@@ -33,10 +35,19 @@ def figure(image: Image.Image, caption: str, width: int | None = None) -> str:
     return f"<figure>{img_tag(image, width, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence], table_id: str = "") -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    tid = f' id="{table_id}"' if table_id else ""
+class Raw(str):
+    """HTML that :func:`table` puts in a cell as it is (other cells are escaped)."""
+
+
+def _cell(c) -> str:
+    return c if isinstance(c, Raw) else html.escape(str(c))
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence], table_id: str = "", css_class: str = "") -> str:
+    head = "".join(f"<th>{_cell(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in r) + "</tr>" for r in rows)
+    tid = f' id="{html.escape(table_id)}"' if table_id else ""
+    tid += f' class="{html.escape(css_class)}"' if css_class else ""
     return f"<table{tid}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
