@@ -172,16 +172,40 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def results_table(gen: dict, ren: dict) -> str:
-    lines = ["| attribute | generated accuracy | renders accuracy | target >= 90% |", "|---|---|---|---|"]
+def results_table(gen: dict, vae: dict, ren: dict) -> str:
+    lines = ["| attribute | generated accuracy | VAE round-trip accuracy | renders accuracy | target >= 90% |",
+             "|---|---|---|---|---|"]
     for attribute in [*ATTRIBUTES, "all three"]:
-        g, r = gen[attribute], ren[attribute]
+        g, v, r = gen[attribute], vae[attribute], ren[attribute]
         met = "met" if g["accuracy"] >= TARGET else "not met"
         if attribute == "all three":
             met = "(joint, no target)"
         lines.append(f"| {attribute} | {pct(g['accuracy'])} ({g['correct']}/{g['n']}) | "
+                     f"{pct(v['accuracy'])} ({v['correct']}/{v['n']}) | "
                      f"{pct(r['accuracy'])} ({r['correct']}/{r['n']}) | {met} |")
     return "\n".join(lines)
+
+
+def error_budget(gen: dict, vae: dict, ren: dict) -> str:
+    """Split each attribute's misses into evaluator, VAE and UNet parts (renders -> round-trip -> generated)."""
+    lines = ["| attribute | evaluator misses (100% - renders) | lost in the VAE (renders - round-trip) | "
+             "lost in the UNet (round-trip - generated) |", "|---|---|---|---|"]
+    for attribute in ATTRIBUTES:
+        g, v, r = (x[attribute]["accuracy"] for x in (gen, vae, ren))
+        lines.append(f"| {attribute} | {pct(1 - r)} | {pct(r - v)} | {pct(v - g)} |")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def vae_round_trip(pipe, images: np.ndarray, device: str) -> np.ndarray:
+    """Encode and decode renders with the pipeline's VAE (latent mean): what the latent space can hold."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(device)
+    out = []
+    for i in range(0, len(x), 64):
+        latents = pipe.vae.encode(x[i:i + 64]).latent_dist.mean
+        out.append(pipe.vae.decode(latents).sample.clamp(-1, 1))
+    rec = torch.cat(out).add(1.0).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return rec
 
 
 def sweep_table(sweep: list[dict]) -> str:
@@ -226,14 +250,18 @@ one seeded generator per image) and read zero-shot by the evaluator: for each at
 the prompt's caption with that attribute swapped for every value of its vocabulary, and a reading is
 correct when the evaluator's argmax is the prompt's value. "Renders accuracy" is the same reading on
 real renders of the same scenes: the evaluator's own accuracy, an upper bound on what generated
-images can score. A generated accuracy well below the renders accuracy is a generator error; a
-renders accuracy below 100% is an evaluator error. Chance: {chance}. The scenes are new (pose, jitter
+images can score. "VAE round-trip accuracy" reads the same renders after encoding and decoding
+them with the pipeline's VAE: what the latent space can hold, an upper bound for the UNet. Chance: {chance}. The scenes are new (pose, jitter
 and render noise), but with a finite vocabulary their captions can also occur in pretraining: this measures
 prompt following within the base vocabulary, not generalisation to new words.
 
 Pipeline: `{a['pipeline']}`; evaluator: `{a['evaluator']}`.
 
-{results_table(r['generated'], r['renders'])}
+{results_table(r['generated'], r['vae_round_trip'], r['renders'])}
+
+Where the misses come from:
+
+{error_budget(r['generated'], r['vae_round_trip'], r['renders'])}
 {sweep}
 {timing_line}
 
@@ -307,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     renders = world.render_batch(samples)
     ren_readings = read_attributes(evaluator, renders, scenes)
     ren_acc = accuracies(ren_readings, scenes)
+    vae_acc = accuracies(read_attributes(evaluator, vae_round_trip(pipe, renders, args.device), scenes), scenes)
 
     def run_generation(guidance: float):
         images = generate(pipe, prompts, seeds, steps=args.steps, guidance=guidance, size=size, device=args.device)
@@ -349,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": TARGET,
         "generated": gen_acc,
         "renders": ren_acc,
+        "vae_round_trip": vae_acc,
         "sweep": sweep,
         "timing": timing,
         "grid_captions": prompts[:k],
@@ -365,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     write_markdown(out / "BASE_MODEL.md", result)
 
     print()
-    print(results_table(gen_acc, ren_acc))
+    print(results_table(gen_acc, vae_acc, ren_acc))
+    print()
+    print(error_budget(gen_acc, vae_acc, ren_acc))
     if sweep:
         print()
         print(sweep_table(sweep))
