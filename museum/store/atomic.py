@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from museum.store.faults import fault_point
+
 TMP_PREFIX = ".tmp-"
 
 
@@ -38,11 +40,17 @@ def _fsync_tree(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        fault_point("atomic.file.written")
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    fault_point("atomic.file.renamed")
     fsync_dir(path.parent)
 
 
@@ -60,13 +68,16 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
+        fault_point("atomic.dir.written")
         if final.exists():
             old = final.with_name(f"{TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}")
             os.replace(final, old)
+            fault_point("atomic.dir.swapping")
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        fault_point("atomic.dir.renamed")
         fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

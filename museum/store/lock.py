@@ -13,13 +13,17 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-from museum.errors import MuseumLockedError
+from museum.errors import MuseumError, MuseumLockedError
 
 
 @contextmanager
 def writer_lock(folder: Path, *, wait: bool = False, timeout: float | None = None) -> Iterator[None]:
     path = Path(folder) / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise MuseumError(f"cannot write to museum {folder}: {err.strerror} ({path}); check that the folder "
+                          "exists and is writable") from None
     try:
         start = time.time()
         while True:

@@ -12,7 +12,11 @@
       .lock                          writer lock
 
 Only JSON and safetensors are ever read: nothing in a museum can execute code. Every file
-the manifest names carries its sha256, checked on load.
+the manifest names carries its sha256, checked on load. A manifest edited by hand is
+validated before use: names, folders and file names must be the ones Museum writes (no
+path separators, no '..', no file types other than safetensors, JSON and PNG). A base model
+whose loading would run code (pickle-only weights, Python files) is refused unless the user
+passes ``allow_pickle`` (for pickle weights; code is always refused).
 """
 
 from __future__ import annotations
@@ -27,9 +31,14 @@ from typing import Any
 SCHEMA_VERSION = 1
 MANIFEST = "museum.json"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+FOLDER_RE = re.compile(r"^concepts/[0-9]{3,}-([a-z0-9][a-z0-9_-]{0,39})$")
+FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.(safetensors|json|png)$")
+STATE_RE = re.compile(r"^state/[a-z0-9][a-z0-9_.-]*\.safetensors$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
 
-from museum.errors import MuseumError  # noqa: F401  (re-exported)
+from museum.errors import BaseModelError, MuseumError  # noqa: F401  (re-exported)
 
 
 def sha256_file(path: Path) -> str:
@@ -89,17 +98,57 @@ class Manifest:
         if not isinstance(data, dict) or data.get("format") != "museum":
             raise MuseumError(f"{path} is not a museum manifest")
         schema = data.get("schema")
-        if not isinstance(schema, int) or schema > SCHEMA_VERSION:
-            raise MuseumError(f"{path} has schema version {schema!r}, newer than this museum's "
+        if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
+            raise MuseumError(f"{path} has an invalid schema version {schema!r}; the manifest was edited or damaged "
+                              "(restore it from a backup)")
+        if schema > SCHEMA_VERSION:
+            raise MuseumError(f"{path} has schema version {schema}, newer than this museum's "
                               f"({SCHEMA_VERSION}); upgrade museum to open it")
         try:
-            return cls(
+            manifest = cls(
                 base_path=data["base"]["path"], base_hash=data["base"]["hash"],
                 concepts=[ConceptEntry.from_dict(c) for c in data["concepts"]],
                 state={k: dict(v) for k, v in data.get("state", {}).items()}, schema=schema,
             )
-        except (KeyError, TypeError) as err:
-            raise MuseumError(f"{path} is missing field {err}; the manifest was edited or damaged") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise MuseumError(f"{path} is missing field {err} or has a field of the wrong type; the manifest was "
+                              "edited or damaged (restore it from a backup)") from None
+        problem = manifest.problem()
+        if problem:
+            raise MuseumError(f"{path}: {problem}; the manifest was edited or damaged (restore it from a backup)")
+        return manifest
+
+    def problem(self) -> str | None:
+        """What is wrong with a manifest read from disk (None if nothing): everything must be what Museum writes."""
+        if not isinstance(self.base_path, str) or not isinstance(self.base_hash, str):
+            return "base.path and base.hash must be strings"
+        seen = set()
+        for c in self.concepts:
+            if not isinstance(c.name, str) or not NAME_RE.match(c.name):
+                return f"invalid concept name {c.name!r}"
+            if c.name in seen:
+                return f"concept {c.name!r} is listed twice"
+            seen.add(c.name)
+            if c.token != f"<{c.name}>":
+                return f"concept {c.name!r} has token {c.token!r}, expected <{c.name}>"
+            match = FOLDER_RE.match(c.folder) if isinstance(c.folder, str) else None
+            if not match or match.group(1) != c.name:
+                return f"concept {c.name!r} has folder {c.folder!r}, expected concepts/NNN-{c.name}"
+            if not isinstance(c.files, dict) or not c.files:
+                return f"concept {c.name!r} lists no files"
+            for rel, digest in c.files.items():
+                if not isinstance(rel, str) or not FILE_RE.match(rel):
+                    return f"concept {c.name!r} lists file {rel!r}; a concept holds only safetensors, JSON and PNG files"
+                if not isinstance(digest, str) or not SHA256_RE.match(digest):
+                    return f"concept {c.name!r}: file {rel!r} has no valid sha256"
+            if not isinstance(c.method, str) or not isinstance(c.class_word, str) or not isinstance(c.task_index, int):
+                return f"concept {c.name!r} has a field of the wrong type"
+        for method, record in self.state.items():
+            if not isinstance(record.get("file"), str) or not STATE_RE.match(record["file"]):
+                return f"state of method {method!r} is file {record.get('file')!r}; state files are state/NAME.safetensors"
+            if not isinstance(record.get("sha256"), str) or not SHA256_RE.match(record["sha256"]):
+                return f"state of method {method!r} has no valid sha256"
+        return None
 
     def write(self, folder: Path) -> None:
         from museum.store.atomic import atomic_write_json
@@ -115,6 +164,34 @@ class Manifest:
 
     def names(self) -> list[str]:
         return [c.name for c in self.concepts]
+
+
+def check_pipeline_files(path: Path, *, allow_pickle: bool = False) -> None:
+    """Refuse a base-model folder whose loading could run code: Python files, components from libraries other
+    than diffusers/transformers, or weights only in pickle formats (.bin, .pt, .ckpt; allowed with ``allow_pickle``)."""
+    path = Path(path)
+    code = sorted(str(p.relative_to(path)) for p in path.rglob("*.py"))
+    if code:
+        raise BaseModelError(f"base model {path} contains Python code ({', '.join(code[:3])}); Museum never runs code "
+                             "from a model folder: remove the .py files or use a plain diffusers pipeline")
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as err:
+        raise BaseModelError(f"base model {path}: model_index.json is unreadable ({err})") from None
+    for name, spec in (index.items() if isinstance(index, dict) else []):
+        if isinstance(spec, list) and spec and spec[0] not in (None, "diffusers", "transformers"):
+            raise BaseModelError(f"base model {path}: component {name!r} comes from {spec[0]!r}; Museum loads only "
+                                 "diffusers and transformers components (custom code is never run)")
+    if allow_pickle:
+        return
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        files = [f for f in sub.rglob("*") if f.is_file()]
+        pickles = [f for f in files if f.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles and not any(f.suffix == ".safetensors" for f in files):
+            raise BaseModelError(
+                f"base model {path}: {sub.name} has weights only in a pickle format ({pickles[0].name}), which can run "
+                "code when loaded; convert them to safetensors, or pass --allow-pickle (allow_pickle=True) if you "
+                "trust where the model came from")
 
 
 def verify_files(folder: Path, files: dict[str, str], what: str) -> None:
