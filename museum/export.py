@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from museum.base.loading import resolve_base
 from museum.methods.kv import KV_PATTERN
 from museum.store.atomic import atomic_dir
+from museum.store.faults import fault_point
 
 LOAD_SNIPPET = """from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("{base}")
@@ -61,6 +62,7 @@ def export_concepts(museum, names: list[str], out: Path) -> Path:
     museum.pipe  # loads and verifies every concept
     deltas = museum.deltas_for(entries)
     loads, museum_concepts, loaders = [], [], {}
+    fault_point("export.begin")
     with atomic_dir(out) as tmp:
         for e in entries:
             info = museum.concept_info(e)
@@ -76,6 +78,7 @@ def export_concepts(museum, names: list[str], out: Path) -> Path:
                 loaders[loader] = None
             else:
                 loads.append(f'pipe.load_textual_inversion("{out / file}", token="{e.token}")')
+        fault_point("export.partial")
         lora_rank = None
         if deltas:
             state, lora_rank = deltas_to_lora(deltas)

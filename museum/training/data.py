@@ -23,6 +23,7 @@ from museum.errors import ImageFolderError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 MIN_SIDE = 8
 MAX_PIXELS = 64_000_000  # decompression-bomb guard (PIL's own default warns at ~89M)
+MAX_FILE_BYTES = 256 * 2**20  # no concept photo is this large; refuse before reading it into memory
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -76,9 +77,14 @@ def read_image_folder(folder: str | Path) -> tuple[list[Image.Image], list[str]]
             raise ImageFolderError(f"{p}: not an image file (expected {', '.join(sorted(IMAGE_SUFFIXES))}); "
                                    "remove it from the concept folder")
         try:
-            p.resolve(strict=True)
+            real = p.resolve(strict=True)
         except (OSError, RuntimeError) as err:
             raise ImageFolderError(f"{p}: cannot be resolved ({err}); is it a broken link or a link loop?") from None
+        if not real.is_file():  # a link to a device (/dev/zero), a pipe or a socket would hang or never end
+            raise ImageFolderError(f"{p}: not a regular file ({real}); put image files in the concept folder")
+        if real.stat().st_size > MAX_FILE_BYTES:
+            raise ImageFolderError(f"{p}: {real.stat().st_size:,} bytes is too large for a concept image "
+                                   f"(limit {MAX_FILE_BYTES:,}); downscale or recompress it first")
         files.append(p)
     if not files:
         raise ImageFolderError(f"image folder {folder} has no images (png, jpg, webp); put 3-10 images of the concept in it")

@@ -9,7 +9,15 @@ plus whatever terms the method adds (prior preservation, regularisers, distillat
 Latents of the augmented images are encoded once; the text conditioning is recomputed
 each step only when the concept token is being trained. One ``Accelerator`` per process is
 reused across tasks (ECOSYSTEM.md pitfall 6). Checkpoints (safetensors + JSON, no pickle)
-are written every ``checkpoint_every`` steps; ``resume=True`` continues from the latest.
+are written every ``checkpoint_every`` steps; ``resume=True`` continues from the latest
+checkpoint, and only if it was made by the same run (method, settings, images, earlier
+concepts: ``Checkpointer.fingerprint``).
+
+Training stops with ``TrainingDivergedError`` (nothing saved) when the loss becomes NaN/Inf,
+when the denoising loss rises far above the starting model's (measured on a few batches of
+the concept's images before the first step), or when a trained tensor grows far beyond the
+model's scale or stops being finite: a learning rate that diverges is caught even where the
+loss stays finite (a huge token embedding is normalised away by the text encoder).
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from museum.methods import kv, tokens
 from museum.methods.base import ConceptInfo, Method, TrainContext
 from museum.training.data import encode_variants
 from museum.training.objectives import concept_prompt, denoising_loss, diffusion_target, encode_prompts
-from museum.errors import TrainingDivergedError
+from museum.errors import MuseumError, TrainingDivergedError
+from museum.store.faults import fault_point
 
 _ACCELERATOR: Optional[Accelerator] = None
 
@@ -58,6 +67,7 @@ class Checkpointer:
     folder: Optional[Path]
     every: int = 100
     keep: int = 2
+    fingerprint: dict = field(default_factory=dict)  # what the run depends on; resume refuses a mismatch
 
     def latest(self) -> Optional[Path]:
         if self.folder is None or not self.folder.is_dir():
@@ -78,14 +88,30 @@ class Checkpointer:
                     moments[f"{i}.{key}"] = st[key].detach().cpu().contiguous()
             if "step" in st:
                 moments[f"{i}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
+        fault_point("checkpoint.begin")
         with atomic_dir(self.folder / f"checkpoint-{step}") as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+            fault_point("checkpoint.partial")
             save_file(moments or {"none": torch.zeros(1)}, tmp / "optimizer.safetensors")
-            (tmp / "step.json").write_text(json.dumps({"step": step}))
+            (tmp / "step.json").write_text(json.dumps({"step": step, "fingerprint": self.fingerprint}))
         for old in sorted(self.folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-self.keep]:
             import shutil
 
             shutil.rmtree(old, ignore_errors=True)
+        fault_point("checkpoint.done")
+
+    def check(self, path: Path) -> None:
+        """Refuse to resume from a checkpoint another run (other settings, images or earlier concepts) made."""
+        try:
+            saved = json.loads((path / "step.json").read_text()).get("fingerprint", {})
+        except (OSError, ValueError) as err:
+            raise MuseumError(f"checkpoint {path} is unreadable ({err}); delete {self.folder} and learn without "
+                              "--resume") from None
+        changed = sorted(k for k in set(saved) | set(self.fingerprint)
+                         if json.dumps(saved.get(k), sort_keys=True) != json.dumps(self.fingerprint.get(k), sort_keys=True))
+        if changed:
+            raise MuseumError(f"cannot resume: the checkpoint in {self.folder} was made with different "
+                              f"{', '.join(changed)}; rerun with the same settings, or without --resume to start over")
 
     def load(self, path: Path, optimizer: torch.optim.Optimizer, params: list) -> tuple[int, dict[str, torch.Tensor]]:
         trainable = load_file(path / "trainable.safetensors")
@@ -156,12 +182,16 @@ def train_concept(
     start = 0
     latest = checkpoints.latest() if resume else None
     if latest is not None:
+        checkpoints.check(latest)
         start, trainable = checkpoints.load(latest, optimizer, params)
         method.load_trainable_state(ctx, trainable)
         with torch.no_grad():
             embedding.weight[token_id] = trainable["token"].to(embedding.weight.dtype)
     fixed_text = None if trains_token else encode_prompts(pipe, [prompt]).detach()
 
+    watch = _DivergenceWatch(pipe, params, embedding, token_id if trains_token else None, method, concept)
+    watch.measure_baseline(pipe, latents, noise_scheduler, prompt, fixed_text, cfg.batch_size, cfg.seed)
+    fault_point("train.start")
     losses: list[float] = []
     bar = _progress(range(start, cfg.steps), progress, f"learning {concept.name} ({method.name})")
     try:
@@ -189,6 +219,8 @@ def train_concept(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            watch.check(step + 1, float(loss_diff.detach()))
+            fault_point("train.step")
             if progress and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if on_step is not None:
@@ -198,6 +230,9 @@ def train_concept(
                 trainable["token"] = embedding.weight[token_id].detach().clone()
                 checkpoints.save(step + 1, trainable, optimizer, params)
         concept_tensors, new_state = method.finish(ctx)
+        concept_tensors = {**concept_tensors, concept.token: tokens.token_vector(pipe, concept.token)[None]}
+        watch.check_result(concept_tensors, new_state)
+        fault_point("train.finished")
     finally:
         method.teardown(ctx)
         if hook is not None:
@@ -208,8 +243,84 @@ def train_concept(
             for name, module in kv.kv_modules(unet).items():
                 module.weight.copy_(w0[name])
         unet.requires_grad_(False)
-    concept_tensors = {**concept_tensors, concept.token: tokens.token_vector(pipe, concept.token)[None]}
     return LearnResult(concept_tensors, new_state, cfg.steps, time.time() - t_start, losses)
+
+
+class _DivergenceWatch:
+    """Stops a run whose loss or trained tensors blow up (see the module docstring)."""
+
+    LOSS_GROWTH = 5.0  # mean denoising loss of the last WINDOW steps vs the starting model's
+    WINDOW = 10
+    BASELINE_BATCHES = 8
+    SIZE_GROWTH = 100.0  # RMS of a trained tensor vs the model's own scale
+
+    def __init__(self, pipe, params, embedding, token_id, method, concept):
+        self.method, self.concept = method, concept
+        self.losses: list[float] = []  # the denoising loss (method terms may rightly grow from 0)
+        self.baseline = None
+        self.embedding, self.token_id = embedding, token_id
+        with torch.no_grad():
+            rows = embedding.weight.detach().float()
+            keep = torch.ones(len(rows), dtype=torch.bool)
+            if token_id is not None:
+                keep[token_id] = False
+            self.token_limit = self.SIZE_GROWTH * float(rows[keep].pow(2).mean(1).sqrt().max())
+            kv_scale = float(torch.cat([w.float().flatten() for w in kv.kv_weights(pipe.unet).values()])
+                             .pow(2).mean().sqrt())
+            self.limits = [(p, self.SIZE_GROWTH * max(_rms(p), kv_scale)) for p in params if p is not embedding.weight]
+
+    def _fail(self, what: str, step: int | None = None) -> None:
+        cfg = self.method.config
+        at = f" at step {step}" if step is not None else ""
+        raise TrainingDivergedError(
+            f"training diverged{at} while learning {self.concept.name!r} with {self.method.name}: {what}; nothing was "
+            f"saved. Lower the learning rate (lr={cfg.lr}, token_lr={cfg.token_lr}) and try again")
+
+    @torch.no_grad()
+    def measure_baseline(self, pipe, latents, noise_scheduler, prompt, fixed_text, batch_size: int, seed: int) -> None:
+        """The starting model's denoising loss on the concept's images (own generator: training is unchanged)."""
+        unet = pipe.unet
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + 999_983)
+        text = (fixed_text if fixed_text is not None else encode_prompts(pipe, [prompt])).expand(batch_size, -1, -1)
+        values = []
+        for _ in range(self.BASELINE_BATCHES):
+            idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
+            x0, mask = latents.sample(idx, gen)
+            x0, mask = x0.to(unet.device, unet.dtype), mask.to(unet.device)
+            noise = torch.randn(x0.shape, generator=gen).to(x0)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen).to(unet.device)
+            pred = unet(noise_scheduler.add_noise(x0, noise, t), t, text).sample
+            values.append(float(denoising_loss(pred, diffusion_target(noise_scheduler, x0, noise, t), mask)))
+        self.baseline = sum(values) / len(values)
+
+    @torch.no_grad()
+    def check(self, step: int, loss_diff: float) -> None:
+        losses, w = self.losses, self.WINDOW
+        losses.append(loss_diff)
+        if self.baseline is not None and len(losses) >= w:
+            last = sum(losses[-w:]) / w
+            if last > self.LOSS_GROWTH * self.baseline:
+                self._fail(f"the denoising loss rose to {last:.3g} over the last {w} steps, from the starting "
+                           f"model's {self.baseline:.3g}", step)
+        if self.token_id is not None:
+            size = _rms(self.embedding.weight[self.token_id])
+            if not size <= self.token_limit:  # also catches NaN
+                self._fail(f"the token embedding grew to RMS {size:.3g} (the vocabulary's largest is "
+                           f"{self.token_limit / self.SIZE_GROWTH:.3g})", step)
+        for p, limit in self.limits:
+            size = _rms(p)
+            if not size <= limit:
+                self._fail(f"a trained tensor of shape {tuple(p.shape)} grew to RMS {size:.3g} "
+                           f"(limit {limit:.3g}, {self.SIZE_GROWTH:.0f}x the model's scale)", step)
+
+    def check_result(self, tensors: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+        for name, t in {**tensors, **state}.items():
+            if not torch.isfinite(t).all():
+                self._fail(f"the learned tensor {name} has NaN/Inf values")
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0
 
 
 def _progress(iterable, enabled: bool, desc: str):
