@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,6 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Museum: teach a text-to-image model concept after concept, and forget none.")
 
 EXIT_USAGE = 2
+ALLOW_PICKLE_HELP = "load a base model whose weights are only in pickle files (.bin/.ckpt; they can run code)"
 
 
 class UsageError(Exception):
@@ -69,6 +72,7 @@ def generate(
     gate_bias: Optional[float] = typer.Option(None, help="Perfusion gate bias beta (default: each concept's, 0.7)"),
     gate_temp: Optional[float] = typer.Option(None, help="Perfusion gate temperature tau (default 0.15)"),
     strength: List[str] = typer.Option([], help="Perfusion per-concept strength, NAME=X (repeatable)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Draw images of PROMPT (with a museum's concepts when DIR is given) into one grid."""
     if len(args) > 2:
@@ -93,24 +97,31 @@ def generate(
         from museum.museum import Museum
 
         with perfusion.gate(beta=gate_bias, tau=gate_temp, strength=strengths or None):
-            images = Museum.open(folder).generate(prompt, n=n, seed=seed, steps=steps, guidance=guidance)
+            images = Museum.open(folder, allow_pickle=allow_pickle).generate(prompt, n=n, seed=seed, steps=steps,
+                                                                             guidance=guidance)
     else:
-        from museum.base.loading import load_pipeline
+        from museum.base.loading import load_pipeline, resolve_base
+        from museum.museum import warn_if_truncated
+        from museum.store.manifest import check_pipeline_files
 
-        images = generate_images(load_pipeline(base), [prompt] * n, seeds=[seed + k for k in range(n)],
-                                 steps=steps, guidance=guidance)
+        check_pipeline_files(resolve_base(base), allow_pickle=allow_pickle)
+        pipe = load_pipeline(base)
+        warn_if_truncated(pipe.tokenizer, [prompt])
+        images = generate_images(pipe, [prompt] * n, seeds=[seed + k for k in range(n)], steps=steps,
+                                 guidance=guidance)
     image_grid(images, cols=min(n, 8)).save(out)
     typer.echo(f"wrote {n} image(s) of {prompt!r} to {out}")
 
 
 @app.command()
 def init(folder: Path = typer.Argument(..., metavar="DIR"),
-         base: str = typer.Option("embedded", help="'embedded' or a diffusers pipeline folder")) -> None:
+         base: str = typer.Option("embedded", help="'embedded' or a diffusers pipeline folder"),
+         allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP)) -> None:
     """Create an empty museum on a base model."""
     _quiet()
     from museum.museum import Museum
 
-    m = Museum.init(folder, base=base)
+    m = Museum.init(folder, base=base, allow_pickle=allow_pickle)
     typer.echo(f"created museum {folder} on base model {m.manifest.base_path} ({m.manifest.base_hash})")
 
 
@@ -127,14 +138,17 @@ def learn(
     wait: bool = typer.Option(False, "--wait", help="wait for another writer instead of failing"),
     seed: Optional[int] = typer.Option(None),
     checkpoint_every: Optional[int] = typer.Option(None, help="save a checkpoint every N steps (for --resume)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Learn a new concept and add it to the museum."""
     if steps is not None and steps < 1:
         fail(f"--steps must be at least 1 (got {steps})")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        fail(f"--checkpoint-every must be at least 1 (got {checkpoint_every})")
     _quiet()
     from museum.museum import Museum
 
-    m = Museum.open(folder)
+    m = Museum.open(folder, allow_pickle=allow_pickle)
     c = m.learn(name, images, method=method, class_word=class_word, style=style, steps=steps, resume=resume,
                 wait=wait, seed=seed, checkpoint_every=checkpoint_every)
     typer.echo(f"learned {c.name} with {c.method} in {c.info['train_seconds']:.0f}s ({c.info['steps']} steps); "
@@ -148,13 +162,26 @@ def list_concepts(folder: Path = typer.Argument(..., metavar="DIR")) -> None:
     from rich.table import Table
 
     from museum.museum import Museum
+    from museum.store.manifest import Manifest, verify_files
 
-    m = Museum.open(folder)
+    for attempt in range(5):  # checksums only (cheap): a damaged concept is listed, and named after the table
+        m = Museum.open(folder)
+        damaged = []
+        for c in m.concepts:
+            try:
+                verify_files(c.path, c.files, f"concept {c.name!r}")
+            except MuseumUserError as err:
+                damaged.append(err)
+        if not damaged or Manifest.read(folder).to_json() == m.manifest.to_json():
+            break  # (otherwise a writer committed meanwhile: list the new state)
     table = Table(title=f"{folder} (base {m.manifest.base_path})")
     for col in ("#", "name", "use as", "method", "class", "steps", "seconds", "bytes"):
         table.add_column(col)
     for c in m.concepts:
-        size = sum(p.stat().st_size for p in c.path.glob("*.safetensors"))
+        try:
+            size = sum(p.stat().st_size for p in c.path.glob("*.safetensors"))
+        except OSError:  # removed by a writer this moment
+            size = 0
         table.add_row(str(c.task_index), c.name, c.phrase, c.method, c.class_word, str(c.info.get("steps", "")),
                       f"{c.info.get('train_seconds', 0):.0f}", f"{size:,}")
     console = Console()
@@ -163,6 +190,8 @@ def list_concepts(folder: Path = typer.Argument(..., metavar="DIR")) -> None:
     console.print(table)
     if not m.concepts:
         typer.echo("no concepts yet: `museum learn DIR NAME --images FOLDER --class-word WORD`")
+    for err in damaged:
+        typer.echo(f"warning: {err}", err=True)
 
 
 @app.command()
@@ -178,27 +207,29 @@ def remove(folder: Path = typer.Argument(..., metavar="DIR"), name: str = typer.
 @app.command()
 def export(folder: Path = typer.Argument(..., metavar="DIR"), names: List[str] = typer.Argument(..., metavar="NAME..."),
            out: Path = typer.Option(..., help="output folder"),
-           format: str = typer.Option("diffusers", help="only 'diffusers' (textual inversion + LoRA files)")) -> None:
+           format: str = typer.Option("diffusers", help="only 'diffusers' (textual inversion + LoRA files)"),
+           allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP)) -> None:
     """Write concepts in files plain diffusers loads (several names: composed as Museum composes them)."""
     if format != "diffusers":
         fail(f"unknown --format {format!r}; supported: diffusers")
     _quiet()
     from museum.museum import Museum
 
-    path = Museum.open(folder).export(names, out)
+    path = Museum.open(folder, allow_pickle=allow_pickle).export(names, out)
     typer.echo(f"exported {', '.join(names)} to {path}; see {path / 'museum_export.json'} for the 3 lines that load it")
 
 
 @app.command()
 def merge(folder: Path = typer.Argument(..., metavar="DIR"), names: List[str] = typer.Argument(..., metavar="NAME..."),
-          out: Path = typer.Option(..., help="output folder")) -> None:
+          out: Path = typer.Option(..., help="output folder"),
+          allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP)) -> None:
     """Merge several concepts into one set of weights (Custom Diffusion's closed form for its concepts) and export it."""
     if len(names) < 2:
         fail("merge needs at least two concept names")
     _quiet()
     from museum.museum import Museum
 
-    path = Museum.open(folder).export(names, out)
+    path = Museum.open(folder, allow_pickle=allow_pickle).export(names, out)
     typer.echo(f"merged {', '.join(names)} into {path}")
 
 
@@ -273,12 +304,28 @@ def report(folder: Path = typer.Argument(..., metavar="DIR", help="a `museum ben
     typer.echo(f"report: {page}\nopen it with: python -m webbrowser -t {page.resolve().as_uri()}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+#: system errors a user fixes (a full disk, a read-only folder): one error line, not a traceback
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time chatter before an error line
+    warnings.showwarning = _show_warning  # Museum's warnings (e.g. a truncated prompt) as one line each
     try:
         app(standalone_mode=False)
     except (UsageError, MuseumUserError) as err:
         typer.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    except OSError as err:
+        if err.errno not in USER_ERRNOS:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        typer.echo(f"error: {err.strerror}{where}; nothing was committed, the museum is as it was "
+                   "(free some space or fix the permissions, then run the command again)", err=True)
         sys.exit(EXIT_USAGE)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)

@@ -6,7 +6,10 @@
     m.concepts                                          # learned concepts, in order
 
 Every change is committed by one atomic rename of ``museum.json`` under a writer lock; a
-crash at any point leaves the previous museum intact.
+crash at any point leaves the previous museum intact (docs/RELIABILITY.md). Readers take no
+lock: a reader that meets a concept a concurrent writer just removed re-reads the manifest.
+Every tensor is checked on load: its checksum, that it is finite, and that its shape fits
+the base model.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from safetensors.torch import load_file, save_file
 from museum.base.loading import EMBEDDED, base_hash, load_pipeline, resolve_base
 from museum.generation.sampling import generate_images, image_grid
 from museum.methods import kv, tokens
-from museum.methods.base import ConceptInfo, Method, get_method
+from museum.errors import MuseumUserError, TrainingDivergedError
+from museum.methods.base import ConceptInfo, Method, get_method, method_names
 from museum.store.atomic import atomic_dir, atomic_write_bytes, remove_leftovers
+from museum.store.faults import fault_point
 from museum.store.lock import writer_lock
 from museum.store.manifest import (
-    MANIFEST, ConceptEntry, Manifest, MuseumError, check_name, sha256_file, verify_files,
+    MANIFEST, ConceptEntry, Manifest, MuseumError, check_name, check_pipeline_files, sha256_file, verify_files,
 )
 from museum.training.data import read_image_folder
 from museum.training.objectives import concept_prompt
@@ -58,9 +63,10 @@ class Concept(ConceptEntry):
 class Museum:
     """A museum of learned concepts on one base model."""
 
-    def __init__(self, folder: str | Path, manifest: Manifest):
+    def __init__(self, folder: str | Path, manifest: Manifest, *, allow_pickle: bool = False):
         self.folder = Path(folder)
         self.manifest = manifest
+        self.allow_pickle = allow_pickle  # let a base model with pickle-only weights load (they can run code)
         self._pipe = None
         self._loaded_state: dict[str, dict[str, torch.Tensor]] = {}
         self._concept_tensors: dict[str, dict[str, torch.Tensor]] = {}
@@ -68,32 +74,34 @@ class Museum:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def init(cls, folder: str | Path, base: str | Path = EMBEDDED) -> "Museum":
+    def init(cls, folder: str | Path, base: str | Path = EMBEDDED, *, allow_pickle: bool = False) -> "Museum":
         folder = Path(folder)
         if (folder / MANIFEST).exists():
             raise MuseumError(f"{folder} is already a museum; open it with Museum.open or choose another folder")
         if folder.exists() and any(p for p in folder.iterdir() if not p.name.startswith(".")):
             raise MuseumError(f"{folder} exists and is not empty; choose a new folder for the museum")
-        resolve_base(base)
+        check_pipeline_files(resolve_base(base), allow_pickle=allow_pickle)
         folder.mkdir(parents=True, exist_ok=True)
         base_str = EMBEDDED if str(base) == EMBEDDED else str(Path(base).resolve())
         manifest = Manifest(base_path=base_str, base_hash=base_hash(base))
         with writer_lock(folder):
             manifest.write(folder)
-        return cls(folder, manifest)
+        return cls(folder, manifest, allow_pickle=allow_pickle)
 
     @classmethod
-    def open(cls, folder: str | Path) -> "Museum":
+    def open(cls, folder: str | Path, *, allow_pickle: bool = False) -> "Museum":
         folder = Path(folder)
-        return cls(folder, Manifest.read(folder))
+        return cls(folder, Manifest.read(folder), allow_pickle=allow_pickle)
 
     # ------------------------------------------------------------------ listing
     @property
     def concepts(self) -> list[Concept]:
         out = []
         for c in self.manifest.concepts:
-            info_path = self.folder / c.folder / "concept.json"
-            info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+            try:  # listing never fails on a damaged concept; loading it does (checksums)
+                info = json.loads((self.folder / c.folder / "concept.json").read_text())
+            except (OSError, ValueError):
+                info = {}
             out.append(Concept(**vars(c), path=self.folder / c.folder, info=info))
         return out
 
@@ -113,29 +121,56 @@ class Museum:
         try:
             actual = base_hash(self.manifest.base_path)
         except ValueError as err:
-            raise MuseumError(f"this museum's base model is unavailable: {err}") from None
+            raise MuseumError(f"this museum's base model is unavailable: {err}. Put the model back, or if it moved, "
+                              f"set base.path in {self.folder / MANIFEST} to its new folder (its hash is checked)") from None
         if actual != self.manifest.base_hash:
             raise MuseumError(
                 f"this museum was made for base model {self.manifest.base_path} (hash {self.manifest.base_hash}) "
                 f"but the model found there has hash {actual}; its concepts cannot load on another base model")
+        check_pipeline_files(resolve_base(self.manifest.base_path), allow_pickle=self.allow_pickle)
+        unknown = sorted({c.method for c in self.manifest.concepts} - set(method_names()))
+        if unknown:
+            raise MuseumError(f"this museum has concepts learned with method(s) {', '.join(unknown)}, which this "
+                              f"version of museum does not have; upgrade museum to use them")
         pipe = load_pipeline(self.manifest.base_path)
-        self._concept_tensors, self._concept_records = {}, {}
+        shapes = _model_shapes(pipe)
+        for attempt in range(5):
+            try:
+                tensors, records, state = {}, {}, {}
+                for entry in self.manifest.concepts:
+                    tensors[entry.name] = self._read_concept_tensors(entry, shapes)
+                    records[entry.name] = json.loads((self.folder / entry.folder / "concept.json").read_text())
+                for method in self.manifest.state:
+                    state[method] = self._read_state(method, shapes)
+                break
+            except (MuseumError, OSError):
+                # a writer may have committed (and removed files) since this manifest was read: read it again
+                fresh = Manifest.read(self.folder)
+                if fresh.to_json() == self.manifest.to_json() or attempt == 4:
+                    raise
+                self.manifest = fresh
         for entry in self.manifest.concepts:
-            tensors = self._read_concept_tensors(entry)
-            tokens.add_token(pipe, entry.token, tensors[entry.token][0])
-            self._concept_tensors[entry.name] = tensors
-            self._concept_records[entry.name] = json.loads((self.folder / entry.folder / "concept.json").read_text())
+            tokens.add_token(pipe, entry.token, tensors[entry.name][entry.token][0])
+        self._concept_tensors, self._concept_records, self._loaded_state = tensors, records, state
         return pipe
 
-    def _read_concept_tensors(self, entry: ConceptEntry) -> dict[str, torch.Tensor]:
-        verify_files(self.folder / entry.folder, entry.files, f"concept {entry.name!r}")
-        tensors = load_file(self.folder / entry.folder / TENSORS)
+    def _read_concept_tensors(self, entry: ConceptEntry, shapes: dict | None = None) -> dict[str, torch.Tensor]:
+        what = f"concept {entry.name!r}"
+        verify_files(self.folder / entry.folder, entry.files, what)
+        if TENSORS not in entry.files:
+            raise MuseumError(f"{what}: {MANIFEST} lists no {TENSORS}; the manifest was edited or damaged")
+        tensors = _load_safetensors(self.folder / entry.folder / TENSORS, what)
         if entry.token not in tensors:
-            raise MuseumError(f"concept {entry.name!r}: {TENSORS} has no embedding for {entry.token}")
-        width = self._text_width()
-        if tensors[entry.token].shape[-1] != width:
-            raise MuseumError(f"concept {entry.name!r}: its token embedding has width {tensors[entry.token].shape[-1]}, "
-                              f"the base model's text encoder {width}; it was made for another base model")
+            raise MuseumError(f"{what}: {TENSORS} has no embedding for {entry.token}")
+        _check_tensors(tensors, shapes or _model_shapes(self.pipe), what, token=entry.token)
+        return tensors
+
+    def _read_state(self, method: str, shapes: dict) -> dict[str, torch.Tensor]:
+        record = self.manifest.state[method]
+        what = f"state of method {method!r}"
+        verify_files(self.folder, {record["file"]: record["sha256"]}, what)
+        tensors = _load_safetensors(self.folder / record["file"], what)
+        _check_tensors(tensors, shapes, what)
         return tensors
 
     def _text_width(self) -> int:
@@ -147,8 +182,7 @@ class Museum:
         if record is None:
             return {}
         if method not in self._loaded_state:
-            verify_files(self.folder, {record["file"]: record["sha256"]}, f"state of method {method!r}")
-            self._loaded_state[method] = load_file(self.folder / record["file"])
+            self._loaded_state[method] = self._read_state(method, _model_shapes(self.pipe))
         return self._loaded_state[method]
 
     def concept_info(self, entry: ConceptEntry) -> ConceptInfo:
@@ -168,6 +202,8 @@ class Museum:
         written every ``checkpoint_every`` steps (default: a quarter of the run, at least 25);
         ``resume=True`` continues from the latest one."""
         check_name(name)
+        if method not in method_names():
+            raise MuseumError(f"unknown method {method!r}; available methods: {', '.join(method_names())}")
         if style and class_word not in (None, "style"):
             raise MuseumError("a style has no class word: pass either --style or --class-word, not both")
         if not style and not class_word:
@@ -187,6 +223,10 @@ class Museum:
             remove_leftovers(self.folder / "concepts")
             remove_leftovers(self.folder / "state")
             remove_leftovers(self.folder)
+            work = self.folder / "work" / name
+            for stale in (self.folder / "work").glob("*"):  # left by a crash after its concept was committed
+                if stale.name in self.manifest.names():
+                    shutil.rmtree(stale, ignore_errors=True)
             if name in self.manifest.names():
                 raise MuseumError(f"the museum already has a concept {name!r}; choose another name or "
                                   f"`museum remove` it first")
@@ -196,22 +236,38 @@ class Museum:
             task_index = len(self.manifest.concepts)
             info = ConceptInfo(name, token, class_word, style, task_index, m.name)
             earlier = [self.concept_info(e) for e in self.manifest.concepts]
-            work = self.folder / "work" / name
+            if work.is_dir():
+                remove_leftovers(work)
+                if not resume:
+                    if any(work.glob("checkpoint-*")):
+                        warnings.warn(f"discarding the checkpoints of an interrupted run of {name!r} in {work}; "
+                                      "pass --resume (resume=True) to continue such a run instead")
+                    shutil.rmtree(work, ignore_errors=True)
+            # what the run depends on: a checkpoint made with anything else is not resumed
+            fingerprint = {"method": m.name, "config": m.config.to_dict(), "images": image_hashes,
+                           "base": self.manifest.base_hash, "class_word": class_word, "style": style,
+                           "earlier": [[c.name, c.files.get(TENSORS)] for c in self.manifest.concepts],
+                           "state": (self.manifest.state.get(m.name) or {}).get("sha256")}
+            checkpoints = Checkpointer(work, every=checkpoint_every or max(25, m.config.steps // 4),
+                                       fingerprint=fingerprint)
             try:
                 result = train_concept(
                     self.pipe, m, info, pil_images, state=self.method_state(m.name), earlier=earlier,
-                    cache_dir=self.folder / "cache", checkpoints=Checkpointer(work, every=checkpoint_every or max(25, m.config.steps // 4)),
-                    resume=resume, progress=progress,
+                    cache_dir=self.folder / "cache", checkpoints=checkpoints, resume=resume, progress=progress,
                 )
                 self._commit_concept(m, info, result, image_hashes)
-            except BaseException:
+            except BaseException as err:
                 self._pipe = None  # the pipeline holds the uncommitted token: reload from disk next time
                 self._loaded_state = {}
+                if isinstance(err, TrainingDivergedError):  # resuming would diverge again: leave nothing behind
+                    shutil.rmtree(work, ignore_errors=True)
                 raise
             shutil.rmtree(work, ignore_errors=True)
+            fault_point("learn.done")
         return self.concept(name)
 
     def _commit_concept(self, m: Method, info: ConceptInfo, result, image_hashes: list[str]) -> None:
+        fault_point("commit.begin")
         entry = ConceptEntry(info.name, info.token, m.name, info.task_index, info.class_word, info.is_style,
                              folder=f"concepts/{info.task_index:03d}-{info.name}")
         info.tensors = result.tensors
@@ -229,11 +285,14 @@ class Museum:
         pending = [*self.manifest.concepts, entry]
         prompt = concept_prompt(m, info)
         sample = image_grid(self._generate([prompt] * 4, list(range(4)), entries=pending), cols=4, scale=2)
+        fault_point("commit.sampled")
         with atomic_dir(self.folder / entry.folder) as tmp:
             save_file({k: v.contiguous() for k, v in result.tensors.items()}, tmp / TENSORS)
+            fault_point("commit.partial")
             (tmp / "concept.json").write_text(json.dumps(record, indent=2))
             sample.save(tmp / "sample.png")
             entry.files = {f: sha256_file(tmp / f) for f in (TENSORS, "concept.json", "sample.png")}
+        fault_point("commit.folder")
         state = dict(self.manifest.state)
         if result.state:
             state_file = f"state/{m.name}-{info.task_index:03d}.safetensors"
@@ -243,10 +302,13 @@ class Museum:
             atomic_write_bytes(self.folder / state_file,
                                save_bytes({k: v.contiguous() for k, v in result.state.items()}))
             state[m.name] = {"file": state_file, "sha256": sha256_file(self.folder / state_file)}
+            fault_point("commit.state")
         new = Manifest(self.manifest.base_path, self.manifest.base_hash, pending, state)
         new.write(self.folder)  # the commit point
+        fault_point("commit.manifest")
         self.manifest = new
         self._remove_unreferenced()
+        fault_point("commit.cleaned")
 
     def _remove_unreferenced(self) -> None:
         keep_dirs = {self.folder / c.folder for c in self.manifest.concepts}
@@ -262,6 +324,8 @@ class Museum:
         """Forget a concept. Refused for methods whose shared state cannot drop one concept."""
         with writer_lock(self.folder, wait=wait):
             self.manifest = Manifest.read(self.folder)
+            for leftover in (self.folder, self.folder / "concepts", self.folder / "state"):
+                remove_leftovers(leftover)  # what a killed writer left
             entry = self.manifest.concept(name)
             cls = type(get_method(entry.method))
             if not cls.removable:
@@ -271,6 +335,7 @@ class Museum:
             if not any(c.method == entry.method for c in new.concepts):
                 new.state.pop(entry.method, None)
             new.write(self.folder)
+            fault_point("commit.remove")
             self.manifest = new
             self._remove_unreferenced()
         self._pipe = None
@@ -308,8 +373,15 @@ class Museum:
     def activated(self, active: list[ConceptEntry]) -> Iterator[None]:
         """The pipeline with every method's effect for a prompt naming ``active`` installed (and removed after)."""
         with ExitStack() as stack:
-            for m, infos, act, state in self._involved_methods(active):
-                stack.enter_context(m.activate(self.pipe, infos, act, state))
+            try:
+                for m, infos, act, state in self._involved_methods(active):
+                    stack.enter_context(m.activate(self.pipe, infos, act, state))
+            except MuseumUserError:
+                raise
+            except (ValueError, RuntimeError, KeyError, IndexError) as err:
+                names = ", ".join(e.name for e in active)
+                raise MuseumError(f"concept(s) {names} could not be applied to the base model ({err}); their tensors "
+                                  "do not fit it: restore them from a backup, or `museum remove` them") from None
             yield
 
     def generate(self, prompt: str | Sequence[str], *, n: int = 4, seed: int = 0, steps: int = 25,
@@ -343,11 +415,7 @@ class Museum:
             self.manifest = saved
 
     def _warn_if_truncated(self, prompts: list[str]) -> None:
-        limit = self.pipe.tokenizer.model_max_length
-        for p in set(prompts):
-            n = len(self.pipe.tokenizer(p).input_ids)
-            if n > limit:
-                warnings.warn(f"prompt has {n} tokens, more than the model's {limit}; it is truncated: {p[:60]}...")
+        warn_if_truncated(self.pipe.tokenizer, prompts, [c.token for c in self.manifest.concepts])
 
     # ------------------------------------------------------------------ export
     def export(self, names: str | Sequence[str], out: str | Path) -> Path:
@@ -355,6 +423,82 @@ class Museum:
         from museum.export import export_concepts
 
         return export_concepts(self, [names] if isinstance(names, str) else list(names), Path(out))
+
+
+def warn_if_truncated(tokenizer, prompts: Sequence[str], concept_tokens: Sequence[str] = ()) -> None:
+    """Warn about prompts longer than the text encoder's limit (they are truncated), naming concepts cut off."""
+    limit = tokenizer.model_max_length
+    for p in dict.fromkeys(prompts):
+        ids = tokenizer(p).input_ids
+        if len(ids) <= limit:
+            continue
+        kept = set(tokenizer.convert_ids_to_tokens(ids[:limit - 1]))
+        lost = [t for t in concept_tokens if t in p and t not in kept]
+        extra = f"; {', '.join(lost)} fall(s) after the limit and will not be drawn" if lost else ""
+        warnings.warn(f"prompt has {len(ids)} tokens, more than the model's {limit}; it is truncated to the first "
+                      f"{limit}{extra}: {p[:60]}...", stacklevel=3)
+
+
+def _model_shapes(pipe) -> dict:
+    """What a concept's tensors must fit: text width and the (out, in) of every cross-attention K/V projection."""
+    return {"width": pipe.text_encoder.get_input_embeddings().weight.shape[1],
+            "kv": {name: tuple(mod.weight.shape) for name, mod in kv.kv_modules(pipe.unet).items()}}
+
+
+def _load_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error types for malformed files
+        raise MuseumError(f"{what}: {path} is not a valid safetensors file ({err}); restore it from a backup, "
+                          "or `museum remove` the concept") from None
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], shapes: dict, what: str, token: str | None = None) -> None:
+    """Every tensor finite, and every tensor that names a K/V layer (LoRA factors, dense deltas, per-layer
+    vectors) shaped for that layer of this base model; the token embedding as wide as the text encoder."""
+    width, kv_shapes = shapes["width"], shapes["kv"]
+    layers = {name.rsplit(".", 1)[0]: name for name in kv_shapes}  # ...attn2 -> ...attn2.to_k
+
+    def bad(key, tensor, expected):
+        return MuseumError(f"{what}: tensor {key} has shape {tuple(tensor.shape)}, but this base model needs "
+                           f"{expected}; it was made for another base model (restore it from a backup, or "
+                           "`museum remove` the concept)")
+
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise MuseumError(f"{what}: tensor {key} has NaN/Inf values; restore it from a backup, or "
+                              "`museum remove` the concept")
+        if key == token:
+            if t.dim() != 2 or t.shape[0] != 1 or t.shape[1] != width:
+                raise MuseumError(f"{what}: its token embedding has shape {tuple(t.shape)}, the base model's text "
+                                  f"encoder needs (1, {width}); it was made for another base model (restore it from a "
+                                  "backup, or `museum remove` the concept)")
+            continue
+        module = next((n for n in sorted(kv_shapes, key=len, reverse=True) if f"{n}." in f"{key}." or key.endswith(n)),
+                      None)
+        if module is not None:
+            out_f, in_f = kv_shapes[module]
+            if key.endswith(".lora_A") and (t.dim() != 2 or t.shape[1] != in_f):
+                raise bad(key, t, f"(rank, {in_f})")
+            if key.endswith(".lora_B") and (t.dim() != 2 or t.shape[0] != out_f):
+                raise bad(key, t, f"({out_f}, rank)")
+            if key.startswith("delta.") and tuple(t.shape) != (out_f, in_f):
+                raise bad(key, t, f"({out_f}, {in_f})")
+            continue
+        layer = next((n for n in sorted(layers, key=len, reverse=True) if key.endswith(f".{n}")), None)
+        if layer is not None:  # a per-layer vector, e.g. Perfusion's o*_K / o*_V
+            which = "to_k" if ".o_k." in key else "to_v" if ".o_v." in key else None
+            if which is not None and (t.dim() != 1 or t.shape[0] != kv_shapes[f"{layer}.{which}"][0]):
+                raise bad(key, t, f"({kv_shapes[f'{layer}.{which}'][0]},)")
+            continue
+        if "attn2" in key:
+            raise MuseumError(f"{what}: tensor {key} names a layer this base model does not have; it was made for "
+                              "another base model (restore it from a backup, or `museum remove` the concept)")
+    for key, t in tensors.items():  # LoRA factor pairs must agree on their rank
+        if key.endswith(".lora_A") and f"{key[:-7]}.lora_B" in tensors:
+            b = tensors[f"{key[:-7]}.lora_B"]
+            if b.dim() == 2 and t.dim() == 2 and b.shape[1] != t.shape[0]:
+                raise bad(f"{key[:-7]}.lora_B", b, f"({b.shape[0]}, {t.shape[0]}) to match its lora_A")
 
 
 def _image_hash(image: Image.Image) -> str:
