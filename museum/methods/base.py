@@ -5,7 +5,8 @@ the loop; a method only says
 
 * which parameters it adds and trains (:meth:`Method.setup`),
 * how a concept is named in a prompt (:meth:`Method.phrase`),
-* which loss terms it adds to the denoising loss (:meth:`Method.loss_terms`),
+* which loss terms it adds to the denoising loss (:meth:`Method.loss_terms`), optionally against
+  a frozen copy of the model from before the task (:meth:`Method.wants_teacher`),
 * what it stores per concept and across tasks (:meth:`Method.finish`),
 * how its stored tensors change the UNet at generation time (:meth:`Method.kv_deltas`).
 
@@ -94,6 +95,12 @@ class TrainContext:
     earlier: list[ConceptInfo]  # concepts learned before this one, by any method, with their tokens
     accelerator: Any
     cache_dir: Any  # a folder the method may cache derived data in (class images, covariances)
+    # set by the trainer before :meth:`Method.setup`:
+    latents: Any = None  # the task's images as cached latents (``museum.training.data.LatentSet``)
+    prompt: str = ""  # the training prompt, e.g. "<neon> style"
+    noise_scheduler: Any = None  # the DDPM scheduler training noises with
+    # set by the trainer right after :meth:`Method.setup` when :meth:`Method.wants_teacher` says so:
+    teacher: Any = None  # a frozen copy of the UNet as setup left it: the model before this task
 
 
 class Method:
@@ -123,12 +130,23 @@ class Method:
         """Install trainable parameters into ``ctx.pipe``; return optimizer param groups (token excluded)."""
         return []
 
+    def wants_teacher(self, ctx: TrainContext) -> bool:
+        """Whether this task needs ``ctx.teacher``, a frozen copy of the UNet taken right after
+        :meth:`setup` (before any step, and before a resumed run reloads its checkpoint): the model
+        before this task, for distillation (LwF, MuseumMaker). The text encoder is not copied: only
+        the new token's row trains, so earlier prompts encode the same for teacher and student."""
+        return False
+
     def loss_terms(self, ctx: TrainContext, batch: dict) -> dict[str, torch.Tensor]:
-        """Extra weighted loss terms added to the denoising loss (name -> scalar)."""
+        """Extra weighted loss terms added to the denoising loss (name -> scalar). The trainer logs
+        each term's value per step (``LearnResult.terms``); leave a term out when its weight is 0."""
         return {}
 
     def finish(self, ctx: TrainContext) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """After training: (tensors stored with the concept, the method's new shared state).
+        The end-of-task hook: the trained parameters are still installed and ``ctx.latents`` holds the
+        task's data, so a method may make passes over it here (e.g. EWC's Fisher estimate,
+        with ``museum.training.objectives.noisy_batch``).
         Must leave ``ctx.pipe.unet`` as it found it (the trainer checks)."""
         return {}, dict(ctx.state)
 

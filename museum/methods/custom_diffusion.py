@@ -21,13 +21,10 @@ inverses stable on small models.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
-from safetensors.torch import load_file
 
 from museum.methods import kv
 from museum.methods.base import ConceptInfo, Method, MethodConfig, TrainContext, register
@@ -89,29 +86,14 @@ class CustomDiffusion(Method):
 
     def _class_data(self, ctx: TrainContext) -> tuple[torch.Tensor, list[str]]:
         """Class images (as latents) from the base model, generated once per (class, count) and cached."""
-        from museum.world.render import base_samples, caption
+        from museum.training.prior import generated_latents, generic_captions
 
         n = self.config.num_class_images
         if ctx.concept.is_style:  # a style's "class" is generic content
-            prompts = [caption(s, drop=frozenset({"style"})) for s, _ in base_samples(n, seed=4242)]
+            prompts = generic_captions(n)
         else:
             prompts = [f"a {ctx.concept.class_word}"] * n
-        key = hashlib.sha256(repr((prompts, ctx.pipe.unet.config.sample_size)).encode()).hexdigest()[:12]
-        path = Path(ctx.cache_dir) / "class_images" / f"{ctx.concept.class_word}-{n}-{key}.safetensors" \
-            if ctx.cache_dir is not None else None
-        if path is not None and path.is_file():
-            return load_file(path)["latents"], prompts
-        from museum.generation.sampling import generate_images
-
-        latents = generate_images(ctx.pipe, prompts, seeds=list(range(n)), output_type="latent")
-        latents = torch.stack(latents).float().cpu()
-        if path is not None:
-            from museum.store.atomic import atomic_write_bytes
-            from safetensors.torch import save as save_bytes
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, save_bytes({"latents": latents.contiguous()}))
-        return latents, prompts
+        return generated_latents(ctx.pipe, prompts, ctx.cache_dir, f"{ctx.concept.class_word}-{n}"), prompts
 
     def loss_terms(self, ctx: TrainContext, batch: dict) -> dict[str, torch.Tensor]:
         if self.config.prior_weight == 0:

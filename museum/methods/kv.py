@@ -83,14 +83,20 @@ def add_kv_lora(unet: nn.Module, adapter: str, rank: int, alpha: float) -> list[
     return params
 
 
-def lora_factors(unet: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
-    """``{module}.lora_A`` / ``{module}.lora_B`` tensors of one adapter (detached copies)."""
+def lora_parameters(unet: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
+    """The live ``{module}.lora_A`` / ``{module}.lora_B`` parameters of one adapter (for per-parameter
+    penalties such as EWC's, and gradients of them)."""
     out = {}
     for name, module in unet.named_modules():
         if _KV_RE.match(name) and hasattr(module, "lora_A") and adapter in module.lora_A:
-            out[f"{name}.lora_A"] = module.lora_A[adapter].weight.detach().clone()
-            out[f"{name}.lora_B"] = module.lora_B[adapter].weight.detach().clone()
+            out[f"{name}.lora_A"] = module.lora_A[adapter].weight
+            out[f"{name}.lora_B"] = module.lora_B[adapter].weight
     return out
+
+
+def lora_factors(unet: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """``{module}.lora_A`` / ``{module}.lora_B`` tensors of one adapter (detached copies)."""
+    return {k: p.detach().clone() for k, p in lora_parameters(unet, adapter).items()}
 
 
 def live_lora_deltas(unet: nn.Module, adapter: str) -> dict[str, torch.Tensor]:

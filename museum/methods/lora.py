@@ -2,7 +2,9 @@
 
 ``finetune``, ``c-lora`` and the continual baselines differ only in where the LoRA starts,
 what it is regularised against and what is kept after a task; the adapter, its checkpoints
-and its dense deltas ``(alpha / r) * B @ A`` live here once.
+and its dense deltas ``(alpha / r) * B @ A`` live here once (:class:`LoRAMethod`). The methods
+whose one LoRA is museum state that every task continues (``finetune``, ``ewc``, ``lwf``,
+``museummaker``) share :class:`SharedLoRAMethod`.
 """
 
 from __future__ import annotations
@@ -61,3 +63,55 @@ class LoRAMethod(Method):
 
     def factors(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
         return kv.lora_factors(ctx.pipe.unet, self.adapter)
+
+
+class SharedLoRAMethod(LoRAMethod):
+    """One LoRA, kept in the museum state, that every task of the method continues training.
+
+    State layout: the adapter's factors under their module keys (``{module}.lora_A``,
+    ``{module}.lora_B``; module names hold no "/"), plus whatever a subclass keeps across tasks
+    under ``"{kind}/..."`` keys (e.g. EWC's ``fisher/{module}.lora_A``), returned by
+    :meth:`extra_state`. At generation the LoRA is applied to every prompt naming one of the
+    method's concepts; a prompt without one is drawn by the untouched base model.
+    """
+
+    removable = False
+    removable_why = ("this method keeps one LoRA shared by every concept, so one concept's "
+                     "contribution cannot be taken out; learn the rest again in a new museum")
+
+    @staticmethod
+    def lora_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The shared LoRA's factors in a state dict (the keys without a "/")."""
+        return {k: v for k, v in state.items() if "/" not in k}
+
+    def initial_factors(self, ctx: TrainContext):
+        start = self.lora_state(ctx.state)
+        ranks = {v.shape[0] for k, v in start.items() if k.endswith(".lora_A")}
+        if ranks and ranks != {self.config.rank}:
+            raise ValueError(f"this museum's {self.name} LoRA has rank {ranks.pop()}, the settings ask for rank "
+                             f"{self.config.rank}: every task of {self.name} continues the same LoRA, so keep its rank")
+        return start or None
+
+    def setup(self, ctx: TrainContext) -> list[dict]:
+        groups = super().setup(ctx)
+        self.start = self.factors(ctx)  # the LoRA before this task (peft's initialisation, B = 0, on the first)
+        return groups
+
+    def start_deltas(self) -> dict[str, torch.Tensor]:
+        """Dense deltas of the LoRA before this task (what earlier tasks wrote)."""
+        return kv.factor_deltas(self.start, self.scale)
+
+    def extra_state(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
+        """Tensors besides the LoRA factors to keep in the museum state (keys ``"kind/..."``)."""
+        return {}
+
+    def finish(self, ctx: TrainContext):
+        return {}, {**self.factors(ctx), **self.extra_state(ctx)}
+
+    def kv_deltas(self, concepts: list[ConceptInfo], active, state: dict[str, torch.Tensor], pipe):
+        factors = self.lora_state(state)
+        if not factors:
+            return {}
+        # the LoRA's scale is the one the latest task trained it with
+        scale = self.concept_scale(concepts[-1]) if concepts and concepts[-1].config else self.scale
+        return kv.factor_deltas(factors, scale)

@@ -30,6 +30,27 @@ def diffusion_target(scheduler, latents, noise, t):
     return noise
 
 
+def noisy_batch(latents, scheduler, batch_size: int, generator: torch.Generator, device, dtype) -> dict:
+    """A training batch of the task's images: ``x0`` (sampled latents), ``mask``, ``noise``, timesteps ``t``
+    and ``noisy`` = x_t. The training loop draws its batches with it; methods use it for extra passes over
+    the task's data (e.g. EWC's Fisher estimate at the end of a task). Random draws come from ``generator``."""
+    idx = torch.randint(0, len(latents), (batch_size,), generator=generator)
+    x0, mask = latents.sample(idx, generator)
+    x0, mask = x0.to(device, dtype), mask.to(device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
+    return dict(x0=x0, mask=mask, noise=noise, t=t, noisy=scheduler.add_noise(x0, noise, t))
+
+
+def predicted_x0(scheduler, noisy: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The clean latent the model's prediction implies, x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+    (or sqrt(a_t) x_t - sqrt(1 - a_t) v for v-prediction)."""
+    a = scheduler.alphas_cumprod.to(noisy.device)[t].float().view(-1, *([1] * (noisy.dim() - 1)))
+    if scheduler.config.prediction_type == "v_prediction":
+        return a.sqrt() * noisy.float() - (1 - a).sqrt() * pred.float()
+    return (noisy.float() - (1 - a).sqrt() * pred.float()) / a.sqrt()
+
+
 def denoising_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error over the valid region (mask broadcast over channels)."""
     err = (pred.float() - target.float()) ** 2

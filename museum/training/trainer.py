@@ -22,6 +22,7 @@ loss stays finite (a huge token embedding is normalised away by the text encoder
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from museum.base.loading import resolution
 from museum.methods import kv, tokens
 from museum.methods.base import ConceptInfo, Method, TrainContext
 from museum.training.data import encode_variants
-from museum.training.objectives import concept_prompt, denoising_loss, diffusion_target, encode_prompts
+from museum.training.objectives import concept_prompt, denoising_loss, diffusion_target, encode_prompts, noisy_batch
 from museum.errors import MuseumError, TrainingDivergedError
 from museum.store.faults import fault_point
 
@@ -58,6 +59,7 @@ class LearnResult:
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    terms: dict[str, list[float]] = field(default_factory=dict)  # each method loss term, per step it was added
 
 
 @dataclass
@@ -161,10 +163,16 @@ def train_concept(
         module.requires_grad_(False)
 
     token_id = tokens.add_token(pipe, concept.token, tokens.initial_vector(pipe, cfg.token_init, concept.class_word, gen))
+    latents = encode_variants(vae, images, resolution(pipe), variants=variants, flip=flip and not concept.is_style,
+                              seed=cfg.seed)
+    prompt = concept_prompt(method, concept)
     torch.manual_seed(cfg.seed)  # adapters initialise from the global generator
     ctx = TrainContext(pipe=pipe, concept=concept, state=dict(state or {}), earlier=list(earlier or []),
-                       accelerator=accelerator, cache_dir=cache_dir)
+                       accelerator=accelerator, cache_dir=cache_dir, latents=latents, prompt=prompt,
+                       noise_scheduler=noise_scheduler)
     groups = method.setup(ctx)
+    if method.wants_teacher(ctx):  # the model before this task (taken before a resume reloads its checkpoint)
+        ctx.teacher = copy.deepcopy(unet).requires_grad_(False).eval()
     trains_token = cfg.token_lr > 0
     embedding = text_encoder.get_input_embeddings()
     hook = tokens.train_only_rows(embedding, [token_id]) if trains_token else None
@@ -176,9 +184,6 @@ def train_concept(
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     optimizer = accelerator.prepare(optimizer)
 
-    latents = encode_variants(vae, images, resolution(pipe), variants=variants, flip=flip and not concept.is_style,
-                              seed=cfg.seed)
-    prompt = concept_prompt(method, concept)
     start = 0
     latest = checkpoints.latest() if resume else None
     if latest is not None:
@@ -193,16 +198,13 @@ def train_concept(
     watch.measure_baseline(pipe, latents, noise_scheduler, prompt, fixed_text, cfg.batch_size, cfg.seed)
     fault_point("train.start")
     losses: list[float] = []
+    term_log: dict[str, list[float]] = {}
     bar = _progress(range(start, cfg.steps), progress, f"learning {concept.name} ({method.name})")
     try:
         for step in bar:
             gen.manual_seed(cfg.seed * 1_000_003 + step)  # per-step seeding: resume reproduces the run
-            idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
-            x0, mask = latents.sample(idx, gen)
-            x0, mask = x0.to(unet.device, unet.dtype), mask.to(unet.device)
-            noise = torch.randn(x0.shape, generator=gen).to(x0)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(unet.device)
-            noisy = noise_scheduler.add_noise(x0, noise, t)
+            b = noisy_batch(latents, noise_scheduler, cfg.batch_size, gen, unet.device, unet.dtype)
+            x0, mask, noise, t, noisy = b["x0"], b["mask"], b["noise"], b["t"], b["noisy"]
             text = fixed_text if fixed_text is not None else encode_prompts(pipe, [prompt])
             text = text.expand(cfg.batch_size, -1, -1)
             pred = unet(noisy, t, text).sample
@@ -221,6 +223,8 @@ def train_concept(
             losses.append(loss.item())
             watch.check(step + 1, float(loss_diff.detach()))
             fault_point("train.step")
+            for name, value in terms.items():
+                term_log.setdefault(name, []).append(float(value.detach()))
             if progress and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if on_step is not None:
@@ -234,6 +238,7 @@ def train_concept(
         watch.check_result(concept_tensors, new_state)
         fault_point("train.finished")
     finally:
+        ctx.teacher = None
         method.teardown(ctx)
         if hook is not None:
             hook.remove()
@@ -243,7 +248,7 @@ def train_concept(
             for name, module in kv.kv_modules(unet).items():
                 module.weight.copy_(w0[name])
         unet.requires_grad_(False)
-    return LearnResult(concept_tensors, new_state, cfg.steps, time.time() - t_start, losses)
+    return LearnResult(concept_tensors, new_state, cfg.steps, time.time() - t_start, losses, term_log)
 
 
 class _DivergenceWatch:
