@@ -232,9 +232,9 @@ class MuseumMaker(SharedLoRAMethod):
             mu, gram = style_statistics(x0_hat)
             signal = sched.alphas_cumprod.to(t.device)[t[:ks]].float()
             stats = (((mu - self.style_mu.to(mu)) ** 2).mean(-1)
-                     + ((gram - self.style_gram.to(gram)) ** 2).mean((-2, -1)))
+                     + signal * ((gram - self.style_gram.to(gram)) ** 2).mean((-2, -1)))
             content = ((self_similarity(x0_hat) - self.bank_content[pick_s].to(x0_hat)) ** 2).mean((-2, -1))
-            loss = (signal * stats + self.config.content_weight * content).mean()
+            loss = (stats + self.config.content_weight * content).mean()
             terms["style_distillation"] = self.config.style_weight * loss
         if feature_on:
             with torch.no_grad(), cross_attention_outputs(ctx.teacher) as target:
