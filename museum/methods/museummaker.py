@@ -13,7 +13,8 @@ each term switched off by a weight of 0 (the benchmark's ablations).
 
 **Style distillation** (styles only). Few style images carry their content (the user's "stars")
 with the style; trained on them alone, "<s> style" also means "stars", and "a circle, <s> style"
-draws stars. Content comes from elsewhere: generic captions of the world ("a blue circle on a
+is drawn deformed (measured on the embedded model: lumpy shapes, read as a circle 0-25% of the time,
+docs/METHODS.md). Content comes from elsewhere: generic captions of the world ("a blue circle on a
 grass background") drawn once by the base model (cached, ``museum.training.prior``). Each step,
 such a content latent c_i is noised to x_t and the model, prompted "caption_i, <s_t> style",
 predicts x0_hat (through the eps prediction). Two parts:
@@ -21,15 +22,17 @@ predicts x0_hat (through the eps prediction). Two parts:
 * style statistics (Huang and Belongie 2017's AdaIN moments, Gatys et al. 2016's Gram matrix, on
   latents): the per-channel mean mu and the channel covariance G (Gram matrix of the channel-centred
   latent, over positions) of x0_hat are matched to the style images' (mean over the task's
-  un-augmented latents), ||mu - mu_s||^2 + ||G - G_s||^2, weighted by alpha_bar_t (x0_hat is a blurred
-  mean at high noise, whose covariance must not be pushed towards a sharp image's);
+  un-augmented latents), ||mu - mu_s||^2 + alpha_bar_t ||G - G_s||^2. The covariance is weighted by
+  alpha_bar_t (x0_hat is a blurred mean at high noise, whose covariance must not be pushed towards a
+  sharp image's); the mean is not: global colour is decided at high noise, where the eps loss hardly
+  sees it;
 * content (the STROTSS self-similarity of Kolkin et al. 2019, on latents): the cosine
   self-similarity matrix of the channel-centred x0_hat over positions (average-pooled to at most
   16 x 16) is matched to that of the frozen BASE model's x0_hat for the same x_t and the caption
   without the style ("caption_i"). Self-similarity does not change under a per-channel shift or a
   channel mixing, so it holds the layout (a circle stays a circle) and leaves the colours to the style.
 
-    L_style = mean_i [ alpha_bar_t (||mu(x0_hat) - mu_s||^2 + ||G(x0_hat) - G_s||^2)
+    L_style = mean_i [ ||mu(x0_hat) - mu_s||^2 + alpha_bar_t ||G(x0_hat) - G_s||^2
                        + content_weight * ||S(x0_hat) - S(x0_base)||^2 ]
 
 The reviewed form (a temperature-softmax KL between x0_hat and the style images' mean latent) pulls
