@@ -236,11 +236,14 @@ def merge(folder: Path = typer.Argument(..., metavar="DIR"), names: List[str] = 
 @app.command()
 def methods() -> None:
     """List the registered methods and their default settings."""
+    import sys
+
     from museum.methods import METHODS, method_names
 
     for name in method_names():
         cls = METHODS[name]
-        typer.echo(f"{name}: {cls.__doc__.strip().splitlines()[0] if cls.__doc__ else ''}")
+        doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
+        typer.echo(f"{name}: {doc.strip().splitlines()[0] if doc.strip() else ''}")
         typer.echo(f"    defaults: {cls.config_class().to_dict()}")
 
 

@@ -5,12 +5,14 @@
 1. Composition: learn `sunburst` and `checker` (default settings); for each, the evaluator's image
    alignment to its references of "a <a> circle and a <b> square on a {bg} background" against the
    prompt with only the other concept (4 backgrounds x 4 seeds).
-2. Gate curve: generate `sunburst`'s evaluation prompts at gate biases beta (tau 0.15) and plot
-   image alignment (fidelity) against text alignment (the prompt's scene): moving beta trades
-   one for the other without retraining (paper, Fig. 8).
+2. Gate sweep: `sunburst`'s evaluation prompts drawn on a grid of gate bias beta x temperature
+   tau; image alignment (fidelity) against text alignment (the rest of the prompt) per point,
+   as a plot (one line per tau) and a table: the knobs trade one for the other without
+   retraining (paper, Fig. 8).
 3. Many concepts: a museum with 20 Perfusion concepts loaded against one with 1, generating a
    prompt that names 1 (and 2) of them: the median time ratio over alternating runs.
-Writes perfusion.json and images/perfusion_gate.png under --out and prints the tables.
+Writes perfusion.json and images/perfusion_gate.png under --out and prints the tables. (`museum
+bench` also draws a beta-only gate curve over all benchmark concepts.)
 """
 
 from __future__ import annotations
@@ -26,19 +28,18 @@ import time
 from pathlib import Path
 
 import matplotlib
+import torch
+
+from museum.base.loading import load_evaluator
+from museum.evaluation.protocol import score_composition, score_concept
+from museum.methods import perfusion
+from museum.museum import Museum
+from museum.world.concepts import build_concept
+from museum.world.render import INSTANCES
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from museum.base.loading import load_evaluator  # noqa: E402
-from museum.evaluation.protocol import score_composition, score_concept  # noqa: E402
-from museum.methods import perfusion  # noqa: E402
-from museum.museum import Museum  # noqa: E402
-from museum.world.concepts import build_concept  # noqa: E402
-from museum.world.render import INSTANCES  # noqa: E402
-
-BETAS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
+TAUS = (0.05, 0.15, 0.3)
 
 
 def learn(m: Museum, name: str, concept, images: Path, **overrides):
@@ -79,25 +80,38 @@ def main() -> int:
     for name, s in comp.items():
         print(f"| {name} | {s.with_both:.3f} | {s.with_other_only:.3f} |")
 
-    # 2. gate curve
-    curve = []
-    for beta in BETAS:
-        with perfusion.gate(beta=beta, tau=0.15):
-            s = score_concept(m, "sunburst", concepts["sunburst"], evaluator)
-        curve.append({"beta": beta, "image_alignment": s.image_alignment, "text_alignment": s.text_alignment})
-        print(f"beta {beta}: image alignment {s.image_alignment:.3f}, text alignment {s.text_alignment:.3f}", flush=True)
-    result["gate_curve"] = curve
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    ax.plot([c["text_alignment"] for c in curve], [c["image_alignment"] for c in curve], "o-")
-    for c in curve:
-        ax.annotate(f"β={c['beta']}", (c["text_alignment"], c["image_alignment"]), fontsize=8,
-                    textcoords="offset points", xytext=(4, 4))
+    # 2. gate sweep
+    import matplotlib.pyplot as plt
+
+    sweep = []
+    for tau in TAUS:
+        for beta in BETAS:
+            with perfusion.gate(beta=beta, tau=tau):
+                s = score_concept(m, "sunburst", concepts["sunburst"], evaluator)
+            sweep.append({"beta": beta, "tau": tau, "image_alignment": s.image_alignment,
+                          "text_alignment": s.text_alignment})
+            print(f"beta {beta} tau {tau}: image alignment {s.image_alignment:.3f}, "
+                  f"text alignment {s.text_alignment:.3f}", flush=True)
+    result["gate_sweep"] = sweep
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for tau in TAUS:
+        pts = [p for p in sweep if p["tau"] == tau]
+        ax.plot([p["text_alignment"] for p in pts], [p["image_alignment"] for p in pts], "o-", label=f"tau {tau}")
+        for p in pts:
+            ax.annotate(f"{p['beta']}", (p["text_alignment"], p["image_alignment"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
     ax.set_xlabel("text alignment (CLIP-T)")
-    ax.set_ylabel("image alignment (CLIP-I)")
-    ax.set_title("Perfusion gate bias, sunburst (tau 0.15)")
+    ax.set_ylabel("image alignment to sunburst (CLIP-I)")
+    ax.set_title("Perfusion gate sweep (labels: beta)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     (args.out / "images").mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out / "images" / "perfusion_gate.png", dpi=120)
+    print("\n| tau \\ beta | " + " | ".join(str(b) for b in BETAS) + " |\n|---" * 1 + "|---" * len(BETAS) + "|")
+    for tau in TAUS:
+        cells = [f"{p['image_alignment']:.3f} / {p['text_alignment']:.3f}" for p in sweep if p["tau"] == tau]
+        print(f"| {tau} | " + " | ".join(cells) + " |")
 
     # 3. many loaded concepts (quality does not matter here: a few steps each)
     names = list(INSTANCES)

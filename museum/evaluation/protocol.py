@@ -8,6 +8,7 @@ row fills them with the class word (or drops the style) and draws with the base 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
 from museum.evaluation.metrics import image_alignment, text_alignment
 from museum.generation.sampling import generate_images
 from museum.world.concepts import N_QUICK_PROMPTS, Concept, format_prompt
