@@ -22,6 +22,22 @@ def tiny_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_family(tiny_base, tmp_path_factory):
+    """``tiny_family(name)``: a tiny random pipeline folder of a base family (``museum.base.tiny.FAMILIES``),
+    built offline once per session; "sd1" is ``tiny_base``."""
+    from museum.base.tiny import build_tiny_pipeline
+
+    built = {"sd1": tiny_base}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_pipeline(tmp_path_factory.mktemp(f"tiny-{family}") / "pipeline", family=family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def concept_images(tmp_path_factory):
     """Training-image folders of two benchmark concepts."""
     from museum.world.concepts import build_concept

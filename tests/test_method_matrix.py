@@ -1,14 +1,17 @@
-"""The shared matrix every registered method passes through, on a tiny random pipeline:
-learn a few steps, save, reload, generate, compose with a second concept, export and load the
-export with plain diffusers, remove."""
+"""The shared matrix every registered method passes through, on tiny random pipelines of each base
+family (SD-1.x with epsilon prediction, SD-2.x with v-prediction; ``museum.base.tiny``): learn a few
+steps, save, reload, generate, compose with a second concept, export and load the export with plain
+diffusers, remove."""
 
 import importlib
 import json
 
 import numpy as np
 import pytest
+import torch
 from diffusers import StableDiffusionPipeline
 
+from museum.base.tiny import FAMILIES
 from museum.generation.sampling import generate_images
 from museum.methods import METHODS, method_names
 from museum.museum import Museum
@@ -23,15 +26,26 @@ def pixels(image):
     return np.asarray(image, dtype=np.int16)
 
 
-@pytest.fixture(scope="module", params=method_names())
-def learned(request, tiny_base, concept_images, tmp_path_factory):
-    method = request.param
-    folder = tmp_path_factory.mktemp(method) / "museum"
-    m = Museum.init(folder, base=tiny_base)
+@pytest.fixture(scope="module", params=[(f, m) for f in FAMILIES for m in method_names()],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def learned(request, tiny_family, concept_images, tmp_path_factory):
+    family, method = request.param
+    folder = tmp_path_factory.mktemp(f"{family}-{method}") / "museum"
+    m = Museum.init(folder, base=tiny_family(family))
     kw = dict(FAST, **EXTRA.get(method, {}))
     m.learn("sunburst", concept_images["sunburst"][0], method=method, class_word="circle", progress=False, **kw)
     m.learn("neon", concept_images["neon"][0], method=method, style=True, progress=False, **kw)
     return method, folder, m
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_families_differ_as_their_checkpoints_do(tiny_family, family):
+    """The SD-2.x pipeline is v-prediction with linear projections; SD-1.x epsilon with convolutions."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_family(family), safety_checker=None)
+    sd2 = family == "sd2"
+    assert pipe.scheduler.config.prediction_type == ("v_prediction" if sd2 else "epsilon")
+    assert pipe.unet.config.use_linear_projection == sd2
+    assert isinstance(pipe.unet.down_blocks[0].attentions[0].proj_in, torch.nn.Linear) == sd2
 
 
 def test_learn_save_reload_generate(learned):
@@ -46,7 +60,7 @@ def test_learn_save_reload_generate(learned):
     assert [c.method for c in fresh.concepts] == [method, method]
 
 
-def test_concept_changes_the_image(learned, tiny_base):
+def test_concept_changes_the_image(learned):
     _, _, m = learned
     phrase = m.concept("sunburst").phrase
     with_concept = m.generate(f"a {phrase} on a sand background", n=1, steps=3)[0]
@@ -70,12 +84,12 @@ def test_unknown_token_lists_concepts(learned):
         m.generate("a <mug> on a table", n=1, steps=2)
 
 
-def test_export_loads_in_plain_diffusers(learned, tiny_base, tmp_path):
+def test_export_loads_in_plain_diffusers(learned, tmp_path):
     method, _, m = learned
     out = m.export("sunburst", tmp_path / "export")
     prompt = f"a {m.concept('sunburst').phrase} on a grass background"
     ours = m.generate(prompt, n=1, steps=4)[0]
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(m.manifest.base_path, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     info = json.loads((out / "museum_export.json").read_text())
     needs_museum = METHODS[method].export_format == "museum"
