@@ -115,13 +115,16 @@ def generate(
 
 @app.command()
 def init(folder: Path = typer.Argument(..., metavar="DIR"),
-         base: str = typer.Option("embedded", help="'embedded' or a diffusers pipeline folder"),
+         base: str = typer.Option("embedded", help="'embedded', a diffusers pipeline folder, a single-file checkpoint "
+                                  "(.safetensors; .ckpt with --allow-pickle) or a hub id (cache, or online)"),
+         config: Optional[Path] = typer.Option(None, help="for a single-file --base: a diffusers pipeline folder of "
+                                               "the same architecture (configs + tokenizer; nothing is downloaded)"),
          allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP)) -> None:
     """Create an empty museum on a base model."""
     _quiet()
     from museum.museum import Museum
 
-    m = Museum.init(folder, base=base, allow_pickle=allow_pickle)
+    m = Museum.init(folder, base=base, allow_pickle=allow_pickle, config=config)
     typer.echo(f"created museum {folder} on base model {m.manifest.base_path} ({m.manifest.base_hash})")
 
 

@@ -28,7 +28,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from museum.base.loading import EMBEDDED, base_hash, load_pipeline, resolve_base
+from museum.base.loading import (
+    EMBEDDED, base_hash, hub_snapshot, is_hub_id, is_single_file, load_pipeline, load_single_file, resolve_base,
+)
 from museum.generation.sampling import generate_images, image_grid
 from museum.methods import kv, tokens
 from museum.errors import MuseumUserError, TrainingDivergedError
@@ -45,6 +47,7 @@ from museum.training.trainer import Checkpointer, train_concept
 
 TOKEN_RE = re.compile(r"<[^<>\s]+>")
 TENSORS = "tensors.safetensors"
+BASE_FOLDER = "base"  # a single-file base model, saved as a pipeline folder inside the museum
 
 
 @dataclass
@@ -74,17 +77,35 @@ class Museum:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def init(cls, folder: str | Path, base: str | Path = EMBEDDED, *, allow_pickle: bool = False) -> "Museum":
+    def init(cls, folder: str | Path, base: str | Path = EMBEDDED, *, allow_pickle: bool = False,
+             config: str | Path | None = None) -> "Museum":
+        """A new museum on ``base``: ``"embedded"``, a diffusers pipeline folder, a single-file checkpoint
+        (saved once as the museum's own pipeline folder ``DIR/base``; ``config``: a pipeline folder of the same
+        architecture whose configs and tokenizer diffusers needs, see ``museum.base.loading.load_single_file``)
+        or a Hugging Face hub id (from the local cache, or downloaded when online)."""
         folder = Path(folder)
         if (folder / MANIFEST).exists():
             raise MuseumError(f"{folder} is already a museum; open it with Museum.open or choose another folder")
         if folder.exists() and any(p for p in folder.iterdir() if not p.name.startswith(".")):
             raise MuseumError(f"{folder} exists and is not empty; choose a new folder for the museum")
-        check_pipeline_files(resolve_base(base), allow_pickle=allow_pickle)
+        single = None
+        if is_single_file(base):
+            single = load_single_file(base, config=config, allow_pickle=allow_pickle)  # before anything is written
+        elif config is not None:
+            raise MuseumError("--config is for a single-file checkpoint base (.safetensors/.ckpt); a pipeline folder "
+                              "has its own configs")
+        elif is_hub_id(base):
+            base = hub_snapshot(str(base))
+        if single is None:
+            check_pipeline_files(resolve_base(base), allow_pickle=allow_pickle)
         folder.mkdir(parents=True, exist_ok=True)
-        base_str = EMBEDDED if str(base) == EMBEDDED else str(Path(base).resolve())
-        manifest = Manifest(base_path=base_str, base_hash=base_hash(base))
         with writer_lock(folder):
+            if single is not None:
+                with atomic_dir(folder / BASE_FOLDER) as tmp:
+                    single.save_pretrained(tmp)
+                base = folder / BASE_FOLDER
+            base_str = EMBEDDED if str(base) == EMBEDDED else str(Path(base).resolve())
+            manifest = Manifest(base_path=base_str, base_hash=base_hash(base))
             manifest.write(folder)
         return cls(folder, manifest, allow_pickle=allow_pickle)
 

@@ -3,12 +3,22 @@
 One code path serves both: ``StableDiffusionPipeline.from_pretrained(path)``. The embedded
 model ships inside the package (``museum/embedded/pipeline``), as does the evaluator
 (``museum/embedded/evaluator``).
+
+A museum can also start from a single-file checkpoint (``.safetensors``, or a pickle ``.ckpt``
+with ``allow_pickle``): :func:`load_single_file` reads it with diffusers' ``from_single_file``
+and ``Museum.init`` saves it once, with ``save_pretrained``, as the museum's own pipeline folder
+(``DIR/base``), so every later load is the same ``from_pretrained`` path. diffusers needs the
+model family's configs (and tokenizer) for a single file: Museum passes the folder given as
+``config`` or, without one, the matching hub repository's configs only if they are already in the
+local Hugging Face cache: nothing is downloaded. A hub id (``owner/name``) as base is looked up in
+the local cache first and downloaded only when it is not there and the machine is online.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +30,11 @@ EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
 EMBEDDED_PIPELINE = EMBEDDED_DIR / "pipeline"
 EMBEDDED_EVALUATOR = EMBEDDED_DIR / "evaluator"
 EMBEDDED = "embedded"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+PICKLE_SINGLE_FILE = (".ckpt",)
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+WHAT_BASE = ("pass a diffusers pipeline folder (written by `save_pretrained`), a single-file checkpoint "
+             "(.safetensors, or .ckpt with --allow-pickle), a Hugging Face hub id while online, or `embedded`")
 
 
 def resolve_base(base: str | Path) -> Path:
@@ -30,9 +45,98 @@ def resolve_base(base: str | Path) -> Path:
             raise BaseModelError(
                 f"the embedded model is missing at {path}; reinstall museum or run `museum pretrain --out {EMBEDDED_DIR}`"
             )
-        raise BaseModelError(f"no diffusers pipeline at {path} (expected {path / 'model_index.json'}); "
-                             "pass a directory written by `save_pretrained`, or `embedded`")
+        if not path.exists():
+            raise BaseModelError(f"base model {path} does not exist (Museum never downloads a model by itself); "
+                                 + WHAT_BASE)
+        if path.is_file():
+            raise BaseModelError(f"{path} is a file, not a diffusers pipeline folder; a single-file checkpoint "
+                                 "(.safetensors/.ckpt) is read by `museum init DIR --base FILE`, which saves it as "
+                                 "the museum's pipeline folder")
+        raise BaseModelError(f"no diffusers pipeline at {path} (expected {path / 'model_index.json'}); " + WHAT_BASE)
     return path
+
+
+def is_single_file(base: str | Path) -> bool:
+    return str(base) != EMBEDDED and Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES and not Path(base).is_dir()
+
+
+def is_hub_id(base: str | Path) -> bool:
+    """An ``owner/name`` that is not a local path (a relative path that exists is a path)."""
+    return (str(base) != EMBEDDED and bool(HUB_ID_RE.match(str(base))) and not Path(base).expanduser().exists()
+            and not is_single_file(base))
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local folder of a hub pipeline: from the Hugging Face cache, else downloaded (online only).
+    Only a diffusers pipeline's configs, tokenizer files and safetensors weights are fetched."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+    ignore = ["*.fp16.safetensors", "*ema*", "*.non_ema.*", "safety_checker/*", "feature_extractor/*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore, local_files_only=True))
+    except Exception:  # not cached (huggingface_hub raises several error types)
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore))
+    except Exception as err:
+        raise BaseModelError(
+            f"base model {repo_id!r} is neither a local folder or file nor in the local Hugging Face cache, and "
+            f"downloading it failed ({type(err).__name__}); offline, " + WHAT_BASE.replace("a Hugging Face hub id "
+                                                                                         "while online, ", "")) from None
+
+
+def load_single_file(path: str | Path, *, config: str | Path | None = None, allow_pickle: bool = False,
+                     dtype: torch.dtype = torch.float32):
+    """A pipeline from one checkpoint file with diffusers' ``from_single_file``, without touching the network.
+
+    ``config``: a diffusers pipeline folder of the same architecture (its configs and tokenizer are
+    used); without it, the configs of the hub repository diffusers associates with the checkpoint's
+    family must already be in the local Hugging Face cache."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config, infer_diffusers_model_type, \
+        load_single_file_checkpoint
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise BaseModelError(f"base model {path} does not exist (Museum never downloads a model by itself); " + WHAT_BASE)
+    if path.suffix.lower() in PICKLE_SINGLE_FILE and not allow_pickle:
+        raise BaseModelError(f"base model {path} is a pickle checkpoint, which can run code when loaded; convert it "
+                             "to .safetensors, or pass --allow-pickle (allow_pickle=True) if you trust where it came from")
+    if config is not None:
+        config = Path(config).expanduser()
+        resolve_base(config)  # a pipeline folder, or a clear error
+        cls_name = json.loads((config / "model_index.json").read_text()).get("_class_name", "")
+        cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
+    else:
+        try:
+            checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
+        except Exception as err:
+            raise BaseModelError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+        family = infer_diffusers_model_type(checkpoint)
+        repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
+        del checkpoint
+        cls = StableDiffusionXLPipeline if family.startswith("xl") else StableDiffusionPipeline
+        from huggingface_hub import snapshot_download
+
+        try:
+            config = Path(snapshot_download(repo, allow_patterns=["*.json", "*.txt"], local_files_only=True))
+        except Exception:
+            raise BaseModelError(
+                f"{path} looks like a {family} checkpoint; diffusers needs that family's configs and tokenizer "
+                f"(hub repository {repo}), which are not in the local Hugging Face cache, and Museum does not download "
+                f"them: pass --config FOLDER, a diffusers pipeline folder of the same architecture (e.g. a "
+                f"`save_pretrained` copy of {repo})") from None
+    extra = dict(safety_checker=None, requires_safety_checker=False) if cls is StableDiffusionPipeline else {}
+    try:
+        pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=dtype, **extra)
+    except BaseModelError:
+        raise
+    except Exception as err:
+        raise BaseModelError(f"diffusers could not read {path} as a {cls.__name__} with the configs of {config} "
+                             f"({type(err).__name__}: {err}); is --config the same architecture?") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def base_hash(base: str | Path) -> str:
