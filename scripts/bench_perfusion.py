@@ -2,16 +2,18 @@
 
     python scripts/bench_perfusion.py --out docs/
 
-1. Composition: learn `sunburst` and `checker` (default settings); for each, the evaluator's image
-   alignment to its references of "a <a> circle and a <b> square on a {bg} background" against the
-   prompt with only the other concept (4 backgrounds x 4 seeds).
+1. Composition: learn the concepts of ``--pairs`` (default settings) in one museum; for each pair
+   and each of its two concepts, the evaluator's image alignment to the concept's references of
+   "a <a> circle and a <b> square on a {bg} background" (a style is named as ", <s> style")
+   against the prompt with only the other concept (4 backgrounds x 4 seeds).
 2. Gate sweep: `sunburst`'s evaluation prompts drawn on a grid of gate bias beta x temperature
    tau; image alignment (fidelity) against text alignment (the rest of the prompt) per point,
    as a plot (one line per tau) and a table: the knobs trade one for the other without
    retraining (paper, Fig. 8).
 3. Many concepts: a museum with 20 Perfusion concepts loaded against one with 1, generating a
    prompt that names 1 (and 2) of them: the median time ratio over alternating runs.
-Writes perfusion.json and images/perfusion_gate.png under --out and prints the tables. (`museum
+Writes perfusion.json and images/perfusion_gate.png under --out and prints the tables; ``--parts``
+runs a subset and updates only those entries of an existing perfusion.json. (`museum
 bench` also draws a beta-only gate curve over all benchmark concepts.)
 """
 
@@ -40,6 +42,9 @@ from museum.world.render import INSTANCES
 matplotlib.use("Agg")
 BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 TAUS = (0.05, 0.15, 0.3)
+PAIRS = ("sunburst:checker", "sunburst:rainbow", "sunburst:sepia", "sunburst:blueprint", "rainbow:sepia",
+         "rainbow:blueprint")
+PARTS = ("composition", "gate_sweep", "many_concepts")
 
 
 def learn(m: Museum, name: str, concept, images: Path, **overrides):
@@ -59,40 +64,59 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--runs", type=int, default=7, help="timed runs per setting (median)")
     parser.add_argument("--many", type=int, default=20, help="concepts loaded in the large museum")
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), help="concept pairs A:B to compose")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     args = parser.parse_args()
     import diffusers
 
     diffusers.utils.logging.disable_progress_bar()
     evaluator = load_evaluator()
     work = Path(tempfile.mkdtemp(prefix="museum-perfusion-"))
-    result: dict = {"command": shlex.join(["python", "scripts/bench_perfusion.py", *sys.argv[1:]]),
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                    "machine": f"{platform.platform()}, torch threads {torch.get_num_threads()}"}
+    path = args.out / "perfusion.json"
+    result: dict = json.loads(path.read_text()) if path.is_file() else {}
+    run = {"command": shlex.join(["python", "scripts/bench_perfusion.py", *sys.argv[1:]]),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "machine": f"{platform.platform()}, torch threads {torch.get_num_threads()}"}
+    result.setdefault("runs", {})
+    for part in args.parts:
+        result["runs"][part] = run
+        result[part] = globals()[part](args, evaluator, work)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+    return 0
 
-    # 1. composition
-    concepts = {n: build_concept(n) for n in ("sunburst", "checker")}
-    m = Museum.init(work / "pair")
-    for name, concept in concepts.items():
-        learn(m, name, concept, work / "images")
-    comp = score_composition(m, "sunburst", "checker", concepts, evaluator)
-    result["composition"] = {k: v.to_dict() for k, v in comp.items()}
-    print("| concept | alignment, prompt with both | alignment, prompt with only the other |\n|---|---|---|")
-    for name, s in comp.items():
-        print(f"| {name} | {s.with_both:.3f} | {s.with_other_only:.3f} |")
 
-    # 2. gate sweep
+def composition(args, evaluator, work: Path) -> list[dict]:
+    pairs = [tuple(p.split(":")) for p in args.pairs]
+    names = list(dict.fromkeys(n for pair in pairs for n in pair))
+    concepts = {n: build_concept(n) for n in names}
+    m = Museum.init(work / "pairs")
+    for name in names:
+        learn(m, name, concepts[name], work / "images")
+    rows = []
+    print("| pair | concept | alignment, prompt with both | alignment, prompt with only the other |\n|---|---|---|---|")
+    for a, b in pairs:
+        for name, s in score_composition(m, a, b, concepts, evaluator).items():
+            rows.append({"pair": [a, b], "concept": name, **s.to_dict()})
+            print(f"| {a} + {b} | {name} | {s.with_both:.3f} | {s.with_other_only:.3f} |", flush=True)
+    return rows
+
+
+def gate_sweep(args, evaluator, work: Path) -> list[dict]:
+    m = Museum.init(work / "gate")
+    concept = build_concept("sunburst")
+    learn(m, "sunburst", concept, work / "images")
     import matplotlib.pyplot as plt
 
     sweep = []
     for tau in TAUS:
         for beta in BETAS:
             with perfusion.gate(beta=beta, tau=tau):
-                s = score_concept(m, "sunburst", concepts["sunburst"], evaluator)
+                s = score_concept(m, "sunburst", concept, evaluator)
             sweep.append({"beta": beta, "tau": tau, "image_alignment": s.image_alignment,
                           "text_alignment": s.text_alignment})
             print(f"beta {beta} tau {tau}: image alignment {s.image_alignment:.3f}, "
                   f"text alignment {s.text_alignment:.3f}", flush=True)
-    result["gate_sweep"] = sweep
     fig, ax = plt.subplots(figsize=(5, 4))
     for tau in TAUS:
         pts = [p for p in sweep if p["tau"] == tau]
@@ -112,8 +136,11 @@ def main() -> int:
     for tau in TAUS:
         cells = [f"{p['image_alignment']:.3f} / {p['text_alignment']:.3f}" for p in sweep if p["tau"] == tau]
         print(f"| {tau} | " + " | ".join(cells) + " |")
+    return sweep
 
-    # 3. many loaded concepts (quality does not matter here: a few steps each)
+
+def many_concepts(args, evaluator, work: Path) -> dict:
+    """Quality does not matter here: a few steps each."""
     names = list(INSTANCES)
     one, many = Museum.init(work / "one"), Museum.init(work / "many")
     base_concepts = {n: build_concept(n, n_train=3) for n in names}
@@ -135,10 +162,7 @@ def main() -> int:
         timing[label] = {"one_loaded_s": runs_one, "many_loaded_s": runs_many, "median_ratio": statistics.median(ratios)}
         print(f"{label}: {args.many} loaded / 1 loaded = {statistics.median(ratios):.3f} (median of {args.runs})",
               flush=True)
-    result["many_concepts"] = {"loaded": args.many, "batch": 8, "steps": 25, **timing}
-    (args.out / "perfusion.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out / 'perfusion.json'} and {args.out / 'images' / 'perfusion_gate.png'}")
-    return 0
+    return {"loaded": args.many, "batch": 8, "steps": 25, **timing}
 
 
 if __name__ == "__main__":
