@@ -142,20 +142,57 @@ def learn(
     seed: Optional[int] = typer.Option(None),
     checkpoint_every: Optional[int] = typer.Option(None, help="save a checkpoint every N steps (for --resume)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
+    mixed_precision: Optional[str] = typer.Option(None, help="no | fp16 | bf16: autocast, every weight stays fp32 "
+                                                  "(default: no, or what `accelerate launch` set); fp16 needs a GPU"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
+                                                help="recompute UNet activations in backward: less memory, slower"),
+    use_8bit_adam: bool = typer.Option(False, "--use-8bit-adam", help="bitsandbytes' AdamW8bit (CUDA GPU only)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu)"),
+    set_: List[str] = typer.Option([], "--set", help="override a method setting, KEY=VALUE (repeatable), e.g. "
+                                   "--set lr=1e-4 --set batch_size=2; see `museum methods`"),
 ) -> None:
-    """Learn a new concept and add it to the museum."""
+    """Learn a new concept and add it to the museum (prints a memory estimate first)."""
     if steps is not None and steps < 1:
         fail(f"--steps must be at least 1 (got {steps})")
     if checkpoint_every is not None and checkpoint_every < 1:
         fail(f"--checkpoint-every must be at least 1 (got {checkpoint_every})")
+    if mixed_precision is not None and mixed_precision not in ("no", "fp16", "bf16"):
+        fail(f"--mixed-precision must be no, fp16 or bf16 (got {mixed_precision!r})")
+    overrides = {}
+    for item in set_:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            fail(f"--set takes KEY=VALUE, e.g. --set lr=1e-4 (got {item!r})")
+        overrides[key.strip()] = _parse_value(value.strip())
     _quiet()
     from museum.museum import Museum
+    from museum.training.trainer import TrainOptions
 
+    options = TrainOptions(mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+                           use_8bit_adam=use_8bit_adam)
     m = Museum.open(folder, allow_pickle=allow_pickle)
-    c = m.learn(name, images, method=method, class_word=class_word, style=style, steps=steps, resume=resume,
-                wait=wait, seed=seed, checkpoint_every=checkpoint_every)
+    try:
+        c = m.learn(name, images, method=method, class_word=class_word, style=style, steps=steps, resume=resume,
+                    wait=wait, seed=seed, checkpoint_every=checkpoint_every, options=options, device=device,
+                    echo=lambda line: typer.echo(line, err=True), **overrides)
+    except ValueError as err:  # an unknown or ill-typed --set
+        if not overrides or "setting" not in str(err):
+            raise
+        fail(str(err))
     typer.echo(f"learned {c.name} with {c.method} in {c.info['train_seconds']:.0f}s ({c.info['steps']} steps); "
                f"use it as \"{c.phrase}\"; sample: {c.path / 'sample.png'}")
+
+
+def _parse_value(text: str):
+    """A --set value: bool, int, float, or the string itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 @app.command("list")

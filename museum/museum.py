@@ -34,7 +34,7 @@ from museum.base.loading import (
 from museum.generation.sampling import generate_images, image_grid
 from museum.methods import kv, tokens
 from museum.errors import MuseumUserError, TrainingDivergedError
-from museum.methods.base import ConceptInfo, Method, get_method, method_names
+from museum.methods.base import ConceptInfo, Method, family_of, get_method, method_names
 from museum.store.atomic import atomic_dir, atomic_write_bytes, remove_leftovers
 from museum.store.faults import fault_point
 from museum.store.lock import writer_lock
@@ -43,7 +43,7 @@ from museum.store.manifest import (
 )
 from museum.training.data import read_image_folder
 from museum.training.objectives import concept_prompt
-from museum.training.trainer import Checkpointer, train_concept
+from museum.training.trainer import Checkpointer, TrainOptions, train_concept
 
 TOKEN_RE = re.compile(r"<[^<>\s]+>")
 TENSORS = "tensors.safetensors"
@@ -194,6 +194,26 @@ class Museum:
         _check_tensors(tensors, shapes, what)
         return tensors
 
+    @property
+    def family(self) -> str:
+        """The base model's family ("sd1", "sd2", "sdxl" or "small"), from its UNet config."""
+        path = resolve_base(self.manifest.base_path) / "unet" / "config.json"
+        return family_of(json.loads(path.read_text()))
+
+    def to(self, device: str) -> "Museum":
+        """Train and draw on ``device`` ("cpu", "cuda", "cuda:1", "mps"); refused with a clear error when absent."""
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise MuseumError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise MuseumError(f"--device {device}: no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                              "train on --device cpu (fp32, or --mixed-precision bf16)")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise MuseumError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+        self.pipe.to(dev)
+        return self
+
     def _text_width(self) -> int:
         path = resolve_base(self.manifest.base_path) / "text_encoder" / "config.json"
         return json.loads(path.read_text())["hidden_size"]
@@ -216,13 +236,19 @@ class Museum:
     def learn(self, name: str, images: str | Path | Sequence[Image.Image], *, method: str = "c-lora",
               class_word: str | None = None, style: bool = False, steps: int | None = None, resume: bool = False,
               wait: bool = False, progress: bool = True, seed: int | None = None,
-              checkpoint_every: int | None = None, **config) -> Concept:
+              checkpoint_every: int | None = None, options: TrainOptions | None = None,
+              device: str | None = None, echo=None, **config) -> Concept:
         """Learn a new concept from a folder of images (or PIL images) and commit it to the museum.
 
-        ``config`` overrides the method's settings (see ``museum methods``). Checkpoints are
+        ``config`` overrides the method's settings (see ``museum methods``; on SD-1.x/2.x/XL bases
+        the defaults are the papers' SD settings, ``MethodConfig.SD15``). Checkpoints are
         written every ``checkpoint_every`` steps (default: a quarter of the run, at least 25);
-        ``resume=True`` continues from the latest one."""
+        ``resume=True`` continues from the latest one. ``options``: mixed precision, gradient
+        checkpointing, 8-bit Adam (``TrainOptions``); ``device``: where to train and draw (e.g.
+        "cuda"); ``echo``: receives the memory estimate and notes printed before training."""
         check_name(name)
+        if device is not None:
+            self.to(device)
         if method not in method_names():
             raise MuseumError(f"unknown method {method!r}; available methods: {', '.join(method_names())}")
         if style and class_word not in (None, "style"):
@@ -231,7 +257,7 @@ class Museum:
             raise MuseumError(f"say what {name!r} is: pass --class-word WORD (e.g. circle, dog) or --style")
         class_word = "style" if style else class_word.strip().lower()
         overrides = dict(config, steps=steps, seed=seed)
-        m = get_method(method, **{k: v for k, v in overrides.items() if v is not None})
+        m = get_method(method, family=self.family, **{k: v for k, v in overrides.items() if v is not None})
         if isinstance(images, (str, Path)):
             pil_images, image_hashes = read_image_folder(images)
         else:
@@ -275,6 +301,7 @@ class Museum:
                 result = train_concept(
                     self.pipe, m, info, pil_images, state=self.method_state(m.name), earlier=earlier,
                     cache_dir=self.folder / "cache", checkpoints=checkpoints, resume=resume, progress=progress,
+                    options=options, echo=echo,
                 )
                 self._commit_concept(m, info, result, image_hashes)
             except BaseException as err:
@@ -308,7 +335,7 @@ class Museum:
         sample = image_grid(self._generate([prompt] * 4, list(range(4)), entries=pending), cols=4, scale=2)
         fault_point("commit.sampled")
         with atomic_dir(self.folder / entry.folder) as tmp:
-            save_file({k: v.contiguous() for k, v in result.tensors.items()}, tmp / TENSORS)
+            save_file({k: v.detach().cpu().contiguous() for k, v in result.tensors.items()}, tmp / TENSORS)
             fault_point("commit.partial")
             (tmp / "concept.json").write_text(json.dumps(record, indent=2))
             sample.save(tmp / "sample.png")
@@ -321,7 +348,7 @@ class Museum:
             from safetensors.torch import save as save_bytes
 
             atomic_write_bytes(self.folder / state_file,
-                               save_bytes({k: v.contiguous() for k, v in result.state.items()}))
+                               save_bytes({k: v.detach().cpu().contiguous() for k, v in result.state.items()}))
             state[m.name] = {"file": state_file, "sha256": sha256_file(self.folder / state_file)}
             fault_point("commit.state")
         new = Manifest(self.manifest.base_path, self.manifest.base_hash, pending, state)

@@ -111,3 +111,153 @@ def test_hub_id_offline_is_a_clear_error(tmp_path):
     assert result.returncode == 2
     assert "'someone/no-such-model'" in result.stderr and "nor in the local Hugging Face cache" in result.stderr
     assert not (tmp_path / "m").exists()
+
+
+# --------------------------------------------------------------------------- GPU practice options
+
+
+def _learn(pipe, images, method="finetune", **options):
+    from museum.training.trainer import TrainOptions
+
+    m = get_method(method, steps=3, batch_size=2, lr=2e-2)
+    return train_concept(pipe, m, ConceptInfo("sunburst", "<sunburst>", "circle", False), images, progress=False,
+                         options=TrainOptions(**options))
+
+
+def test_gradient_checkpointing_recomputes_and_learns_the_same(tiny_base, concept_images, monkeypatch):
+    import torch.utils.checkpoint as cp
+
+    images = concept_images["sunburst"][1].train_images
+    plain = _learn(load_pipeline(tiny_base), images)
+    calls = []
+    original = cp.checkpoint
+    monkeypatch.setattr(cp, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    pipe = load_pipeline(tiny_base)
+    ckpt = _learn(pipe, images, gradient_checkpointing=True)
+    assert calls  # the UNet's blocks were recomputed in backward
+    assert not pipe.unet.is_gradient_checkpointing  # switched off again after training
+    for key, value in plain.state.items():
+        assert torch.allclose(value, ckpt.state[key], atol=1e-5), key
+
+
+def test_bf16_autocast_on_cpu_keeps_trainable_parameters_fp32(tiny_base, concept_images, tmp_path):
+    """bf16 runs in its own process (accelerate fixes mixed precision per process): the CLI prints the note and
+    the memory estimate, trains, and stores fp32 tensors close to an fp32 run's (run here, in-process)."""
+    from safetensors.torch import load_file
+
+    from conftest import run_cli
+    from museum.museum import Museum
+
+    runs = {}
+    for precision in ("no", "bf16"):
+        folder = tmp_path / precision
+        if precision == "no":
+            m = Museum.init(folder, base=tiny_base)
+            lines = []
+            m.learn("sunburst", concept_images["sunburst"][0], class_word="circle", method="finetune", steps=3,
+                    batch_size=2, progress=False, echo=lines.append)
+            stderr = "\n".join(lines)
+        else:
+            assert run_cli("init", str(folder), "--base", str(tiny_base)).returncode == 0
+            result = run_cli("learn", str(folder), "sunburst", "--images", str(concept_images["sunburst"][0]),
+                             "--class-word", "circle", "--method", "finetune", "--steps", "3", "--mixed-precision",
+                             precision, "--set", "batch_size=2", "--device", "cpu")
+            assert result.returncode == 0, result.stderr
+            stderr = result.stderr
+        assert "no GPU found: training on CPU in " + ("bf16 autocast" if precision == "bf16" else "fp32") in stderr
+        assert "memory estimate on cpu (an estimate, not a measurement)" in stderr
+        state = Museum.open(folder).manifest.state["finetune"]["file"]
+        runs[precision] = load_file(folder / state)
+    assert all(v.dtype == torch.float32 for v in runs["bf16"].values())
+    assert any(not torch.equal(runs["no"][k], runs["bf16"][k]) for k in runs["no"])  # bf16 did compute differently
+    for k, v in runs["no"].items():  # the LoRA's B starts at 0: bf16 moved it where fp32 did, to ~25%
+        assert float((v - runs["bf16"][k]).norm()) <= 0.25 * float(v.norm()) + 1e-6, k
+
+
+def test_gpu_options_refused_clearly_on_this_machine(tiny_base, concept_images, tmp_path):
+    from conftest import run_cli
+    from museum.errors import MuseumError
+    from museum.museum import Museum
+    from museum.training.trainer import TrainOptions
+
+    folder = tmp_path / "m"
+    m = Museum.init(folder, base=tiny_base)
+    fp16 = run_cli("learn", str(folder), "sunburst", "--images", str(concept_images["sunburst"][0]), "--class-word",
+                   "circle", "--steps", "2", "--mixed-precision", "fp16")
+    assert fp16.returncode == 2 and "fp16 needs a GPU" in fp16.stderr and "bf16" in fp16.stderr
+    learn = lambda **kw: m.learn("sunburst", concept_images["sunburst"][0], class_word="circle", steps=2,  # noqa: E731
+                                 progress=False, **kw)
+    try:
+        import bitsandbytes  # noqa: F401
+        message = "needs a CUDA GPU"
+    except ImportError:
+        message = "pip install bitsandbytes"
+    with pytest.raises(MuseumError, match=message):
+        learn(options=TrainOptions(use_8bit_adam=True))
+    if not torch.cuda.is_available():
+        with pytest.raises(MuseumError, match="no CUDA GPU is visible"):
+            learn(device="cuda")
+    with pytest.raises(MuseumError, match="not a device"):
+        learn(device="gpu-please")
+    with pytest.raises(ValueError, match=r"no setting\(s\) \['nonsense'\]"):
+        learn(nonsense=1)
+    assert Museum.open(folder).concepts == []  # nothing was learned by a refused run
+
+
+def test_memory_estimate_counts_what_trains(tiny_base):
+    from museum.training import memory
+
+    pipe = load_pipeline(tiny_base)
+    lora = [p for n, p in pipe.unet.named_parameters() if "attn2.to_k" in n]
+    everything = list(pipe.unet.parameters())
+    small, big = memory.estimate(pipe, lora, 2), memory.estimate(pipe, everything, 2)
+    n = sum(p.numel() for p in everything)
+    assert big.trainable == big.gradients == 4 * n and big.optimizer == 8 * n
+    assert small.trainable < big.trainable and small.activations == big.activations
+    assert memory.estimate(pipe, everything, 2, adam_8bit=True).optimizer == 2 * n
+    assert memory.estimate(pipe, everything, 4).activations == 2 * big.activations
+    assert memory.estimate(pipe, everything, 2, mixed_precision="bf16").activations == big.activations // 2
+    assert memory.estimate(pipe, everything, 2, checkpointing=True).activations < big.activations
+
+
+def test_sd_size_bases_get_the_papers_defaults(tiny_base, concept_images, tmp_path, monkeypatch):
+    """Defaults follow the base family (the papers' SD settings on SD-1.x/2.x/XL), and overrides win."""
+    from museum.methods.base import family_of
+    from museum.methods.textual_inversion import TextualInversionConfig
+    from museum.museum import Museum
+
+    assert family_of({"cross_attention_dim": 768}) == "sd1"
+    assert family_of({"cross_attention_dim": 1024}) == "sd2"
+    assert family_of({"cross_attention_dim": 2048, "addition_embed_type": "text_time"}) == "sdxl"
+    assert family_of({"cross_attention_dim": 16}) == "small"
+    m = Museum.init(tmp_path / "m", base=tiny_base)
+    assert m.family == "small"
+    monkeypatch.setattr(Museum, "family", property(lambda self: "sd1"))  # as if the base were SD-1.5
+    c = m.learn("sunburst", concept_images["sunburst"][0], method="textual-inversion", class_word="circle",
+                steps=2, progress=False)
+    sd = TextualInversionConfig.SD15
+    assert c.info["config"]["steps"] == 2  # the override
+    assert c.info["config"]["batch_size"] == sd["batch_size"] and c.info["config"]["token_lr"] == sd["token_lr"]
+
+
+# --------------------------------------------------------------------------- sizes (docs/GPU.md)
+
+
+def test_storage_formulas_match_what_methods_store(tiny_base, concept_images, tmp_path):
+    """museum.sizing (used by scripts/gpu_estimates.py for SD-1.5) counts exactly the values real runs store."""
+    from museum.methods import method_names
+    from museum.methods.kv import kv_modules
+    from museum.museum import Museum
+    from museum.sizing import concept_cost
+
+    for method in method_names():
+        m = Museum.init(tmp_path / method, base=tiny_base)
+        extra = dict(num_class_images=2) if method == "custom-diffusion" else {}
+        c = m.learn("sunburst", concept_images["sunburst"][0], method=method, class_word="circle", steps=1,
+                    progress=False, **extra)
+        kv = {n: tuple(mod.weight.shape) for n, mod in kv_modules(m.pipe.unet).items()}
+        width = m.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+        cost = concept_cost(method, kv, width, c.info["config"])
+        stored = sum(t.numel() for t in m._concept_tensors["sunburst"].values())
+        state = sum(t.numel() for t in m.method_state(method).values())
+        assert (cost.concept_values, cost.state_values) == (stored, state), method

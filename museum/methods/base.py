@@ -36,18 +36,35 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
-def get_method(name: str, **overrides) -> "Method":
-    """Instantiate a registered method with its default config updated by ``overrides``."""
+#: base families whose defaults are the papers' Stable Diffusion settings (``MethodConfig.SD15``)
+SD_FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def family_of(unet_config: dict) -> str:
+    """The base family of a UNet config: "sdxl" (added text/time conditioning), "sd2" (1024-wide text),
+    "sd1" (768-wide text), else "small" (the embedded model, tiny test models: Museum's own defaults)."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    width = unet_config.get("cross_attention_dim")
+    width = max(width) if isinstance(width, (list, tuple)) else width
+    return {768: "sd1", 1024: "sd2"}.get(width, "small")
+
+
+def get_method(name: str, family: str = "small", **overrides) -> "Method":
+    """Instantiate a registered method with its defaults for the base ``family`` (``family_of``: the papers'
+    SD settings for SD-size bases, Museum's own for small ones) updated by ``overrides``."""
     method_names()
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available methods: {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
-    return cls(cls.config_class.from_dict(overrides))
+    defaults = dict(cls.config_class.SD15) if family in SD_FAMILIES else {}
+    return cls(cls.config_class.from_dict({**defaults, **{k: v for k, v in overrides.items() if v is not None}}))
 
 
 @dataclass
 class MethodConfig:
-    """Settings every method has. Defaults are tuned for the embedded model; ``SD15`` holds SD-1.5's."""
+    """Settings every method has. Defaults are tuned for the embedded model; ``SD15`` holds the papers'
+    Stable Diffusion settings, used automatically on SD-1.x/2.x/XL bases (``get_method(family=...)``)."""
 
     steps: int = 300
     batch_size: int = 4

@@ -53,7 +53,7 @@ def applied_deltas(unet: nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator
                     raise ValueError(f"delta for {name} has shape {tuple(delta.shape)}, the UNet's weight "
                                      f"{tuple(w.shape)}; the concept was learned on another base model")
                 saved[name] = w.detach().clone()
-                w.add_(delta.to(w.dtype))
+                w.add_(delta.to(w))
         yield
     finally:
         with torch.no_grad():

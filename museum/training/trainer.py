@@ -42,14 +42,60 @@ from museum.errors import MuseumError, TrainingDivergedError
 from museum.store.faults import fault_point
 
 _ACCELERATOR: Optional[Accelerator] = None
+PRECISIONS = ("no", "fp16", "bf16")
 
 
-def get_accelerator() -> Accelerator:
-    """The process's single Accelerator (accelerate keeps one global state per process)."""
+def get_accelerator(mixed_precision: str | None = None) -> Accelerator:
+    """The process's single Accelerator (accelerate keeps one global state per process).
+
+    ``mixed_precision`` ("no", "fp16", "bf16") is fixed when the Accelerator is created (``accelerate
+    launch --mixed_precision`` sets it through the environment); asking for another one later in the
+    same process is refused, since accelerate cannot change it."""
     global _ACCELERATOR
+    if mixed_precision is not None and mixed_precision not in PRECISIONS:
+        raise MuseumError(f"--mixed-precision must be one of {', '.join(PRECISIONS)} (got {mixed_precision!r})")
     if _ACCELERATOR is None:
-        _ACCELERATOR = Accelerator()
+        _ACCELERATOR = Accelerator(mixed_precision=mixed_precision)
+    elif mixed_precision is not None and mixed_precision != _ACCELERATOR.mixed_precision:
+        raise MuseumError(f"this process already trains with mixed precision {_ACCELERATOR.mixed_precision!r} and "
+                          f"accelerate cannot change it within a process; learn with --mixed-precision "
+                          f"{mixed_precision} in a new process (each `museum learn` is one)")
     return _ACCELERATOR
+
+
+@dataclass
+class TrainOptions:
+    """How to train on the hardware at hand, as users of diffusers' training scripts expect. None of these
+    change what is learned beyond numerical precision."""
+
+    mixed_precision: Optional[str] = None  # "no" | "fp16" | "bf16"; None: the process's Accelerator's ("no")
+    gradient_checkpointing: bool = False  # recompute UNet block activations in backward (less memory, ~30% slower)
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (1 byte per moment instead of 4); needs a CUDA GPU
+    memory_estimate: bool = True  # print the estimate before training (when an ``echo`` is given)
+
+    def check(self, device: torch.device) -> None:
+        if self.mixed_precision not in (None, *PRECISIONS):
+            raise MuseumError(f"--mixed-precision must be one of {', '.join(PRECISIONS)} (got {self.mixed_precision!r})")
+        if self.mixed_precision == "fp16" and device.type == "cpu":
+            raise MuseumError("--mixed-precision fp16 needs a GPU (fp16 autocast and its gradient scaler are GPU "
+                              "features); on CPU use --mixed-precision bf16 (autocast) or no (fp32)")
+        if self.use_8bit_adam:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise MuseumError("--use-8bit-adam needs bitsandbytes, which is not installed: `pip install "
+                                  "bitsandbytes` (on a machine with a CUDA GPU), or train without --use-8bit-adam") \
+                    from None
+            if device.type != "cuda":
+                raise MuseumError(f"--use-8bit-adam needs a CUDA GPU; this run trains on {device}")
+
+
+def make_optimizer(groups: list[dict], use_8bit_adam: bool = False) -> torch.optim.Optimizer:
+    if use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, weight_decay=0.0)
+    return torch.optim.AdamW(groups, weight_decay=0.0)
 
 
 @dataclass
@@ -143,14 +189,20 @@ def train_concept(
     flip: bool = False,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    options: TrainOptions | None = None,
+    echo: Callable[[str], None] | None = None,
 ) -> LearnResult:
     """Learn ``concept`` from PIL ``images`` with ``method``; returns what the museum stores.
 
     The token is added to ``pipe`` (and stays: it is the concept's); every UNet weight the
-    method touched is restored afterwards, so the caller's base model is unchanged.
+    method touched is restored afterwards, so the caller's base model is unchanged. ``options``:
+    mixed precision (autocast; every weight, trainable ones included, stays fp32), gradient
+    checkpointing, 8-bit Adam; ``echo`` receives the memory estimate and notes before training.
     """
     cfg = method.config
-    accelerator = get_accelerator()
+    options = options or TrainOptions()
+    options.check(pipe.unet.device)
+    accelerator = get_accelerator(options.mixed_precision)
     checkpoints = checkpoints or Checkpointer(None)
     t_start = time.time()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -181,8 +233,19 @@ def train_concept(
     params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError(f"method {method.name} trains nothing: check its config (lr, token_lr)")
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    optimizer = make_optimizer(groups, options.use_8bit_adam)
     optimizer = accelerator.prepare(optimizer)
+    if options.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if echo is not None and options.memory_estimate:
+        from museum.training import memory
+
+        device = pipe.unet.device
+        if device.type == "cpu" and not torch.cuda.is_available():
+            echo(f"note: no GPU found: training on CPU in {'bf16 autocast' if accelerator.mixed_precision == 'bf16' else 'fp32'}")
+        echo(memory.estimate(pipe, params, cfg.batch_size, mixed_precision=accelerator.mixed_precision,
+                             checkpointing=options.gradient_checkpointing,
+                             adam_8bit=options.use_8bit_adam).describe(str(device)))
 
     start = 0
     latest = checkpoints.latest() if resume else None
@@ -207,12 +270,13 @@ def train_concept(
             x0, mask, noise, t, noisy = b["x0"], b["mask"], b["noise"], b["t"], b["noisy"]
             text = fixed_text if fixed_text is not None else encode_prompts(pipe, [prompt])
             text = text.expand(cfg.batch_size, -1, -1)
-            pred = unet(noisy, t, text).sample
-            loss_diff = denoising_loss(pred, diffusion_target(noise_scheduler, x0, noise, t), mask)
-            batch = dict(x0=x0, noise=noise, t=t, noisy=noisy, text=text, mask=mask, generator=gen, step=step,
-                         scheduler=noise_scheduler, pred=pred)
-            terms = method.loss_terms(ctx, batch)
-            loss = loss_diff + sum(terms.values())
+            with accelerator.autocast():  # a no-op unless mixed precision was asked for
+                pred = unet(noisy, t, text).sample
+                loss_diff = denoising_loss(pred, diffusion_target(noise_scheduler, x0, noise, t), mask)
+                batch = dict(x0=x0, noise=noise, t=t, noisy=noisy, text=text, mask=mask, generator=gen, step=step,
+                             scheduler=noise_scheduler, pred=pred)
+                terms = method.loss_terms(ctx, batch)
+                loss = loss_diff + sum(terms.values())
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"loss became {loss.item()} at step {step + 1} while learning {concept.name!r} with {method.name}; "
@@ -238,6 +302,8 @@ def train_concept(
         watch.check_result(concept_tensors, new_state)
         fault_point("train.finished")
     finally:
+        if options.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
         ctx.teacher = None
         method.teardown(ctx)
         if hook is not None:
