@@ -179,6 +179,8 @@ def learn(
         if not overrides or "setting" not in str(err):
             raise
         fail(str(err))
+    if c is None:  # another process of an `accelerate launch` run: the main process commits and reports
+        return
     typer.echo(f"learned {c.name} with {c.method} in {c.info['train_seconds']:.0f}s ({c.info['steps']} steps); "
                f"use it as \"{c.phrase}\"; sample: {c.path / 'sample.png'}")
 

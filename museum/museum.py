@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 import shutil
 import time
 import warnings
@@ -43,7 +43,7 @@ from museum.store.manifest import (
 )
 from museum.training.data import read_image_folder
 from museum.training.objectives import concept_prompt
-from museum.training.trainer import Checkpointer, TrainOptions, train_concept
+from museum.training.trainer import Checkpointer, TrainOptions, get_accelerator, train_concept
 
 TOKEN_RE = re.compile(r"<[^<>\s]+>")
 TENSORS = "tensors.safetensors"
@@ -237,7 +237,7 @@ class Museum:
               class_word: str | None = None, style: bool = False, steps: int | None = None, resume: bool = False,
               wait: bool = False, progress: bool = True, seed: int | None = None,
               checkpoint_every: int | None = None, options: TrainOptions | None = None,
-              device: str | None = None, echo=None, **config) -> Concept:
+              device: str | None = None, echo=None, **config) -> Concept | None:
         """Learn a new concept from a folder of images (or PIL images) and commit it to the museum.
 
         ``config`` overrides the method's settings (see ``museum methods``; on SD-1.x/2.x/XL bases
@@ -265,53 +265,72 @@ class Museum:
             image_hashes = [_image_hash(im) for im in pil_images]
             if not pil_images:
                 raise MuseumError("no images given")
-        with writer_lock(self.folder, wait=wait):
-            self.manifest = Manifest.read(self.folder)
-            remove_leftovers(self.folder / "concepts")
-            remove_leftovers(self.folder / "state")
-            remove_leftovers(self.folder)
-            work = self.folder / "work" / name
-            for stale in (self.folder / "work").glob("*"):  # left by a crash after its concept was committed
-                if stale.name in self.manifest.names():
-                    shutil.rmtree(stale, ignore_errors=True)
-            if name in self.manifest.names():
-                raise MuseumError(f"the museum already has a concept {name!r}; choose another name or "
-                                  f"`museum remove` it first")
-            token = f"<{name}>"
-            if token in self.pipe.tokenizer.get_vocab():
-                raise MuseumError(f"the token {token} is already in the base model's vocabulary; choose another name")
-            task_index = len(self.manifest.concepts)
-            info = ConceptInfo(name, token, class_word, style, task_index, m.name)
-            earlier = [self.concept_info(e) for e in self.manifest.concepts]
-            if work.is_dir():
-                remove_leftovers(work)
-                if not resume:
-                    if any(work.glob("checkpoint-*")):
-                        warnings.warn(f"discarding the checkpoints of an interrupted run of {name!r} in {work}; "
-                                      "pass --resume (resume=True) to continue such a run instead")
-                    shutil.rmtree(work, ignore_errors=True)
-            # what the run depends on: a checkpoint made with anything else is not resumed
-            fingerprint = {"method": m.name, "config": m.config.to_dict(), "images": image_hashes,
-                           "base": self.manifest.base_hash, "class_word": class_word, "style": style,
-                           "earlier": [[c.name, c.files.get(TENSORS)] for c in self.manifest.concepts],
-                           "state": (self.manifest.state.get(m.name) or {}).get("sha256")}
-            checkpoints = Checkpointer(work, every=checkpoint_every or max(25, m.config.steps // 4),
-                                       fingerprint=fingerprint)
-            try:
-                result = train_concept(
-                    self.pipe, m, info, pil_images, state=self.method_state(m.name), earlier=earlier,
-                    cache_dir=self.folder / "cache", checkpoints=checkpoints, resume=resume, progress=progress,
-                    options=options, echo=echo,
-                )
-                self._commit_concept(m, info, result, image_hashes)
-            except BaseException as err:
-                self._pipe = None  # the pipeline holds the uncommitted token: reload from disk next time
-                self._loaded_state = {}
-                if isinstance(err, TrainingDivergedError):  # resuming would diverge again: leave nothing behind
-                    shutil.rmtree(work, ignore_errors=True)
-                raise
-            shutil.rmtree(work, ignore_errors=True)
-            fault_point("learn.done")
+        # under `accelerate launch` several processes train this concept together (data parallel): the main
+        # process holds the writer lock, cleans, checkpoints and commits; the others only train
+        accelerator = get_accelerator(options.mixed_precision if options else None)
+        main, multi = accelerator.is_main_process, accelerator.num_processes > 1
+        agreed = False
+        try:
+            with writer_lock(self.folder, wait=wait) if main else nullcontext():
+                self.manifest = Manifest.read(self.folder)
+                work = self.folder / "work" / name
+                if main:
+                    remove_leftovers(self.folder / "concepts")
+                    remove_leftovers(self.folder / "state")
+                    remove_leftovers(self.folder)
+                    for stale in (self.folder / "work").glob("*"):  # left by a crash after its concept was committed
+                        if stale.name in self.manifest.names():
+                            shutil.rmtree(stale, ignore_errors=True)
+                if name in self.manifest.names():
+                    raise MuseumError(f"the museum already has a concept {name!r}; choose another name or "
+                                      f"`museum remove` it first")
+                token = f"<{name}>"
+                if token in self.pipe.tokenizer.get_vocab():
+                    raise MuseumError(f"the token {token} is already in the base model's vocabulary; choose another name")
+                task_index = len(self.manifest.concepts)
+                info = ConceptInfo(name, token, class_word, style, task_index, m.name)
+                earlier = [self.concept_info(e) for e in self.manifest.concepts]
+                if main and work.is_dir():
+                    remove_leftovers(work)
+                    if not resume:
+                        if any(work.glob("checkpoint-*")):
+                            warnings.warn(f"discarding the checkpoints of an interrupted run of {name!r} in {work}; "
+                                          "pass --resume (resume=True) to continue such a run instead")
+                        shutil.rmtree(work, ignore_errors=True)
+                # what the run depends on: a checkpoint made with anything else is not resumed
+                fingerprint = {"method": m.name, "config": m.config.to_dict(), "images": image_hashes,
+                               "base": self.manifest.base_hash, "class_word": class_word, "style": style,
+                               "earlier": [[c.name, c.files.get(TENSORS)] for c in self.manifest.concepts],
+                               "state": (self.manifest.state.get(m.name) or {}).get("sha256")}
+                checkpoints = Checkpointer(work, every=checkpoint_every or max(25, m.config.steps // 4),
+                                           fingerprint=fingerprint)
+                if multi:
+                    agreed = True
+                    if not _all_agree(accelerator, True):
+                        raise MuseumError("another process of this data-parallel run failed before training (see "
+                                          "its error); nothing was learned")
+                try:
+                    result = train_concept(
+                        self.pipe, m, info, pil_images, state=self.method_state(m.name), earlier=earlier,
+                        cache_dir=self.folder / "cache", checkpoints=checkpoints, resume=resume, progress=progress,
+                        options=options, echo=echo,
+                    )
+                    if not main:
+                        self._pipe = None  # holds the token; the main process commits the concept
+                        return None
+                    self._commit_concept(m, info, result, image_hashes)
+                except BaseException as err:
+                    self._pipe = None  # the pipeline holds the uncommitted token: reload from disk next time
+                    self._loaded_state = {}
+                    if main and isinstance(err, TrainingDivergedError):  # resuming would diverge again
+                        shutil.rmtree(work, ignore_errors=True)
+                    raise
+                shutil.rmtree(work, ignore_errors=True)
+                fault_point("learn.done")
+        except BaseException:
+            if multi and not agreed:  # tell the other processes, which wait for this one
+                _all_agree(accelerator, False)
+            raise
         return self.concept(name)
 
     def _commit_concept(self, m: Method, info: ConceptInfo, result, image_hashes: list[str]) -> None:
@@ -485,6 +504,12 @@ def warn_if_truncated(tokenizer, prompts: Sequence[str], concept_tokens: Sequenc
         extra = f"; {', '.join(lost)} fall(s) after the limit and will not be drawn" if lost else ""
         warnings.warn(f"prompt has {len(ids)} tokens, more than the model's {limit}; it is truncated to the first "
                       f"{limit}{extra}: {p[:60]}...", stacklevel=3)
+
+
+def _all_agree(accelerator, ok: bool) -> bool:
+    """Whether every process of a data-parallel run is ``ok`` (a collective: every process must call it)."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
 
 
 def _model_shapes(pipe) -> dict:

@@ -261,3 +261,43 @@ def test_storage_formulas_match_what_methods_store(tiny_base, concept_images, tm
         stored = sum(t.numel() for t in m._concept_tensors["sunburst"].values())
         state = sum(t.numel() for t in m.method_state(method).values())
         assert (cost.concept_values, cost.state_values) == (stored, state), method
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def test_two_processes_learn_what_one_does(tiny_base, concept_images, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (torchrun, gloo): each process trains on half
+    of the same global batch and gradients are averaged, so the concept equals the one-process run's."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    if shutil.which("accelerate") is None:
+        pytest.skip("the accelerate command is not installed")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    learn = ["learn", "sunburst", "--images", str(concept_images["sunburst"][0]), "--class-word", "circle",
+             "--method", "c-lora", "--steps", "6", "--set", "batch_size=4"]
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "museum"]
+    runs = {}
+    for procs, command in ((1, [sys.executable, "-m", "museum"]), (2, launch)):
+        folder = tmp_path / f"p{procs}"
+        subprocess.run([sys.executable, "-m", "museum", "init", str(folder), "--base", str(tiny_base)], check=True,
+                       capture_output=True, env=env)
+        result = subprocess.run(command + [learn[0], str(folder)] + learn[1:], capture_output=True, text=True,
+                                env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert ("data parallel: 2 processes x 2 samples = global batch 4" in result.stderr) == (procs == 2)
+        assert result.stdout.count("learned sunburst") == 1  # only the main process commits and reports
+        runs[procs] = load_file(folder / "concepts" / "000-sunburst" / "tensors.safetensors")
+    assert runs[1].keys() == runs[2].keys()
+    for key, one in runs[1].items():
+        assert float((one - runs[2][key]).norm()) <= 1e-4 * float(one.norm()) + 1e-7, key
+    # a failure before training (the name is taken) stops every process with the error, none waits forever
+    again = subprocess.run(launch + [learn[0], str(tmp_path / "p2")] + learn[1:], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert again.returncode != 0 and "already has a concept 'sunburst'" in again.stderr

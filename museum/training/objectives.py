@@ -51,10 +51,13 @@ def predicted_x0(scheduler, noisy: torch.Tensor, pred: torch.Tensor, t: torch.Te
     return (noisy.float() - (1 - a).sqrt() * pred.float()) / a.sqrt()
 
 
-def denoising_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error over the valid region (mask broadcast over channels)."""
+def denoising_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+                   valid: float | None = None) -> torch.Tensor:
+    """Mean squared error over the valid region (mask broadcast over channels). ``valid``: the number of
+    valid values to divide by, when this is one process's share of a larger batch (data parallel: the
+    mean over processes is then exactly the global batch's loss)."""
     err = (pred.float() - target.float()) ** 2
     if mask is None:
         return err.mean()
     mask = mask.expand_as(err)
-    return (err * mask).sum() / mask.sum().clamp(min=1.0)
+    return (err * mask).sum() / (mask.sum().clamp(min=1.0) if valid is None else max(valid, 1.0))

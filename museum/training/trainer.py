@@ -8,7 +8,9 @@ minimises the denoising loss of Stable Diffusion (Rombach et al. 2022, eq. 2)
 plus whatever terms the method adds (prior preservation, regularisers, distillation).
 Latents of the augmented images are encoded once; the text conditioning is recomputed
 each step only when the concept token is being trained. One ``Accelerator`` per process is
-reused across tasks (ECOSYSTEM.md pitfall 6). Checkpoints (safetensors + JSON, no pickle)
+reused across tasks (ECOSYSTEM.md pitfall 6); under ``accelerate launch`` with several processes each
+draws the same global batch, trains on its share of the rows and averages gradients with the others
+(``accelerator.reduce``), so N processes train what one does with the same global batch. Checkpoints (safetensors + JSON, no pickle)
 are written every ``checkpoint_every`` steps; ``resume=True`` continues from the latest
 checkpoint, and only if it was made by the same run (method, settings, images, earlier
 concepts: ``Checkpointer.fingerprint``).
@@ -55,7 +57,9 @@ def get_accelerator(mixed_precision: str | None = None) -> Accelerator:
     if mixed_precision is not None and mixed_precision not in PRECISIONS:
         raise MuseumError(f"--mixed-precision must be one of {', '.join(PRECISIONS)} (got {mixed_precision!r})")
     if _ACCELERATOR is None:
-        _ACCELERATOR = Accelerator(mixed_precision=mixed_precision)
+        # cpu=True without a GPU: several processes then form a gloo (MULTI_CPU) group under torchrun /
+        # `accelerate launch --multi_gpu`, instead of each training alone
+        _ACCELERATOR = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     elif mixed_precision is not None and mixed_precision != _ACCELERATOR.mixed_precision:
         raise MuseumError(f"this process already trains with mixed precision {_ACCELERATOR.mixed_precision!r} and "
                           f"accelerate cannot change it within a process; learn with --mixed-precision "
@@ -116,6 +120,7 @@ class Checkpointer:
     every: int = 100
     keep: int = 2
     fingerprint: dict = field(default_factory=dict)  # what the run depends on; resume refuses a mismatch
+    read_only: bool = False  # other processes of a data-parallel run read the main process's checkpoints
 
     def latest(self) -> Optional[Path]:
         if self.folder is None or not self.folder.is_dir():
@@ -124,7 +129,7 @@ class Checkpointer:
         return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
     def save(self, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, params: list) -> None:
-        if self.folder is None:
+        if self.folder is None or self.read_only:
             return
         from museum.store.atomic import atomic_dir
 
@@ -203,6 +208,15 @@ def train_concept(
     options = options or TrainOptions()
     options.check(pipe.unet.device)
     accelerator = get_accelerator(options.mixed_precision)
+    procs, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % procs:
+        raise MuseumError(f"the batch ({cfg.batch_size}) is the global batch of {procs} processes and must divide "
+                          f"evenly; pass --set batch_size={procs * max(1, cfg.batch_size // procs)}")
+    local = slice(rank * cfg.batch_size // procs, (rank + 1) * cfg.batch_size // procs)  # this process's rows
+    if not accelerator.is_main_process:  # one process writes checkpoints and prints
+        checkpoints = Checkpointer(checkpoints.folder, checkpoints.every, checkpoints.keep, checkpoints.fingerprint,
+                                   read_only=True) if checkpoints is not None else None
+        progress, echo, on_step = False, None, None
     checkpoints = checkpoints or Checkpointer(None)
     t_start = time.time()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -237,13 +251,16 @@ def train_concept(
     optimizer = accelerator.prepare(optimizer)
     if options.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if echo is not None and procs > 1:
+        echo(f"data parallel: {procs} processes x {cfg.batch_size // procs} samples = global batch {cfg.batch_size} "
+             f"({accelerator.distributed_type.value}, backend {accelerator.state.backend})")
     if echo is not None and options.memory_estimate:
         from museum.training import memory
 
         device = pipe.unet.device
         if device.type == "cpu" and not torch.cuda.is_available():
             echo(f"note: no GPU found: training on CPU in {'bf16 autocast' if accelerator.mixed_precision == 'bf16' else 'fp32'}")
-        echo(memory.estimate(pipe, params, cfg.batch_size, mixed_precision=accelerator.mixed_precision,
+        echo(memory.estimate(pipe, params, cfg.batch_size // procs, mixed_precision=accelerator.mixed_precision,
                              checkpointing=options.gradient_checkpointing,
                              adam_8bit=options.use_8bit_adam).describe(str(device)))
 
@@ -266,13 +283,16 @@ def train_concept(
     try:
         for step in bar:
             gen.manual_seed(cfg.seed * 1_000_003 + step)  # per-step seeding: resume reproduces the run
+            # every process draws the same global batch and trains on its own rows (data parallel)
             b = noisy_batch(latents, noise_scheduler, cfg.batch_size, gen, unet.device, unet.dtype)
-            x0, mask, noise, t, noisy = b["x0"], b["mask"], b["noise"], b["t"], b["noisy"]
+            x0, mask, noise, t, noisy = (b[k][local] for k in ("x0", "mask", "noise", "t", "noisy"))
+            # this process's share of the global batch's valid values (None: one process, its own count)
+            valid = float(b["mask"].sum()) * x0.shape[1] / procs if procs > 1 else None
             text = fixed_text if fixed_text is not None else encode_prompts(pipe, [prompt])
-            text = text.expand(cfg.batch_size, -1, -1)
+            text = text.expand(len(x0), -1, -1)
             with accelerator.autocast():  # a no-op unless mixed precision was asked for
                 pred = unet(noisy, t, text).sample
-                loss_diff = denoising_loss(pred, diffusion_target(noise_scheduler, x0, noise, t), mask)
+                loss_diff = denoising_loss(pred, diffusion_target(noise_scheduler, x0, noise, t), mask, valid)
                 batch = dict(x0=x0, noise=noise, t=t, noisy=noisy, text=text, mask=mask, generator=gen, step=step,
                              scheduler=noise_scheduler, pred=pred)
                 terms = method.loss_terms(ctx, batch)
@@ -282,6 +302,10 @@ def train_concept(
                     f"loss became {loss.item()} at step {step + 1} while learning {concept.name!r} with {method.name}; "
                     f"nothing was saved. Lower the learning rate (lr={cfg.lr}, token_lr={cfg.token_lr}) and try again")
             accelerator.backward(loss)
+            if procs > 1:  # the mean gradient over processes: the gradient of the global batch
+                for p in params:
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
