@@ -36,11 +36,11 @@ FISHER = "fisher/"
 
 @dataclass
 class EWCConfig(LoRAConfig):
-    ewc_weight: float = 1e5  # lambda of eq. 3 (0 switches the penalty off); scale: see docs/METHODS.md
+    ewc_weight: float = 1e4  # lambda of eq. 3 (0 switches the penalty off); scale: see docs/METHODS.md
     fisher_samples: int = 32  # single-sample gradients averaged into each task's Fisher
     fisher_decay: float = 1.0  # F <- fisher_decay * F + F_task (1: sum over tasks)
 
-    SD15 = dict(LoRAConfig.SD15, ewc_weight=1e5, fisher_samples=100)
+    SD15 = dict(LoRAConfig.SD15, ewc_weight=1e4, fisher_samples=100)
 
 
 @register

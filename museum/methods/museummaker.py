@@ -86,12 +86,12 @@ class MuseumMakerConfig(LoRAConfig):
     style_weight: float = 1.0  # style distillation (styles only; 0 switches it off)
     content_weight: float = 1.0  # the content part of the style distillation, relative to its statistics
     weight_reg: float = 0.1  # weight-level regularisation (0 switches it off)
-    feature_weight: float = 1.0  # feature-level data-free distillation (0 switches it off)
+    feature_weight: float = 10.0  # feature-level data-free distillation (0 switches it off)
     distill_batch: int = 2  # samples per step for each distillation term (both share one forward pass)
     num_content_images: int = 32  # generic content drawn once by the base model (cached in the museum)
     bank_draws: int = 4  # noise/timestep draws per content image, fixed for the task (see _content_bank)
 
-    SD15 = dict(LoRAConfig.SD15, style_weight=1.0, content_weight=1.0, weight_reg=0.1, feature_weight=1.0,
+    SD15 = dict(LoRAConfig.SD15, style_weight=1.0, content_weight=1.0, weight_reg=0.1, feature_weight=10.0,
                 distill_batch=2, num_content_images=200, bank_draws=4)
 
 
