@@ -2,7 +2,8 @@
 
 A concept becomes
 
-* ``learned_embeds.safetensors``: its token, ``{token: (1, D)}``, for ``pipe.load_textual_inversion``;
+* ``learned_embeds.safetensors``: its token, ``{token: (1, D)}``, for ``pipe.load_textual_inversion``
+  (SDXL: ``{"clip_l": (1, D1), "clip_g": (1, D2)}``, loaded into each text encoder);
 * ``pytorch_lora_weights.safetensors`` (methods that change K/V): the exact K/V deltas the
   museum applies for a prompt naming the concept(s), written as one LoRA with its adapter
   metadata (ECOSYSTEM.md pitfall 4), for ``pipe.load_lora_weights``. Dense deltas (Custom
@@ -24,7 +25,6 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from safetensors.torch import save_file
 
@@ -33,9 +33,13 @@ from museum.methods.kv import KV_PATTERN
 from museum.store.atomic import atomic_dir
 from museum.store.faults import fault_point
 
-LOAD_SNIPPET = """from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{base}")
+LOAD_SNIPPET = """from diffusers import {cls}
+pipe = {cls}.from_pretrained("{base}")
 {loads}"""
+#: an SDXL token: one file with both encoders' rows, loaded into each encoder (diffusers' SDXL layout)
+SDXL_TOKEN_LOADS = """from safetensors.torch import load_file; emb = load_file("{file}")
+pipe.load_textual_inversion(emb["clip_l"], token="{token}", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+pipe.load_textual_inversion(emb["clip_g"], token="{token}", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"""
 
 
 def deltas_to_lora(deltas: dict[str, torch.Tensor], rel_tol: float = 1e-6) -> tuple[dict[str, torch.Tensor], int]:
@@ -57,9 +61,11 @@ def deltas_to_lora(deltas: dict[str, torch.Tensor], rel_tol: float = 1e-6) -> tu
 def export_concepts(museum, names: list[str], out: Path) -> Path:
     """Export one concept, or several composed (their deltas as the museum combines them), to ``out``."""
     from museum.methods.base import get_method
+    from museum.methods.tokens import SECOND, is_sdxl
 
     entries = [museum.manifest.concept(n) for n in names]
-    museum.pipe  # loads and verifies every concept
+    pipe = museum.pipe  # loads and verifies every concept
+    sdxl = is_sdxl(pipe)
     deltas = museum.deltas_for(entries)
     loads, museum_concepts, loaders = [], [], {}
     fault_point("export.begin")
@@ -67,7 +73,11 @@ def export_concepts(museum, names: list[str], out: Path) -> Path:
         for e in entries:
             info = museum.concept_info(e)
             file = "learned_embeds.safetensors" if len(entries) == 1 else f"learned_embeds-{e.name}.safetensors"
-            save_file({e.token: info.tensors[e.token].contiguous()}, tmp / file)
+            if sdxl:  # diffusers' SDXL embedding layout
+                save_file({"clip_l": info.tensors[e.token].contiguous(),
+                           "clip_g": info.tensors[e.token + SECOND].contiguous()}, tmp / file)
+            else:
+                save_file({e.token: info.tensors[e.token].contiguous()}, tmp / file)
             method = get_method(e.method)
             if method.export_format == "museum":  # the method's own loader adds the token too
                 own = f"museum-{e.name}.safetensors"
@@ -76,6 +86,8 @@ def export_concepts(museum, names: list[str], out: Path) -> Path:
                 museum_concepts.append({"name": e.name, "token": e.token, "method": e.method, "file": own,
                                         "config": info.config, "loader": loader})
                 loaders[loader] = None
+            elif sdxl:
+                loads.append(SDXL_TOKEN_LOADS.format(file=out / file, token=e.token))
             else:
                 loads.append(f'pipe.load_textual_inversion("{out / file}", token="{e.token}")')
         fault_point("export.partial")
@@ -83,14 +95,13 @@ def export_concepts(museum, names: list[str], out: Path) -> Path:
         if deltas:
             state, lora_rank = deltas_to_lora(deltas)
             config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=KV_PATTERN)
-            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state,
-                                                      unet_lora_adapter_metadata=config.to_dict())
+            type(pipe).save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=config.to_dict())
             loads.append(f'pipe.load_lora_weights("{out}")')
         for loader in loaders:
             module, func = loader.split(":")
             loads.append(f'from {module} import {func}; {func}(pipe, "{out}")')
         base = str(resolve_base(museum.manifest.base_path))
-        snippet = LOAD_SNIPPET.format(base=base, loads="\n".join(loads))
+        snippet = LOAD_SNIPPET.format(cls=type(pipe).__name__, base=base, loads="\n".join(loads))
         (tmp / "museum_export.json").write_text(json.dumps({
             "concepts": [{"name": e.name, "token": e.token, "method": e.method,
                           "phrase": museum.concept(e.name).phrase} for e in entries],

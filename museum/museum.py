@@ -171,7 +171,7 @@ class Museum:
                     raise
                 self.manifest = fresh
         for entry in self.manifest.concepts:
-            tokens.add_token(pipe, entry.token, tensors[entry.name][entry.token][0])
+            tokens.install_token(pipe, entry.token, tensors[entry.name])
         self._concept_tensors, self._concept_records, self._loaded_state = tensors, records, state
         return pipe
 
@@ -258,6 +258,9 @@ class Museum:
         class_word = "style" if style else class_word.strip().lower()
         overrides = dict(config, steps=steps, seed=seed)
         m = get_method(method, family=self.family, **{k: v for k, v in overrides.items() if v is not None})
+        if not type(m).two_text_encoders and tokens.is_sdxl(self.pipe):
+            raise MuseumError(f"{method} does not support bases with two text encoders (SDXL) yet; use another "
+                              f"method (see `museum methods`)")
         if isinstance(images, (str, Path)):
             pil_images, image_hashes = read_image_folder(images)
         else:
@@ -514,7 +517,8 @@ def _all_agree(accelerator, ok: bool) -> bool:
 
 def _model_shapes(pipe) -> dict:
     """What a concept's tensors must fit: text width and the (out, in) of every cross-attention K/V projection."""
-    return {"width": pipe.text_encoder.get_input_embeddings().weight.shape[1],
+    widths = [encoder.get_input_embeddings().weight.shape[1] for _, encoder in tokens.text_pairs(pipe)]
+    return {"width": widths[0], "width_2": widths[1] if len(widths) > 1 else None,
             "kv": {name: tuple(mod.weight.shape) for name, mod in kv.kv_modules(pipe.unet).items()}}
 
 
@@ -546,6 +550,14 @@ def _check_tensors(tensors: dict[str, torch.Tensor], shapes: dict, what: str, to
                 raise MuseumError(f"{what}: its token embedding has shape {tuple(t.shape)}, the base model's text "
                                   f"encoder needs (1, {width}); it was made for another base model (restore it from a "
                                   "backup, or `museum remove` the concept)")
+            continue
+        if token is not None and key == token + tokens.SECOND:  # the second text encoder's embedding (SDXL)
+            width_2 = shapes.get("width_2")
+            if width_2 is None or t.dim() != 2 or t.shape[0] != 1 or t.shape[1] != width_2:
+                raise MuseumError(f"{what}: its second-encoder token embedding has shape {tuple(t.shape)}, but this "
+                                  f"base model {'has one text encoder' if width_2 is None else f'needs (1, {width_2})'}"
+                                  "; it was made for another base model (restore it from a backup, or `museum "
+                                  "remove` the concept)")
             continue
         module = next((n for n in sorted(kv_shapes, key=len, reverse=True) if f"{n}." in f"{key}." or key.endswith(n)),
                       None)

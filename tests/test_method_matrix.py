@@ -1,9 +1,9 @@
 """The shared matrix every registered method passes through, on tiny random pipelines of each base
-family (SD-1.x with epsilon prediction, SD-2.x with v-prediction; ``museum.base.tiny``): learn a few
-steps, save, reload, generate, compose with a second concept, export and load the export with plain
-diffusers, remove."""
+family (SD-1.x with epsilon prediction, SD-2.x with v-prediction, SDXL with two text encoders;
+``museum.base.tiny``): learn a few steps, save, reload, generate, compose with a second concept,
+export and load the export with plain diffusers (running the export's own load snippet), remove.
+Methods that do not support two text encoders are refused on SDXL with a clear error (tested)."""
 
-import importlib
 import json
 
 import numpy as np
@@ -26,8 +26,10 @@ def pixels(image):
     return np.asarray(image, dtype=np.int16)
 
 
-@pytest.fixture(scope="module", params=[(f, m) for f in FAMILIES for m in method_names()],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+COMBINATIONS = [(f, m) for f in FAMILIES for m in method_names() if f != "sdxl" or METHODS[m].two_text_encoders]
+
+
+@pytest.fixture(scope="module", params=COMBINATIONS, ids=lambda p: f"{p[0]}-{p[1]}")
 def learned(request, tiny_family, concept_images, tmp_path_factory):
     family, method = request.param
     folder = tmp_path_factory.mktemp(f"{family}-{method}") / "museum"
@@ -40,12 +42,30 @@ def learned(request, tiny_family, concept_images, tmp_path_factory):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_families_differ_as_their_checkpoints_do(tiny_family, family):
-    """The SD-2.x pipeline is v-prediction with linear projections; SD-1.x epsilon with convolutions."""
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_family(family), safety_checker=None)
-    sd2 = family == "sd2"
-    assert pipe.scheduler.config.prediction_type == ("v_prediction" if sd2 else "epsilon")
-    assert pipe.unet.config.use_linear_projection == sd2
-    assert isinstance(pipe.unet.down_blocks[0].attentions[0].proj_in, torch.nn.Linear) == sd2
+    """SD-2.x is v-prediction with linear projections; SD-1.x epsilon with convolutions; SDXL has two text
+    encoders whose states the UNet attends to together, and pooled text + time ids as added conditioning."""
+    from museum.base.loading import load_pipeline
+
+    pipe = load_pipeline(tiny_family(family))
+    assert pipe.scheduler.config.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
+    assert pipe.unet.config.use_linear_projection == (family != "sd1")
+    block = next(b for b in pipe.unet.down_blocks if hasattr(b, "attentions"))
+    assert isinstance(block.attentions[0].proj_in, torch.nn.Linear) == (family != "sd1")
+    if family == "sdxl":
+        assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+        assert pipe.unet.config.addition_embed_type == "text_time"
+        assert pipe.unet.config.cross_attention_dim == (pipe.text_encoder.config.hidden_size
+                                                         + pipe.text_encoder_2.config.hidden_size)
+    else:
+        assert type(pipe) is StableDiffusionPipeline
+
+
+@pytest.mark.parametrize("method", [m for m in method_names() if not METHODS[m].two_text_encoders])
+def test_methods_without_sdxl_support_are_refused_clearly(tiny_family, concept_images, tmp_path, method):
+    m = Museum.init(tmp_path / "museum", base=tiny_family("sdxl"))
+    with pytest.raises(MuseumError, match=rf"{method} does not support bases with two text encoders \(SDXL\)"):
+        m.learn("sunburst", concept_images["sunburst"][0], method=method, class_word="circle", progress=False, **FAST)
+    assert Museum.open(tmp_path / "museum").concepts == []
 
 
 def test_learn_save_reload_generate(learned):
@@ -89,20 +109,20 @@ def test_export_loads_in_plain_diffusers(learned, tmp_path):
     out = m.export("sunburst", tmp_path / "export")
     prompt = f"a {m.concept('sunburst').phrase} on a grass background"
     ours = m.generate(prompt, n=1, steps=4)[0]
-    pipe = StableDiffusionPipeline.from_pretrained(m.manifest.base_path, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
     info = json.loads((out / "museum_export.json").read_text())
     needs_museum = METHODS[method].export_format == "museum"
     assert info["needs_museum"] == needs_museum
-    if needs_museum:  # the method's own loader adds the token and installs its effect
-        module, func = info["museum_concepts"][0]["loader"].split(":")
-        getattr(importlib.import_module(module), func)(pipe, out)
-    else:
-        pipe.load_textual_inversion(str(out / "learned_embeds.safetensors"), token="<sunburst>")
     has_lora = (out / "pytorch_lora_weights.safetensors").is_file()
     assert has_lora == (METHODS[method].export_format == "lora")
-    if has_lora:
-        pipe.load_lora_weights(str(out))
+    # the lines the export says load it, run as they are: plain diffusers (plus the method's loader where
+    # needs_museum: it adds the token and installs the method's effect)
+    snippet = info["load_with_diffusers"]
+    assert snippet.count("\n") <= 5 and ("load_lora_weights" in snippet) == has_lora
+    assert (info["museum_concepts"][0]["loader"].split(":")[0] in snippet) if needs_museum else True
+    scope = {}
+    exec(snippet, scope)
+    pipe = scope["pipe"]
+    pipe.set_progress_bar_config(disable=True)
     theirs = generate_images(pipe, [prompt], seeds=[0], steps=4)[0]
     assert np.abs(pixels(ours) - pixels(theirs)).max() <= 2
 

@@ -1,8 +1,8 @@
 """Real Stable Diffusion families (issue 8): what differs from the embedded model's path.
 
-The per-method matrix on SD-1.x and SD-2.x pipelines lives in test_method_matrix.py; this file
-checks the family-specific pieces: the v-prediction target, single-file checkpoints, offline errors
-and the GPU-practice options."""
+The per-method matrix on SD-1.x, SD-2.x and SDXL pipelines lives in test_method_matrix.py; this file
+checks the family-specific pieces: the v-prediction target, single-file checkpoints, offline errors,
+the GPU-practice options, storage formulas, data-parallel processes and SDXL's two token rows."""
 
 import numpy as np
 import pytest
@@ -301,3 +301,31 @@ def test_two_processes_learn_what_one_does(tiny_base, concept_images, tmp_path):
     again = subprocess.run(launch + [learn[0], str(tmp_path / "p2")] + learn[1:], capture_output=True, text=True,
                            env=env, timeout=300)
     assert again.returncode != 0 and "already has a concept 'sunburst'" in again.stderr
+
+
+# --------------------------------------------------------------------------- SDXL
+
+
+def test_sdxl_token_trains_in_both_text_encoders(tiny_family, concept_images, tmp_path):
+    """On SDXL a concept's token is added to both tokenizers; both embeddings train and are stored, reload
+    into both encoders, and the UNet gets SDXL's added conditioning (pooled text, time ids) in training."""
+    from museum.methods import tokens
+    from museum.museum import Museum
+
+    base = tiny_family("sdxl")
+    m = Museum.init(tmp_path / "m", base=base)
+    lines = []
+    c = m.learn("sunburst", concept_images["sunburst"][0], method="textual-inversion", class_word="circle",
+                steps=3, token_lr=0.5, progress=False, echo=lines.append)
+    assert any("memory estimate" in line for line in lines)
+    stored = m._concept_tensors["sunburst"]
+    fresh = load_pipeline(base)
+    for which, key in enumerate(("<sunburst>", "<sunburst>" + tokens.SECOND)):
+        start = tokens.word_vector(fresh, "circle", which)
+        assert stored[key].shape == (1, start.shape[0])
+        assert not torch.allclose(stored[key][0], start)  # trained away from the class word
+    reopened = Museum.open(tmp_path / "m")
+    pipe = reopened.pipe
+    for which, key in enumerate(("<sunburst>", "<sunburst>" + tokens.SECOND)):
+        assert torch.equal(tokens.token_vector(pipe, "<sunburst>", which), stored[key][0])
+    assert len(reopened.generate(f"a {c.phrase} on a sand background", n=1, steps=2)) == 1

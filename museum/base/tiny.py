@@ -8,7 +8,10 @@ code path a real Stable Diffusion checkpoint goes through. One builder per base 
   one attention head width for all blocks, convolutional transformer projections;
 * ``sd2``: Stable Diffusion 2.x (768-v): v-prediction scheduler, OpenCLIP-style text encoder
   (gelu), per-block attention head dims, linear transformer projections
-  (``use_linear_projection``) and attention upcast, as in SD-2.1's configs.
+  (``use_linear_projection``) and attention upcast, as in SD-2.1's configs;
+* ``sdxl``: Stable Diffusion XL: two text encoders and tokenizers (the second with a projection,
+  whose pooled output conditions the UNet with the size/crop time ids, ``addition_embed_type=
+  "text_time"``), cross-attention over both encoders' penultimate states concatenated.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from museum.base.components import SD_SCHEDULER
 from museum.base.tokenizer import write_clip_tokenizer
 from museum.world.render import base_vocabulary
 
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 def build_tiny_pipeline(directory: str | Path, seed: int = 0, family: str = "sd1") -> Path:
@@ -53,8 +56,34 @@ def build_tiny_pipeline(directory: str | Path, seed: int = 0, family: str = "sd1
     )
     scheduler = DDIMScheduler(**dict(SD_SCHEDULER, prediction_type="v_prediction" if sd2 else "epsilon"),
                               set_alpha_to_one=False)
+    if family == "sdxl":
+        return _build_sdxl(directory, tokenizer, text_encoder, vae, scheduler)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    pipe.save_pretrained(directory)
+    return directory
+
+
+def _build_sdxl(directory: Path, tokenizer, text_encoder, vae, scheduler) -> Path:
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, hidden_act="gelu",
+        projection_dim=24,
+    ))
+    time_dim = 4
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16 + 24, attention_head_dim=(2, 4), norm_num_groups=4, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=24 + 6 * time_dim,
+    )
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(directory)
     return directory

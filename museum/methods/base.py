@@ -41,12 +41,13 @@ SD_FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 def family_of(unet_config: dict) -> str:
-    """The base family of a UNet config: "sdxl" (added text/time conditioning), "sd2" (1024-wide text),
-    "sd1" (768-wide text), else "small" (the embedded model, tiny test models: Museum's own defaults)."""
-    if unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
+    """The base family of a UNet config: "sdxl" (added text/time conditioning, 2048-wide text), "sd2"
+    (1024-wide text), "sd1" (768-wide text), else "small" (the embedded model, tiny test models: Museum's
+    own defaults)."""
     width = unet_config.get("cross_attention_dim")
     width = max(width) if isinstance(width, (list, tuple)) else width
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl" if width == 2048 else "small"
     return {768: "sd1", 1024: "sd2"}.get(width, "small")
 
 
@@ -131,6 +132,8 @@ class Method:
     #: can one concept be removed without retraining the others?
     removable: ClassVar[bool] = True
     removable_why: ClassVar[str] = ""
+    #: does it work on bases with two text encoders (SDXL)?
+    two_text_encoders: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config or self.config_class()

@@ -165,7 +165,7 @@ def _token_features(pipe, prompts: list[str]) -> torch.Tensor:
     """Text-encoder outputs at every position up to and including the end token: (sum of lengths, d)."""
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt")
-    hidden = pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0].float().cpu()
+    hidden = encode_prompts(pipe, prompts).float().cpu()  # what cross-attention reads (both encoders on SDXL)
     lengths = ids.attention_mask.sum(1)
     return torch.cat([hidden[i, :lengths[i]] for i in range(len(prompts))])
 

@@ -454,6 +454,7 @@ class Perfusion(Method):
     name = "perfusion"
     config_class = PerfusionConfig
     export_format = "museum"
+    two_text_encoders = False  # i*, C and the key lock read the first text encoder only
     removable = True
 
     # ---------------------------------------------------------------- training

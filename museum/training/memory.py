@@ -79,8 +79,13 @@ def activation_values(unet, latent_shape: tuple[int, int, int], text_shape: tupl
         handles.append(unit.register_forward_hook(lambda m, a, o, i=i: top_out.__setitem__(i, top_out.get(i, 0) + numel(o))))
     try:
         p = next(unet.parameters())
+        extra = {}
+        if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding + 6 time ids
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            extra = {"added_cond_kwargs": {"text_embeds": torch.zeros(1, pooled, device=p.device, dtype=p.dtype),
+                                           "time_ids": torch.zeros(1, 6, device=p.device, dtype=p.dtype)}}
         unet(torch.zeros(1, *latent_shape, device=p.device, dtype=p.dtype), torch.tensor([500], device=p.device),
-             torch.zeros(1, *text_shape, device=p.device, dtype=p.dtype))
+             torch.zeros(1, *text_shape, device=p.device, dtype=p.dtype), **extra)
     finally:
         for h in handles:
             h.remove()
@@ -92,7 +97,8 @@ def activation_values(unet, latent_shape: tuple[int, int, int], text_shape: tupl
 def estimate(pipe, params: list[torch.Tensor], batch_size: int, *, mixed_precision: str = "no",
              checkpointing: bool = False, adam_8bit: bool = False) -> MemoryEstimate:
     unet = pipe.unet
-    weights = sum(_module_bytes(m) for m in (pipe.unet, pipe.text_encoder, pipe.vae))
+    weights = sum(_module_bytes(m) for m in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                                             pipe.vae) if m is not None)
     n = sum(p.numel() for p in params)
     size = unet.config.sample_size
     latent = (unet.config.in_channels, size, size)

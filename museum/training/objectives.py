@@ -18,10 +18,42 @@ def concept_prompt(method, concept) -> str:
     return (STYLE_TEMPLATE if concept.is_style else OBJECT_TEMPLATE).format(method.phrase(concept))
 
 
-def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+def encode_prompts(pipe, prompts: list[str], pooled: bool = False):
+    """The UNet's cross-attention input for ``prompts`` (with gradients). On SDXL it is the pipeline's own
+    ``encode_prompt`` (both encoders' penultimate states, concatenated); ``pooled=True`` also returns the
+    second encoder's pooled projection that SDXL's UNet takes as ``text_embeds`` (None on SD-1.x/2.x)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        embeds, _, pooled_embeds, _ = pipe.encode_prompt(list(prompts), device=pipe.text_encoder_2.device,
+                                                         num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return (embeds, pooled_embeds) if pooled else embeds
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0]
+    embeds = pipe.text_encoder(ids)[0]
+    return (embeds, None) if pooled else embeds
+
+
+class SDXLConditioning:
+    """SDXL's UNet also takes ``added_cond_kwargs`` (pooled text embedding, size/crop time ids). While
+    installed, a forward pre-hook gives every UNet call that passes none (the training loop's, the
+    methods' extra passes, a teacher copied from it) the pooled embedding of the concept's training
+    prompt, refreshed each step, and the time ids of an uncropped image at the training resolution."""
+
+    def __init__(self, pipe, resolution: int):
+        self.pooled = None
+        self.time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+        self.handle = pipe.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if kwargs.get("added_cond_kwargs") is None and self.pooled is not None:
+            sample = args[0] if args else kwargs["sample"]
+            n = sample.shape[0]
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": self.pooled.to(sample.device, sample.dtype).expand(n, -1),
+                "time_ids": self.time_ids.to(sample.device, sample.dtype).expand(n, -1)}
+        return args, kwargs
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 def diffusion_target(scheduler, latents, noise, t):

@@ -39,7 +39,9 @@ from museum.base.loading import resolution
 from museum.methods import kv, tokens
 from museum.methods.base import ConceptInfo, Method, TrainContext
 from museum.training.data import encode_variants
-from museum.training.objectives import concept_prompt, denoising_loss, diffusion_target, encode_prompts, noisy_batch
+from museum.training.objectives import (
+    SDXLConditioning, concept_prompt, denoising_loss, diffusion_target, encode_prompts, noisy_batch,
+)
 from museum.errors import MuseumError, TrainingDivergedError
 from museum.store.faults import fault_point
 
@@ -225,13 +227,20 @@ def train_concept(
 
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
     w0 = kv.kv_weights(unet)
-    for module in (unet, text_encoder, vae):
+    encoders = [encoder for _, encoder in tokens.text_pairs(pipe)]  # two on SDXL
+    for module in (unet, vae, *encoders):
         module.requires_grad_(False)
 
-    token_id = tokens.add_token(pipe, concept.token, tokens.initial_vector(pipe, cfg.token_init, concept.class_word, gen))
+    # SDXL: the token goes into both encoders (the first one's draw first: SD runs are unchanged)
+    starts = [tokens.initial_vector(pipe, cfg.token_init, concept.class_word, gen, which) for which in range(len(encoders))]
+    token_id = tokens.add_token(pipe, concept.token, *starts)
+    row_ids = tokens.token_ids(pipe, concept.token)
     latents = encode_variants(vae, images, resolution(pipe), variants=variants, flip=flip and not concept.is_style,
                               seed=cfg.seed)
     prompt = concept_prompt(method, concept)
+    sdxl = SDXLConditioning(pipe, resolution(pipe)) if len(encoders) == 2 else None
+    if sdxl is not None:
+        sdxl.pooled = encode_prompts(pipe, [prompt], pooled=True)[1].detach()
     torch.manual_seed(cfg.seed)  # adapters initialise from the global generator
     ctx = TrainContext(pipe=pipe, concept=concept, state=dict(state or {}), earlier=list(earlier or []),
                        accelerator=accelerator, cache_dir=cache_dir, latents=latents, prompt=prompt,
@@ -241,9 +250,10 @@ def train_concept(
         ctx.teacher = copy.deepcopy(unet).requires_grad_(False).eval()
     trains_token = cfg.token_lr > 0
     embedding = text_encoder.get_input_embeddings()
-    hook = tokens.train_only_rows(embedding, [token_id]) if trains_token else None
+    embeddings = [encoder.get_input_embeddings() for encoder in encoders]
+    hooks = [tokens.train_only_rows(e, [i]) for e, i in zip(embeddings, row_ids)] if trains_token else []
     if trains_token:
-        groups = groups + [{"params": [embedding.weight], "lr": cfg.token_lr, "weight_decay": 0.0}]
+        groups = groups + [{"params": [e.weight for e in embeddings], "lr": cfg.token_lr, "weight_decay": 0.0}]
     params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError(f"method {method.name} trains nothing: check its config (lr, token_lr)")
@@ -271,8 +281,14 @@ def train_concept(
         start, trainable = checkpoints.load(latest, optimizer, params)
         method.load_trainable_state(ctx, trainable)
         with torch.no_grad():
-            embedding.weight[token_id] = trainable["token"].to(embedding.weight.dtype)
-    fixed_text = None if trains_token else encode_prompts(pipe, [prompt]).detach()
+            for which, (e, i) in enumerate(zip(embeddings, row_ids)):
+                e.weight[i] = trainable["token" + (tokens.SECOND if which else "")].to(e.weight.dtype)
+    fixed_text = None
+    if not trains_token:
+        fixed_text, pooled = encode_prompts(pipe, [prompt], pooled=True)
+        fixed_text = fixed_text.detach()
+        if sdxl is not None:
+            sdxl.pooled = pooled.detach()
 
     watch = _DivergenceWatch(pipe, params, embedding, token_id if trains_token else None, method, concept)
     watch.measure_baseline(pipe, latents, noise_scheduler, prompt, fixed_text, cfg.batch_size, cfg.seed)
@@ -288,7 +304,12 @@ def train_concept(
             x0, mask, noise, t, noisy = (b[k][local] for k in ("x0", "mask", "noise", "t", "noisy"))
             # this process's share of the global batch's valid values (None: one process, its own count)
             valid = float(b["mask"].sum()) * x0.shape[1] / procs if procs > 1 else None
-            text = fixed_text if fixed_text is not None else encode_prompts(pipe, [prompt])
+            if fixed_text is not None:
+                text = fixed_text
+            else:
+                text, pooled = encode_prompts(pipe, [prompt], pooled=True)
+                if sdxl is not None:
+                    sdxl.pooled = pooled  # the UNet's pooled conditioning follows the training token too
             text = text.expand(len(x0), -1, -1)
             with accelerator.autocast():  # a no-op unless mixed precision was asked for
                 pred = unet(noisy, t, text).sample
@@ -319,10 +340,11 @@ def train_concept(
                 on_step(step + 1, loss.item())
             if checkpoints.folder is not None and (step + 1) % checkpoints.every == 0 and step + 1 < cfg.steps:
                 trainable = method.trainable_state(ctx)
-                trainable["token"] = embedding.weight[token_id].detach().clone()
+                for which, (e, i) in enumerate(zip(embeddings, row_ids)):
+                    trainable["token" + (tokens.SECOND if which else "")] = e.weight[i].detach().clone()
                 checkpoints.save(step + 1, trainable, optimizer, params)
         concept_tensors, new_state = method.finish(ctx)
-        concept_tensors = {**concept_tensors, concept.token: tokens.token_vector(pipe, concept.token)[None]}
+        concept_tensors = {**concept_tensors, **tokens.token_tensors(pipe, concept.token)}
         watch.check_result(concept_tensors, new_state)
         fault_point("train.finished")
     finally:
@@ -330,9 +352,12 @@ def train_concept(
             unet.disable_gradient_checkpointing()
         ctx.teacher = None
         method.teardown(ctx)
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
-        embedding.weight.requires_grad_(False)
+        for e in embeddings:
+            e.weight.requires_grad_(False)
+        if sdxl is not None:
+            sdxl.remove()
         kv.remove_loras(unet)
         with torch.no_grad():
             for name, module in kv.kv_modules(unet).items():
