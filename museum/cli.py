@@ -287,6 +287,9 @@ def methods() -> None:
         doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
         typer.echo(f"{name}: {doc.strip().splitlines()[0] if doc.strip() else ''}")
         typer.echo(f"    defaults: {cls.config_class().to_dict()}")
+        if cls.config_class.SD15:
+            typer.echo(f"    on SD-1.x/2.x/XL bases: {dict(cls.config_class.SD15)}"
+                       + ("" if cls.two_text_encoders else " (not on SDXL yet)"))
 
 
 @app.command()

@@ -238,6 +238,12 @@ def test_sd_size_bases_get_the_papers_defaults(tiny_base, concept_images, tmp_pa
     sd = TextualInversionConfig.SD15
     assert c.info["config"]["steps"] == 2  # the override
     assert c.info["config"]["batch_size"] == sd["batch_size"] and c.info["config"]["token_lr"] == sd["token_lr"]
+    from conftest import run_cli
+
+    shown = run_cli("methods").stdout  # `museum methods` shows both sets of defaults
+    block = shown[shown.index("textual-inversion:"):]
+    assert f"on SD-1.x/2.x/XL bases: {sd}" in block
+    assert "(not on SDXL yet)" in shown[shown.index("perfusion:"):shown.index("textual-inversion:")]
 
 
 # --------------------------------------------------------------------------- sizes (docs/GPU.md)
