@@ -51,12 +51,15 @@ def test_prompts_name_the_class_word_and_earlier_tokens_only(tiny_base):
     ctx = TrainContext(pipe=None, concept=concept("smiley", index=2), state={}, accelerator=None, cache_dir=None,
                        earlier=[concept("sunburst"), concept("neon", "style", 1, method="c-lora")])
     prompts = method.distillation_prompts(ctx)
-    assert len(prompts) == 6  # 3 class prompts + 3 for the earlier lfs concept; the c-lora concept has no LoRA here
+    # 3 class prompts, 3 empty prompts (guidance's unconditional branch), 3 for the earlier lfs concept;
+    # the c-lora concept is not drawn with this LoRA
+    assert len(prompts) == 9 and prompts[3:6] == ["", "", ""]
     assert all(" circle " in p and "<" not in p for p in prompts[:3])
-    assert all("<sunburst> circle" in p for p in prompts[3:])
+    assert all("<sunburst> circle" in p for p in prompts[6:])
     assert not any("<smiley>" in p or "<neon>" in p for p in prompts)
     assert method.wants_teacher(ctx)  # already on the first task: the class word is protected against the base
     assert not get_method("lfs", distill_weight=0.0).wants_teacher(ctx)
+    assert "" not in get_method("lfs", num_prompts=3, unconditional=False).distillation_prompts(ctx)
 
 
 def test_distillation_needs_the_teacher():

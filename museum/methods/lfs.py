@@ -40,14 +40,15 @@ PROMPT_SEED = 6006  # the scenes the distillation prompts describe
 class LFSConfig(LoRAConfig):
     token_init: str = "class"  # "a <tok> circle", the token starting as "circle"
     class_word_in_prompt: bool = True
-    distill_weight: float = 1.0  # lambda of the data-free distillation (0 switches it off: plain `finetune`)
+    distill_weight: float = 3.0  # lambda of the data-free distillation (0 switches it off)
     distill_batch: int = 2  # noise inputs distilled per step
     num_prompts: int = 16  # class-word prompts, and prompts per earlier concept
-    teacher_steps: int = 3  # teacher DDIM steps from pure noise (0: pure noise at the first timestep only)
+    unconditional: bool = True  # also distil the empty prompt, the unconditional branch of classifier-free guidance
+    teacher_steps: int = 8  # teacher DDIM steps from pure noise (0: pure noise at the first timestep only)
     inference_steps: int = 10  # the DDIM schedule those steps follow
 
     SD15 = dict(LoRAConfig.SD15, token_init="class", class_word_in_prompt=True, distill_weight=1.0,
-                distill_batch=2, num_prompts=64, teacher_steps=5, inference_steps=25)
+                distill_batch=2, unconditional=True, num_prompts=64, teacher_steps=20, inference_steps=25)
 
 
 @register
@@ -56,9 +57,10 @@ class LFS(SharedLoRAMethod):
     config_class = LFSConfig
 
     def distillation_prompts(self, ctx: TrainContext) -> list[str]:
-        """The prompts whose outputs the task must keep: the new concept's class word, earlier concepts' tokens."""
+        """The prompts whose outputs the task must keep: the new concept's class word, the empty prompt (each with its
+        own noise trajectory), earlier concepts' tokens."""
         n = self.config.num_prompts
-        prompts = class_prompts(ctx.concept, n, PROMPT_SEED)
+        prompts = class_prompts(ctx.concept, n, PROMPT_SEED) + ([""] * n if self.config.unconditional else [])
         for concept in earlier_concepts(self, ctx):
             prompts += varied_prompts(self, concept, n, PROMPT_SEED)
         return prompts
