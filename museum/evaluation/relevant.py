@@ -52,7 +52,7 @@ def base_images(pipe, n_seeds: int = 4, steps: int = 25) -> tuple[list[str], lis
 
 
 def relevant_forgetting(evaluator, folder: Path, base, *, method: str = "lfs", concepts: Sequence = (),
-                        steps: int = 25, **settings) -> dict:
+                        sample_steps: int = 25, **settings) -> dict:
     """Learn ``concepts`` (``museum.world.concepts.Concept``, class "circle") one after another into a new museum at
     ``folder`` with ``method`` and ``settings``; then draw the class prompts with the method's LoRA installed and
     compare them with ``base`` = :func:`base_images` of the base model. Also scores each concept's own learning."""
@@ -63,7 +63,7 @@ def relevant_forgetting(evaluator, folder: Path, base, *, method: str = "lfs", c
     for c in concepts:
         m.learn(c.name, c.train_images, method=method, class_word=c.class_word, progress=False, **settings)
     with m.activated([m.manifest.concept(c.name) for c in concepts]):
-        images = generate_images(m.pipe, prompts, seeds=seeds, steps=steps)
+        images = generate_images(m.pipe, prompts, seeds=seeds, steps=sample_steps)
     out = compare_to_base(evaluator, images, reference, prompts)
     out["concepts"] = {c.name: score_concept(m, c.name, c, evaluator).image_alignment for c in concepts}
     out["images"] = images
