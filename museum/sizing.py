@@ -40,6 +40,11 @@ def concept_cost(method: str, kv: dict[str, tuple[int, int]], width: int, config
     if method == "perfusion":  # o*_K, o*_V per K/V output + i* and C^-1 i* (width each) + the token
         outs = sum(out for out, _ in kv.values())
         return ConceptCost(outs + 3 * width, 0, outs // 2 + width, b, 0)
+    if method == "lfs":  # the shared LoRA; the data-free distillation adds a student and a teacher pass per sample
+        n = config.get("distill_batch", 0) if config.get("distill_weight", 0) else 0
+        # the noise bank: teacher DDIM steps for each class prompt (and as many per earlier concept, not counted here)
+        once = config.get("num_prompts", 0) * config.get("teacher_steps", 0) if n else 0
+        return ConceptCost(width, _lora(kv, rank), _lora(kv, rank) + width, b + n * (1 + 1 / 3), once)
     if method in ("finetune", "lwf", "ewc", "museummaker"):  # one shared LoRA in the museum state
         state = _lora(kv, rank) * (2 if method == "ewc" else 1)  # EWC keeps a Fisher per LoRA value
         per_concept = width + (_lora(kv, 2 * rank) if method == "museummaker" else 0)  # its rank-2r task update

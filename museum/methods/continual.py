@@ -1,19 +1,16 @@
 """Pieces the continual methods share (``ewc``, ``lwf``, ``museummaker``; METHODS.md sec. 5 and
-"Classic baselines"): which earlier concepts a task must protect, prompts that name them, and
-distillation against the frozen model from before the task (``TrainContext.teacher``).
+"Classic baselines"; ``lfs``): which earlier concepts a task must protect, prompts that name them, and
+prompts of a concept's class word. Distillation against the frozen model from before the task
+(``TrainContext.teacher``) lives in ``museum.training.distill``.
 
-All three continue one shared LoRA (:class:`~museum.methods.lora.SharedLoRAMethod`), so the
+All of them continue one shared LoRA (:class:`~museum.methods.lora.SharedLoRAMethod`), so the
 concepts a task can damage are the earlier concepts of the same method: concepts of other methods
 are drawn without this LoRA.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
-import torch.nn.functional as F
 
 from museum.methods.base import ConceptInfo, Method, TrainContext
 from museum.training.objectives import encode_prompts
@@ -36,27 +33,22 @@ def varied_prompts(method: Method, concept: ConceptInfo, n: int, seed: int) -> l
     return [caption(s, object_phrase=phrase, drop=frozenset({"style"})) for s in scenes]
 
 
+def class_prompts(concept: ConceptInfo, n: int, seed: int) -> list[str]:
+    """``n`` prompts of the concept's class without the concept: world captions whose object is the class word
+    ("a large red circle on the left on a sand background"); for a word that is not a shape of the world,
+    "a red dog on a sand background"; for a style, generic captions without a style part."""
+    from museum.world.render import SHAPES, base_samples, caption, replace
+
+    scenes = [s for s, _ in base_samples(n, seed=seed)]
+    plain = frozenset({"style"})
+    if concept.is_style:
+        return [caption(s, drop=plain) for s in scenes]
+    if concept.class_word in SHAPES:
+        return [caption(replace(s, shape=concept.class_word), drop=plain) for s in scenes]
+    return [caption(s, object_phrase=f"{s.colour} {concept.class_word}", drop=plain) for s in scenes]
+
+
 @torch.no_grad()
 def encode_fixed(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
     """Text conditioning of prompts whose tokens are frozen (earlier concepts, plain words), once."""
     return torch.cat([encode_prompts(pipe, prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)])
-
-
-@contextmanager
-def cross_attention_outputs(unet) -> Iterator[list[torch.Tensor]]:
-    """Collect the output of every cross-attention block (``attn2``) of the forward passes run inside."""
-    outputs: list[torch.Tensor] = []
-    handles = [m.register_forward_hook(lambda _m, _in, out: outputs.append(out))
-               for name, m in unet.named_modules() if name.endswith("attn2")]
-    try:
-        yield outputs
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def output_distillation(unet, teacher, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """||eps_student(x_t, t, c) - eps_teacher(x_t, t, c)||^2 (mean over elements)."""
-    with torch.no_grad():
-        target = teacher(noisy, t, text).sample
-    return F.mse_loss(unet(noisy, t, text).sample.float(), target.float())

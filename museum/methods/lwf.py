@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from museum.methods.base import TrainContext, register
-from museum.methods.continual import earlier_concepts, encode_fixed, output_distillation
+from museum.methods.continual import earlier_concepts, encode_fixed
 from museum.methods.lora import LoRAConfig, SharedLoRAMethod
+from museum.training.distill import output_distillation
 from museum.training.objectives import concept_prompt
 
 

@@ -72,8 +72,9 @@ import torch.nn.functional as F
 
 from museum.methods import kv
 from museum.methods.base import ConceptInfo, TrainContext, register
-from museum.methods.continual import cross_attention_outputs, earlier_concepts, encode_fixed, varied_prompts
+from museum.methods.continual import earlier_concepts, encode_fixed, varied_prompts
 from museum.methods.lora import LoRAConfig, LoRAMethod, SharedLoRAMethod
+from museum.training.distill import cross_attention_outputs
 from museum.training.objectives import encode_prompts, predicted_x0
 from museum.training.prior import GENERIC_SEED, generated_latents, generic_captions
 

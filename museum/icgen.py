@@ -1,0 +1,132 @@
+"""In-Context Generation (ICGen; LFS-Diffusion, Song et al. 2024, METHODS.md sec. 6): the UNet conditioned on
+visual context, a concept's reference images, through extra cross-attention tokens.
+
+Decoupled cross-attention as IP-Adapter (Ye et al. 2023) does it, with diffusers' own pieces: an image encoder
+(for the embedded model the evaluator's image tower, frozen: ``museum.evaluation.evaluator``), a projection of
+one image embedding to ``NUM_TOKENS`` context tokens (``diffusers.models.embeddings.ImageProjection``), separate
+K/V projections for them in every cross-attention block (``IPAdapterAttnProcessor2_0``'s ``to_k_ip`` /
+``to_v_ip``) and a scale:
+
+    attn2(x) = softmax(Q K_text^T) V_text + scale * softmax(Q K_ip^T) V_ip,   K_ip = W'_K c, V_ip = W'_V c,
+    c = ImageProjection(mean of the context images' normalised embeddings)
+
+The adapter is saved in IP-Adapter's file layout (``image_proj.*``, ``ip_adapter.{1,3,...}.to_{k,v}_ip.weight``),
+so plain diffusers loads it: ``pipe.load_ip_adapter(folder, subfolder="", weight_name=WEIGHT_NAME,
+image_encoder_folder=None)`` and ``pipe(prompt, ip_adapter_image_embeds=[...])`` (:func:`context_kwargs`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+from safetensors.torch import save_file
+
+from museum.base.loading import EMBEDDED_DIR
+
+NUM_TOKENS = 4  # the context tokens one embedding becomes (IP-Adapter's; diffusers assumes 4 for this layout)
+WEIGHT_NAME = "ip_adapter.safetensors"
+EMBEDDED_ICGEN = EMBEDDED_DIR / "icgen"
+
+
+def _cross_attention_names(unet) -> list[str]:
+    """The cross-attention processors in ``unet.attn_processors`` order (the order IP-Adapter files number)."""
+    return [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+
+
+def install(unet, image_embed_dim: int, scale: float = 1.0) -> list[torch.nn.Parameter]:
+    """Add a fresh image-context adapter to ``unet`` (to_k_ip / to_v_ip initialised from each block's text K/V,
+    as IP-Adapter does); returns its parameters."""
+    procs = dict(unet.attn_processors)
+    params = []
+    cross_dim = None
+    for name in _cross_attention_names(unet):
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        cross_dim = attn.to_k.in_features
+        proc = IPAdapterAttnProcessor2_0(hidden_size=attn.to_k.out_features, cross_attention_dim=cross_dim,
+                                         num_tokens=(NUM_TOKENS,), scale=scale)
+        with torch.no_grad():
+            proc.to_k_ip[0].weight.copy_(attn.to_k.weight)
+            proc.to_v_ip[0].weight.copy_(attn.to_v.weight)
+        procs[name] = proc.to(attn.to_k.weight.device)
+        params += list(proc.parameters())
+    if cross_dim is None:
+        raise ValueError("this UNet has no cross-attention blocks (attn2) to add image context to")
+    unet.set_attn_processor(procs)
+    projection = ImageProjection(image_embed_dim=image_embed_dim, cross_attention_dim=cross_dim,
+                                 num_image_text_embeds=NUM_TOKENS).to(unet.device)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection([projection])
+    unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
+    return params + list(projection.parameters())
+
+
+def adapter_state(unet) -> dict[str, torch.Tensor]:
+    """The installed adapter in IP-Adapter's file layout (what ``load_ip_adapter`` reads)."""
+    out = {}
+    projection = unet.encoder_hid_proj.image_projection_layers[0]
+    for key, value in projection.state_dict().items():  # image_embeds.* -> proj.*, norm.*
+        out["image_proj." + key.replace("image_embeds", "proj")] = value
+    for i, name in enumerate(_cross_attention_names(unet)):
+        proc = unet.attn_processors[name]
+        out[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = proc.to_k_ip[0].weight
+        out[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = proc.to_v_ip[0].weight
+    return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
+
+def save_adapter(unet, folder: Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state(unet), folder / WEIGHT_NAME)
+    return folder / WEIGHT_NAME
+
+
+def load_adapter(pipe, folder: str | Path | None = None, scale: float = 1.0) -> None:
+    """Load an image-context adapter into ``pipe`` with diffusers' ``load_ip_adapter``: the shipped one for the
+    embedded model (``folder`` None), or an IP-Adapter folder holding ``WEIGHT_NAME``. The image encoder is not
+    loaded with it: context embeddings are computed by :func:`context_embeddings`."""
+    folder = Path(folder) if folder is not None else EMBEDDED_ICGEN
+    if not (folder / WEIGHT_NAME).is_file():
+        raise FileNotFoundError(
+            f"no image-context adapter at {folder / WEIGHT_NAME}: ICGen needs one. The embedded model's is made by "
+            f"`python scripts/train_icgen.py`; for a Stable Diffusion model give a local IP-Adapter folder (Museum "
+            f"downloads nothing)")
+    pipe.load_ip_adapter(str(folder), subfolder="", weight_name=WEIGHT_NAME, image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(scale)
+
+
+@torch.no_grad()
+def context_embeddings(evaluator, images) -> torch.Tensor:
+    """(N, D) normalised image-encoder embeddings of a concept's reference images (what a concept stores)."""
+    return evaluator.embed_images(images).float().cpu()
+
+
+def context_kwargs(embeddings: torch.Tensor, batch: int, guidance: bool = True) -> dict:
+    """``ip_adapter_image_embeds`` for a pipeline call of ``batch`` prompts: the mean of the context embeddings,
+    renormalised, as one context image; zeros (no context) for the unconditional branch of guidance."""
+    mean = torch.nn.functional.normalize(embeddings.float().mean(0, keepdim=True), dim=-1)
+    embeds = mean[None].expand(batch, 1, -1)
+    if guidance:
+        embeds = torch.cat([torch.zeros_like(embeds), embeds])
+    return {"ip_adapter_image_embeds": [embeds]}
+
+
+def zero_shot_alignment(pipe, evaluator, concept, *, scale: float = 1.0, n_prompts: int = 8, n_seeds: int = 2,
+                        steps: int = 25, guidance: float = 7.5) -> float:
+    """Image alignment to ``concept``'s held-out references of its class prompts ("a hexagon on a sand background")
+    drawn with the concept's TRAINING images as context and no training; ``pipe`` holds an adapter
+    (:func:`load_adapter`). Same prompts and seeds as ``museum.evaluation.protocol.score_base``."""
+    from museum.evaluation.metrics import image_alignment
+    from museum.generation.sampling import generate_images
+
+    pipe.set_ip_adapter_scale(scale)
+    context = context_embeddings(evaluator, concept.train_images)
+    prompts = [p for p in concept.class_prompts()[:n_prompts] for _ in range(n_seeds)]
+    seeds = [s for _ in range(n_prompts) for s in range(n_seeds)]
+    images = []
+    for i in range(0, len(prompts), 16):
+        batch = prompts[i:i + 16]
+        images += generate_images(pipe, batch, seeds=seeds[i:i + 16], steps=steps, guidance=guidance,
+                                  **context_kwargs(context, len(batch), guidance > 1))
+    return image_alignment(evaluator, images, concept.reference_images)

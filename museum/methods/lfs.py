@@ -1,0 +1,85 @@
+"""LFS-Diffusion (Song, Yang, Yang and Lin 2024, "Lifelong few-shot customization of text-to-image
+diffusion"): data-free knowledge distillation against relevant-concept forgetting.
+
+No public code; Museum's reading of the paper (METHODS.md sec. 6). Every task continues ONE LoRA on
+the cross-attention K/V projections (museum state, as ``finetune``) and adds a token initialised
+from the class word, trained in the prompt "a <tok> circle". Learning "my circle" this way also
+changes what plain "circle" prompts draw (relevant-concept forgetting) and, through the shared
+LoRA, what earlier concepts draw. While task t is learned, the frozen model from before task t
+(``TrainContext.teacher``) is the teacher, and
+
+    L = L_diff("a <tok_t> circle", task images)
+        + distill_weight * E_{c in P_t, (x_t, t) in B} ||eps_theta(x_t, t, c) - eps_theta_{t-1}(x_t, t, c)||^2
+
+(the paper's data-free distillation objective: the new model's noise prediction matched to the
+old one's on inputs that need no data). P_t: ``num_prompts`` world captions whose object is the new
+concept's class word ("a large red circle on a sand background") and ``num_prompts`` varied prompts
+per earlier concept of this method, named by its token ("a <sunburst> circle on a grass background";
+tokens are kept, images are not). B: inputs made from noise only, x_T ~ N(0, I) and the x_t the
+teacher reaches from it in its first ``teacher_steps`` DDIM steps of an ``inference_steps`` schedule
+(``museum.training.distill.DataFreeDistillation``). No earlier image and no extra real image is read.
+
+ICGen (the paper's in-context generation) is not part of this module yet (see METHODS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from museum.methods.base import TrainContext, register
+from museum.methods.continual import class_prompts, earlier_concepts, encode_fixed, varied_prompts
+from museum.methods.lora import LoRAConfig, SharedLoRAMethod
+from museum.training.distill import DataFreeDistillation
+
+PROMPT_SEED = 6006  # the scenes the distillation prompts describe
+
+
+@dataclass
+class LFSConfig(LoRAConfig):
+    token_init: str = "class"  # "a <tok> circle", the token starting as "circle"
+    class_word_in_prompt: bool = True
+    distill_weight: float = 3.0  # lambda of the data-free distillation (0 switches it off)
+    distill_batch: int = 2  # noise inputs distilled per step
+    num_prompts: int = 16  # class-word prompts, and prompts per earlier concept
+    unconditional: bool = True  # also distil the empty prompt, the unconditional branch of classifier-free guidance
+    teacher_steps: int = 8  # teacher DDIM steps from pure noise (0: pure noise at the first timestep only)
+    inference_steps: int = 10  # the DDIM schedule those steps follow
+
+    SD15 = dict(LoRAConfig.SD15, token_init="class", class_word_in_prompt=True, distill_weight=1.0,
+                distill_batch=2, unconditional=True, num_prompts=64, teacher_steps=20, inference_steps=25)
+
+
+@register
+class LFS(SharedLoRAMethod):
+    name = "lfs"
+    config_class = LFSConfig
+
+    def distillation_prompts(self, ctx: TrainContext) -> list[str]:
+        """The prompts whose outputs the task must keep: the new concept's class word, the empty prompt (each with its
+        own noise trajectory), earlier concepts' tokens."""
+        n = self.config.num_prompts
+        prompts = class_prompts(ctx.concept, n, PROMPT_SEED) + ([""] * n if self.config.unconditional else [])
+        for concept in earlier_concepts(self, ctx):
+            prompts += varied_prompts(self, concept, n, PROMPT_SEED)
+        return prompts
+
+    def wants_teacher(self, ctx: TrainContext) -> bool:
+        # from the first task on: the class word's prompts are protected against the base model
+        return self.config.distill_weight > 0 and self.config.num_prompts > 0
+
+    def setup(self, ctx: TrainContext) -> list[dict]:
+        cfg = self.config
+        self.distillation = None
+        if self.wants_teacher(ctx):
+            text = encode_fixed(ctx.pipe, self.distillation_prompts(ctx))
+            self.distillation = DataFreeDistillation(text, batch=cfg.distill_batch, teacher_steps=cfg.teacher_steps,
+                                                     inference_steps=cfg.inference_steps, seed=cfg.seed * 7919 + 6)
+        return super().setup(ctx)
+
+    def loss_terms(self, ctx: TrainContext, batch: dict) -> dict[str, torch.Tensor]:
+        if self.distillation is None:
+            return {}
+        loss = self.distillation.loss(ctx.pipe.unet, ctx.teacher, ctx.pipe.scheduler.config, batch["generator"])
+        return {"distillation": self.config.distill_weight * loss}
