@@ -17,11 +17,15 @@ image_encoder_folder=None)`` and ``pipe(prompt, ip_adapter_image_embeds=[...])``
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from museum.base.loading import EMBEDDED_DIR
@@ -29,6 +33,21 @@ from museum.base.loading import EMBEDDED_DIR
 NUM_TOKENS = 4  # the context tokens one embedding becomes (IP-Adapter's; diffusers assumes 4 for this layout)
 WEIGHT_NAME = "ip_adapter.safetensors"
 EMBEDDED_ICGEN = EMBEDDED_DIR / "icgen"
+DEFAULT_SCALE = 1.0
+_SCALE: ContextVar[float] = ContextVar("icgen_context_scale", default=DEFAULT_SCALE)
+
+
+@contextmanager
+def context_scale(scale: float) -> Iterator[None]:
+    """The ICGen context scale of every generation inside the block (``museum generate --context-scale``);
+    0 draws as without context."""
+    if scale < 0:
+        raise ValueError(f"the context scale must be >= 0, not {scale}")
+    reset = _SCALE.set(scale)
+    try:
+        yield
+    finally:
+        _SCALE.reset(reset)
 
 
 def _cross_attention_names(unet) -> list[str]:
@@ -94,6 +113,56 @@ def load_adapter(pipe, folder: str | Path | None = None, scale: float = 1.0) -> 
             f"downloads nothing)")
     pipe.load_ip_adapter(str(folder), subfolder="", weight_name=WEIGHT_NAME, image_encoder_folder=None)
     pipe.set_ip_adapter_scale(scale)
+
+
+def compatible(unet, folder: str | Path | None = None) -> bool:
+    """Whether the adapter in ``folder`` (default: the embedded model's) exists and fits ``unet``'s cross-attention
+    blocks (same count, widths and text width)."""
+    path = Path(folder or EMBEDDED_ICGEN) / WEIGHT_NAME
+    if not path.is_file():
+        return False
+    names = _cross_attention_names(unet)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        if ({f"ip_adapter.{2 * i + 1}.to_k_ip.weight" for i in range(len(names))} | {"image_proj.norm.weight"}) - keys:
+            return False
+        for i, name in enumerate(names):
+            attn = unet.get_submodule(name.removesuffix(".processor"))
+            if tuple(f.get_slice(f"ip_adapter.{2 * i + 1}.to_k_ip.weight").get_shape()) != tuple(attn.to_k.weight.shape):
+                return False
+        n_layers = sum(1 for k in keys if k.endswith(".to_k_ip.weight"))
+    return n_layers == len(names)
+
+
+@contextmanager
+def with_context(pipe, contexts: list[torch.Tensor], folder: str | Path | None = None) -> Iterator[None]:
+    """Draw with image context: the adapter is loaded into ``pipe`` and every UNet call inside the block gets one
+    context image per entry of ``contexts`` (each a concept's (N, D) embeddings, averaged), zeros for the
+    unconditional half of a guided batch, at the scale of :func:`context_scale`. Restores the UNet's attention
+    processors and projection on exit."""
+    unet = pipe.unet
+    processors, projection = dict(unet.attn_processors), unet.encoder_hid_proj
+    hid_type = unet.config.encoder_hid_dim_type
+    embeds = torch.stack([torch.nn.functional.normalize(c.float().mean(0), dim=-1) for c in contexts])  # (K, D)
+
+    def feed(_module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        ctx = embeds[None].expand(sample.shape[0], -1, -1).clone()
+        if pipe.do_classifier_free_guidance:  # the pipeline stacks [unconditional, conditional]
+            ctx[: sample.shape[0] // 2] = 0
+        kwargs["added_cond_kwargs"] = {**(kwargs.get("added_cond_kwargs") or {}),
+                                       "image_embeds": [ctx.to(sample.device, sample.dtype)]}
+        return args, kwargs
+
+    load_adapter(pipe, folder, scale=_SCALE.get())
+    handle = unet.register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        unet.set_attn_processor(processors)
+        unet.encoder_hid_proj = projection
+        unet.register_to_config(encoder_hid_dim_type=hid_type)
 
 
 @torch.no_grad()

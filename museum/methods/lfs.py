@@ -19,15 +19,20 @@ tokens are kept, images are not). B: inputs made from noise only, x_T ~ N(0, I) 
 teacher reaches from it in its first ``teacher_steps`` DDIM steps of an ``inference_steps`` schedule
 (``museum.training.distill.DataFreeDistillation``). No earlier image and no extra real image is read.
 
-ICGen (the paper's in-context generation) is not part of this module yet (see METHODS.md).
+ICGen (the paper's in-context generation, ``museum/icgen.py``): on a base with a fitting image-context adapter
+(the embedded model's shipped one), each concept keeps the image-encoder embeddings of its training images
+(``context``, not the images) and is drawn with them as context (``icgen.context_scale``, ``museum generate
+--context-scale``). Deviation: the token and LoRA are learned without the context present (see METHODS.md).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from museum import icgen
 from museum.methods.base import TrainContext, register
 from museum.methods.continual import class_prompts, earlier_concepts, encode_fixed, varied_prompts
 from museum.methods.lora import LoRAConfig, SharedLoRAMethod
@@ -46,9 +51,10 @@ class LFSConfig(LoRAConfig):
     unconditional: bool = True  # also distil the empty prompt, the unconditional branch of classifier-free guidance
     teacher_steps: int = 8  # teacher DDIM steps from pure noise (0: pure noise at the first timestep only)
     inference_steps: int = 10  # the DDIM schedule those steps follow
+    context: bool = True  # ICGen: keep the images' image-encoder embeddings and draw with them (a fitting adapter)
 
     SD15 = dict(LoRAConfig.SD15, token_init="class", class_word_in_prompt=True, distill_weight=1.0,
-                distill_batch=2, unconditional=True, num_prompts=64, teacher_steps=20, inference_steps=25)
+                distill_batch=2, unconditional=True, num_prompts=64, teacher_steps=20, inference_steps=25, context=True)
 
 
 @register
@@ -83,3 +89,21 @@ class LFS(SharedLoRAMethod):
             return {}
         loss = self.distillation.loss(ctx.pipe.unet, ctx.teacher, ctx.pipe.scheduler.config, batch["generator"])
         return {"distillation": self.config.distill_weight * loss}
+
+    def finish(self, ctx: TrainContext):
+        tensors, state = super().finish(ctx)
+        if self.config.context and icgen.compatible(ctx.pipe.unet):
+            from museum.base.loading import load_evaluator
+
+            tensors = {**tensors, "context": icgen.context_embeddings(load_evaluator(), ctx.images)}
+        return tensors, state
+
+    @contextmanager
+    def activate(self, pipe, concepts, active, state):
+        contexts = [c.tensors["context"] for c in active if "context" in c.tensors]
+        with super().activate(pipe, concepts, active, state):
+            if not contexts:
+                yield
+                return
+            with icgen.with_context(pipe, contexts):
+                yield
