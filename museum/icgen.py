@@ -135,11 +135,11 @@ def compatible(unet, folder: str | Path | None = None) -> bool:
 
 
 @contextmanager
-def with_context(pipe, contexts: list[torch.Tensor], folder: str | Path | None = None) -> Iterator[None]:
-    """Draw with image context: the adapter is loaded into ``pipe`` and every UNet call inside the block gets one
-    context image per entry of ``contexts`` (each a concept's (N, D) embeddings, averaged), zeros for the
-    unconditional half of a guided batch, at the scale of :func:`context_scale`. Restores the UNet's attention
-    processors and projection on exit."""
+def _fed(pipe, contexts: list[torch.Tensor], guided: bool, folder: str | Path | None, scale: float,
+         trainable: bool = False) -> Iterator[None]:
+    """The adapter loaded into ``pipe`` and every UNet call inside the block given one context image per entry of
+    ``contexts`` (each a concept's (N, D) embeddings, averaged); with ``guided``, zeros for the unconditional half
+    of a guided pipeline batch. Restores the UNet's attention processors and projection on exit."""
     unet = pipe.unet
     processors, projection = dict(unet.attn_processors), unet.encoder_hid_proj
     hid_type = unet.config.encoder_hid_dim_type
@@ -148,13 +148,18 @@ def with_context(pipe, contexts: list[torch.Tensor], folder: str | Path | None =
     def feed(_module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         ctx = embeds[None].expand(sample.shape[0], -1, -1).clone()
-        if pipe.do_classifier_free_guidance:  # the pipeline stacks [unconditional, conditional]
+        if guided and pipe.do_classifier_free_guidance:  # the pipeline stacks [unconditional, conditional]
             ctx[: sample.shape[0] // 2] = 0
         kwargs["added_cond_kwargs"] = {**(kwargs.get("added_cond_kwargs") or {}),
                                        "image_embeds": [ctx.to(sample.device, sample.dtype)]}
         return args, kwargs
 
-    load_adapter(pipe, folder, scale=_SCALE.get())
+    load_adapter(pipe, folder, scale=scale)
+    if not trainable:
+        unet.encoder_hid_proj.requires_grad_(False)
+        for proc in unet.attn_processors.values():
+            if isinstance(proc, torch.nn.Module):
+                proc.requires_grad_(False)
     handle = unet.register_forward_pre_hook(feed, with_kwargs=True)
     try:
         yield
@@ -163,6 +168,33 @@ def with_context(pipe, contexts: list[torch.Tensor], folder: str | Path | None =
         unet.set_attn_processor(processors)
         unet.encoder_hid_proj = projection
         unet.register_to_config(encoder_hid_dim_type=hid_type)
+
+
+def with_context(pipe, contexts: list[torch.Tensor], folder: str | Path | None = None):
+    """Generation with image context (one context image per concept in ``contexts``) at the scale of
+    :func:`context_scale`; zeros for the unconditional branch of guidance."""
+    return _fed(pipe, contexts, guided=True, folder=folder, scale=_SCALE.get())
+
+
+def conditioned_on(pipe, context: torch.Tensor, folder: str | Path | None = None):
+    """Training with a concept's context present: the frozen adapter installed and every UNet call inside the
+    block (training batches, and a teacher copied inside it) given ``context`` for every row, at scale 1."""
+    return _fed(pipe, [context], guided=False, folder=folder, scale=DEFAULT_SCALE)
+
+
+@contextmanager
+def scaled(unet, scale: float) -> Iterator[None]:
+    """The context scale of ``unet``'s image-context processors set to ``scale`` inside the block (0: every
+    attention block computes exactly the text-only attention); a UNet without them is left alone."""
+    procs = [p for p in unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
+    saved = [p.scale for p in procs]
+    for p in procs:
+        p.scale = [scale] * len(p.scale)
+    try:
+        yield
+    finally:
+        for p, old in zip(procs, saved):
+            p.scale = old
 
 
 @torch.no_grad()

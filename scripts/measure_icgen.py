@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0])
     parser.add_argument("--adapter", type=Path, default=None, help="adapter folder (default: the shipped one)")
     parser.add_argument("--lfs", nargs="*", default=[], help="concepts to learn with lfs and score with context")
+    parser.add_argument("--learn-with-context", action="store_true", help="learn the --lfs concepts with lfs's "
+                        "learn_with_context on")
     parser.add_argument("--out", type=Path, default=Path("docs/icgen.json"))
     args = parser.parse_args()
     import diffusers
@@ -38,7 +40,8 @@ def main() -> None:
     concepts = {n: build_concept(n) for n in ZERO_SHOT_CONCEPTS}
     results = {"base": {n: score_base(pipe, c, evaluator).image_alignment for n, c in concepts.items()},
                "icgen": {}, "adapter": str(args.adapter or icgen.EMBEDDED_ICGEN),
-               "machine": f"{platform.platform()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d")}
+               "machine": f"{platform.platform()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"),
+               "learn_with_context": args.learn_with_context}
     icgen.load_adapter(pipe, args.adapter)
     for scale in args.scales:
         results["icgen"][f"{scale:g}"] = {n: icgen.zero_shot_alignment(pipe, evaluator, c, scale=scale)
@@ -54,7 +57,8 @@ def main() -> None:
         concept = build_concept(name)
         with tempfile.TemporaryDirectory() as tmp:
             m = Museum.init(Path(tmp) / "museum")
-            m.learn(name, concept.train_images, method="lfs", class_word=concept.class_word, progress=False)
+            m.learn(name, concept.train_images, method="lfs", class_word=concept.class_word, progress=False,
+                    learn_with_context=args.learn_with_context)
             rows = {}
             for scale in [0.0, *args.scales]:
                 with icgen.context_scale(scale):

@@ -121,3 +121,34 @@ def test_lfs_concept_keeps_context_embeddings_and_draws_with_them(tmp_path):
     assert out.is_file()
     refused = run_cli("generate", prompt, "--context-scale", "0.5", "--out", str(out))
     assert refused.returncode != 0 and "give the museum DIR" in refused.stdout + refused.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file()
+                    or not (icgen.EMBEDDED_ICGEN / icgen.WEIGHT_NAME).is_file(), reason="embedded model not built")
+def test_lfs_learn_with_context_trains_with_it_and_restores_the_unet():
+    """learn_with_context: every UNet call of the task gets the concept's context (a different result from the same seed),
+    the distillation runs at context scale 0 (teacher and student agree at the first step), and the UNet is
+    restored after the task (about 15 s)."""
+    from museum.methods import get_method
+    from museum.methods.base import ConceptInfo
+    from museum.training.trainer import train_concept
+
+    images = build_concept("sunburst").train_images
+    results = {}
+    for flag in (False, True):
+        pipe = load_pipeline()
+        info = ConceptInfo("sunburst", "<sunburst>", "circle", False, 0, "lfs")
+        method = get_method("lfs", steps=3, learn_with_context=flag)
+        calls = []  # per UNet call of the student: did it get image context?
+        pipe.unet.register_forward_hook(
+            lambda _m, _a, kwargs, _out: calls.append("image_embeds" in (kwargs.get("added_cond_kwargs") or {})),
+            with_kwargs=True)
+        results[flag] = train_concept(pipe, method, info, images, progress=False)
+        assert any(calls) == flag and (all(calls) or not flag)  # with the flag: every call, training and distillation
+        assert pipe.unet.encoder_hid_proj is None and pipe.unet.config.encoder_hid_dim_type is None
+        assert not any("IPAdapter" in type(p).__name__ for p in pipe.unet.attn_processors.values())
+        assert results[flag].terms["distillation"][0] == pytest.approx(0, abs=1e-10)
+    torch.testing.assert_close(results[True].tensors["context"], results[False].tensors["context"])
+    # same seed, same LoRA initialisation: the context is what changes the learned token
+    assert not torch.allclose(results[True].tensors["<sunburst>"], results[False].tensors["<sunburst>"])
