@@ -111,7 +111,14 @@ def load_adapter(pipe, folder: str | Path | None = None, scale: float = 1.0) -> 
             f"no image-context adapter at {folder / WEIGHT_NAME}: ICGen needs one. The embedded model's is made by "
             f"`python scripts/train_icgen.py`; for a Stable Diffusion model give a local IP-Adapter folder (Museum "
             f"downloads nothing)")
-    pipe.load_ip_adapter(str(folder), subfolder="", weight_name=WEIGHT_NAME, image_encoder_folder=None)
+    from diffusers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # "image_encoder is not loaded": intended, the embeddings come from context_embeddings
+    try:
+        pipe.load_ip_adapter(str(folder), subfolder="", weight_name=WEIGHT_NAME, image_encoder_folder=None)
+    finally:
+        logging.set_verbosity(verbosity)
     pipe.set_ip_adapter_scale(scale)
 
 

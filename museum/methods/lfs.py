@@ -83,15 +83,16 @@ class LFS(SharedLoRAMethod):
         cfg = self.config
         self.distillation = None
         self.context, self.installed = None, ExitStack()
-        if cfg.context and icgen.compatible(ctx.pipe.unet):
-            from museum.base.loading import load_evaluator
-
-            self.context = icgen.context_embeddings(load_evaluator(), ctx.images)
         if self.wants_teacher(ctx):
             text = encode_fixed(ctx.pipe, self.distillation_prompts(ctx))
             self.distillation = DataFreeDistillation(text, batch=cfg.distill_batch, teacher_steps=cfg.teacher_steps,
                                                      inference_steps=cfg.inference_steps, seed=cfg.seed * 7919 + 6)
-        groups = super().setup(ctx)  # the LoRA first: its initialisation does not depend on the adapter
+        groups = super().setup(ctx)  # the LoRA first: its initialisation does not depend on ICGen
+        if cfg.context and icgen.compatible(ctx.pipe.unet):
+            from museum.base.loading import load_evaluator
+
+            with torch.random.fork_rng(devices=[]):  # building the evaluator draws from the global generator
+                self.context = icgen.context_embeddings(load_evaluator(), ctx.images)
         if self.context is not None and cfg.learn_with_context:
             # the training batches (and the teacher, copied after setup) see the context
             self.installed.enter_context(icgen.conditioned_on(ctx.pipe, self.context))
