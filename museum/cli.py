@@ -72,6 +72,8 @@ def generate(
     gate_bias: Optional[float] = typer.Option(None, help="Perfusion gate bias beta (default: each concept's, 0.7)"),
     gate_temp: Optional[float] = typer.Option(None, help="Perfusion gate temperature tau (default 0.15)"),
     strength: List[str] = typer.Option([], help="Perfusion per-concept strength, NAME=X (repeatable)"),
+    context_scale: Optional[float] = typer.Option(None, help="ICGen context scale of lfs concepts that keep image "
+                                                  "context (default 1; 0 draws without the context)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Draw images of PROMPT (with a museum's concepts when DIR is given) into one grid."""
@@ -85,6 +87,8 @@ def generate(
 
     if gate_temp is not None and gate_temp <= 0:
         fail(f"--gate-temp must be > 0 (got {gate_temp})")
+    if context_scale is not None and context_scale < 0:
+        fail(f"--context-scale must be >= 0 (got {context_scale})")
     strengths = {}
     for item in strength:
         name, _, value = item.partition("=")
@@ -96,10 +100,15 @@ def generate(
         from museum.methods import perfusion
         from museum.museum import Museum
 
-        with perfusion.gate(beta=gate_bias, tau=gate_temp, strength=strengths or None):
+        from museum.icgen import DEFAULT_SCALE, context_scale as icgen_scale
+
+        with perfusion.gate(beta=gate_bias, tau=gate_temp, strength=strengths or None), \
+                icgen_scale(DEFAULT_SCALE if context_scale is None else context_scale):
             images = Museum.open(folder, allow_pickle=allow_pickle).generate(prompt, n=n, seed=seed, steps=steps,
                                                                              guidance=guidance)
     else:
+        if context_scale is not None:
+            fail("--context-scale applies to a museum's lfs concepts that keep image context; give the museum DIR")
         from museum.base.loading import load_pipeline, resolve_base
         from museum.museum import warn_if_truncated
         from museum.store.manifest import check_pipeline_files

@@ -17,11 +17,15 @@ image_encoder_folder=None)`` and ``pipe(prompt, ip_adapter_image_embeds=[...])``
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from museum.base.loading import EMBEDDED_DIR
@@ -29,6 +33,21 @@ from museum.base.loading import EMBEDDED_DIR
 NUM_TOKENS = 4  # the context tokens one embedding becomes (IP-Adapter's; diffusers assumes 4 for this layout)
 WEIGHT_NAME = "ip_adapter.safetensors"
 EMBEDDED_ICGEN = EMBEDDED_DIR / "icgen"
+DEFAULT_SCALE = 1.0
+_SCALE: ContextVar[float] = ContextVar("icgen_context_scale", default=DEFAULT_SCALE)
+
+
+@contextmanager
+def context_scale(scale: float) -> Iterator[None]:
+    """The ICGen context scale of every generation inside the block (``museum generate --context-scale``);
+    0 draws as without context."""
+    if scale < 0:
+        raise ValueError(f"the context scale must be >= 0, not {scale}")
+    reset = _SCALE.set(scale)
+    try:
+        yield
+    finally:
+        _SCALE.reset(reset)
 
 
 def _cross_attention_names(unet) -> list[str]:
@@ -92,8 +111,97 @@ def load_adapter(pipe, folder: str | Path | None = None, scale: float = 1.0) -> 
             f"no image-context adapter at {folder / WEIGHT_NAME}: ICGen needs one. The embedded model's is made by "
             f"`python scripts/train_icgen.py`; for a Stable Diffusion model give a local IP-Adapter folder (Museum "
             f"downloads nothing)")
-    pipe.load_ip_adapter(str(folder), subfolder="", weight_name=WEIGHT_NAME, image_encoder_folder=None)
+    from diffusers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # "image_encoder is not loaded": intended, the embeddings come from context_embeddings
+    try:
+        pipe.load_ip_adapter(str(folder), subfolder="", weight_name=WEIGHT_NAME, image_encoder_folder=None)
+    finally:
+        logging.set_verbosity(verbosity)
     pipe.set_ip_adapter_scale(scale)
+
+
+def compatible(unet, folder: str | Path | None = None) -> bool:
+    """Whether the adapter in ``folder`` (default: the embedded model's) exists and fits ``unet``'s cross-attention
+    blocks (same count, widths and text width)."""
+    path = Path(folder or EMBEDDED_ICGEN) / WEIGHT_NAME
+    if not path.is_file():
+        return False
+    names = _cross_attention_names(unet)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        if ({f"ip_adapter.{2 * i + 1}.to_k_ip.weight" for i in range(len(names))} | {"image_proj.norm.weight"}) - keys:
+            return False
+        for i, name in enumerate(names):
+            attn = unet.get_submodule(name.removesuffix(".processor"))
+            if tuple(f.get_slice(f"ip_adapter.{2 * i + 1}.to_k_ip.weight").get_shape()) != tuple(attn.to_k.weight.shape):
+                return False
+        n_layers = sum(1 for k in keys if k.endswith(".to_k_ip.weight"))
+    return n_layers == len(names)
+
+
+@contextmanager
+def _fed(pipe, contexts: list[torch.Tensor], guided: bool, folder: str | Path | None, scale: float,
+         trainable: bool = False) -> Iterator[None]:
+    """The adapter loaded into ``pipe`` and every UNet call inside the block given one context image per entry of
+    ``contexts`` (each a concept's (N, D) embeddings, averaged); with ``guided``, zeros for the unconditional half
+    of a guided pipeline batch. Restores the UNet's attention processors and projection on exit."""
+    unet = pipe.unet
+    processors, projection = dict(unet.attn_processors), unet.encoder_hid_proj
+    hid_type = unet.config.encoder_hid_dim_type
+    embeds = torch.stack([torch.nn.functional.normalize(c.float().mean(0), dim=-1) for c in contexts])  # (K, D)
+
+    def feed(_module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        ctx = embeds[None].expand(sample.shape[0], -1, -1).clone()
+        if guided and pipe.do_classifier_free_guidance:  # the pipeline stacks [unconditional, conditional]
+            ctx[: sample.shape[0] // 2] = 0
+        kwargs["added_cond_kwargs"] = {**(kwargs.get("added_cond_kwargs") or {}),
+                                       "image_embeds": [ctx.to(sample.device, sample.dtype)]}
+        return args, kwargs
+
+    load_adapter(pipe, folder, scale=scale)
+    if not trainable:
+        unet.encoder_hid_proj.requires_grad_(False)
+        for proc in unet.attn_processors.values():
+            if isinstance(proc, torch.nn.Module):
+                proc.requires_grad_(False)
+    handle = unet.register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        unet.set_attn_processor(processors)
+        unet.encoder_hid_proj = projection
+        unet.register_to_config(encoder_hid_dim_type=hid_type)
+
+
+def with_context(pipe, contexts: list[torch.Tensor], folder: str | Path | None = None):
+    """Generation with image context (one context image per concept in ``contexts``) at the scale of
+    :func:`context_scale`; zeros for the unconditional branch of guidance."""
+    return _fed(pipe, contexts, guided=True, folder=folder, scale=_SCALE.get())
+
+
+def conditioned_on(pipe, context: torch.Tensor, folder: str | Path | None = None):
+    """Training with a concept's context present: the frozen adapter installed and every UNet call inside the
+    block (training batches, and a teacher copied inside it) given ``context`` for every row, at scale 1."""
+    return _fed(pipe, [context], guided=False, folder=folder, scale=DEFAULT_SCALE)
+
+
+@contextmanager
+def scaled(unet, scale: float) -> Iterator[None]:
+    """The context scale of ``unet``'s image-context processors set to ``scale`` inside the block (0: every
+    attention block computes exactly the text-only attention); a UNet without them is left alone."""
+    procs = [p for p in unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
+    saved = [p.scale for p in procs]
+    for p in procs:
+        p.scale = [scale] * len(p.scale)
+    try:
+        yield
+    finally:
+        for p, old in zip(procs, saved):
+            p.scale = old
 
 
 @torch.no_grad()

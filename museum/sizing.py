@@ -40,7 +40,8 @@ def concept_cost(method: str, kv: dict[str, tuple[int, int]], width: int, config
     if method == "perfusion":  # o*_K, o*_V per K/V output + i* and C^-1 i* (width each) + the token
         outs = sum(out for out, _ in kv.values())
         return ConceptCost(outs + 3 * width, 0, outs // 2 + width, b, 0)
-    if method == "lfs":  # the shared LoRA; the data-free distillation adds a student and a teacher pass per sample
+    if method == "lfs":  # the shared LoRA (+ N x 128 ICGen context values per concept on the embedded model, not
+        # counted: bases without a fitting adapter store none); the distillation adds a student and a teacher pass
         n = config.get("distill_batch", 0) if config.get("distill_weight", 0) else 0
         # the noise bank: teacher DDIM steps for each class prompt (and as many per earlier concept, not counted here)
         once = config.get("num_prompts", 0) * config.get("teacher_steps", 0) if n else 0

@@ -76,3 +76,79 @@ def test_zero_shot_context_beats_the_base_model():
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     assert mean(ours) > mean(base) + MEAN_MARGIN
     assert ours["honeycomb"] > base["honeycomb"] + HONEYCOMB_MARGIN
+
+
+def test_adapter_fits_only_the_model_it_was_trained_for(tiny_base, tmp_path):
+    tiny = load_pipeline(tiny_base)
+    assert not icgen.compatible(tiny.unet)  # the shipped adapter is the embedded model's
+    assert not icgen.compatible(tiny.unet, tmp_path)  # no adapter there
+    icgen.install(tiny.unet, image_embed_dim=16)
+    icgen.save_adapter(tiny.unet, tmp_path)
+    assert icgen.compatible(load_pipeline(tiny_base).unet, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file()
+                    or not (icgen.EMBEDDED_ICGEN / icgen.WEIGHT_NAME).is_file(), reason="embedded model not built")
+def test_lfs_concept_keeps_context_embeddings_and_draws_with_them(tmp_path):
+    """An lfs concept on the embedded model stores its images' embeddings (not the images) and is drawn with them;
+    scale 0 draws exactly as without context, and the UNet is restored after drawing (about 20 s)."""
+    import numpy as np
+
+    from museum.museum import Museum
+    from conftest import run_cli
+
+    concept = build_concept("sunburst")
+    m = Museum.init(tmp_path / "museum")
+    m.learn("sunburst", concept.train_images, method="lfs", class_word="circle", steps=2, progress=False)
+    stored = m._concept_tensors["sunburst"]
+    torch.testing.assert_close(stored["context"], icgen.context_embeddings(load_evaluator(), concept.train_images))
+    prompt = "a <sunburst> circle on a sand background"
+    pixels = lambda images: np.stack([np.asarray(im, dtype=np.int16) for im in images])  # noqa: E731
+    with_context = pixels(m.generate(prompt, n=2, steps=5))
+    with icgen.context_scale(0.0):
+        scale_zero = pixels(m.generate(prompt, n=2, steps=5))
+    assert m.pipe.unet.encoder_hid_proj is None
+    assert not any("IPAdapter" in type(p).__name__ for p in m.pipe.unet.attn_processors.values())
+    del stored["context"]
+    without = pixels(m.generate(prompt, n=2, steps=5))
+    assert np.array_equal(scale_zero, without)
+    assert np.abs(with_context - without).max() > 10
+    out = tmp_path / "grid.png"
+    done = run_cli("generate", str(tmp_path / "museum"), prompt, "--n", "1", "--steps", "3", "--context-scale", "0.5",
+                   "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.is_file()
+    refused = run_cli("generate", prompt, "--context-scale", "0.5", "--out", str(out))
+    assert refused.returncode != 0 and "give the museum DIR" in refused.stdout + refused.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file()
+                    or not (icgen.EMBEDDED_ICGEN / icgen.WEIGHT_NAME).is_file(), reason="embedded model not built")
+def test_lfs_learn_with_context_trains_with_it_and_restores_the_unet():
+    """learn_with_context: every UNet call of the task gets the concept's context (a different result from the same seed),
+    the distillation runs at context scale 0 (teacher and student agree at the first step), and the UNet is
+    restored after the task (about 15 s)."""
+    from museum.methods import get_method
+    from museum.methods.base import ConceptInfo
+    from museum.training.trainer import train_concept
+
+    images = build_concept("sunburst").train_images
+    results = {}
+    for flag in (False, True):
+        pipe = load_pipeline()
+        info = ConceptInfo("sunburst", "<sunburst>", "circle", False, 0, "lfs")
+        method = get_method("lfs", steps=3, learn_with_context=flag)
+        calls = []  # per UNet call of the student: did it get image context?
+        pipe.unet.register_forward_hook(
+            lambda _m, _a, kwargs, _out: calls.append("image_embeds" in (kwargs.get("added_cond_kwargs") or {})),
+            with_kwargs=True)
+        results[flag] = train_concept(pipe, method, info, images, progress=False)
+        assert any(calls) == flag and (all(calls) or not flag)  # with the flag: every call, training and distillation
+        assert pipe.unet.encoder_hid_proj is None and pipe.unet.config.encoder_hid_dim_type is None
+        assert not any("IPAdapter" in type(p).__name__ for p in pipe.unet.attn_processors.values())
+        assert results[flag].terms["distillation"][0] == pytest.approx(0, abs=1e-10)
+    torch.testing.assert_close(results[True].tensors["context"], results[False].tensors["context"])
+    # same seed, same LoRA initialisation: the context is what changes the learned token
+    assert not torch.allclose(results[True].tensors["<sunburst>"], results[False].tensors["<sunburst>"])

@@ -9,6 +9,9 @@ with the untouched base model's images for the same prompts and seeds:
 * text alignment of the images to their class prompt (evaluator), against the base model's;
 * pixel RMSE to the base model's image of the same prompt and seed (values in [0, 1]);
 * paired image alignment: evaluator cosine between each image and the base model's image of the same pair.
+
+``lfs`` concepts' ICGen context is switched off here (scale 0, which draws exactly as without context): this
+measures what the shared weights do.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from museum import icgen
 from museum.evaluation.metrics import text_alignment
 from museum.evaluation.protocol import score_concept
 from museum.generation.sampling import generate_images
@@ -62,10 +66,11 @@ def relevant_forgetting(evaluator, folder: Path, base, *, method: str = "lfs", c
     m = Museum.init(folder)
     for c in concepts:
         m.learn(c.name, c.train_images, method=method, class_word=c.class_word, progress=False, **settings)
-    with m.activated([m.manifest.concept(c.name) for c in concepts]):
-        images = generate_images(m.pipe, prompts, seeds=seeds, steps=sample_steps)
-    out = compare_to_base(evaluator, images, reference, prompts)
-    out["concepts"] = {c.name: score_concept(m, c.name, c, evaluator).image_alignment for c in concepts}
+    with icgen.context_scale(0.0):  # the shared weights' effect only: ICGen context is not part of this measure
+        with m.activated([m.manifest.concept(c.name) for c in concepts]):
+            images = generate_images(m.pipe, prompts, seeds=seeds, steps=sample_steps)
+        out = compare_to_base(evaluator, images, reference, prompts)
+        out["concepts"] = {c.name: score_concept(m, c.name, c, evaluator).image_alignment for c in concepts}
     out["images"] = images
     return out
 

@@ -117,6 +117,7 @@ class TrainContext:
     latents: Any = None  # the task's images as cached latents (``museum.training.data.LatentSet``)
     prompt: str = ""  # the training prompt, e.g. "<neon> style"
     noise_scheduler: Any = None  # the DDPM scheduler training noises with
+    images: Any = None  # the task's images (PIL), for what a method keeps derived from them (lfs: context embeddings)
     # set by the trainer right after :meth:`Method.setup` when :meth:`Method.wants_teacher` says so:
     teacher: Any = None  # a frozen copy of the UNet as setup left it: the model before this task
 

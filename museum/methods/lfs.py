@@ -19,15 +19,22 @@ tokens are kept, images are not). B: inputs made from noise only, x_T ~ N(0, I) 
 teacher reaches from it in its first ``teacher_steps`` DDIM steps of an ``inference_steps`` schedule
 (``museum.training.distill.DataFreeDistillation``). No earlier image and no extra real image is read.
 
-ICGen (the paper's in-context generation) is not part of this module yet (see METHODS.md).
+ICGen (the paper's in-context generation, ``museum/icgen.py``): on a base with a fitting image-context adapter
+(the embedded model's shipped one), each concept keeps the image-encoder embeddings of its training images
+(``context``, not the images) and is drawn with them as context (``icgen.context_scale``, ``museum generate
+--context-scale``). With ``learn_with_context`` the token and LoRA are also learned with the context present
+(the frozen adapter installed for the task; the distillation runs at context scale 0); off by default until
+measured (METHODS.md).
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from museum import icgen
 from museum.methods.base import TrainContext, register
 from museum.methods.continual import class_prompts, earlier_concepts, encode_fixed, varied_prompts
 from museum.methods.lora import LoRAConfig, SharedLoRAMethod
@@ -46,9 +53,12 @@ class LFSConfig(LoRAConfig):
     unconditional: bool = True  # also distil the empty prompt, the unconditional branch of classifier-free guidance
     teacher_steps: int = 8  # teacher DDIM steps from pure noise (0: pure noise at the first timestep only)
     inference_steps: int = 10  # the DDIM schedule those steps follow
+    context: bool = True  # ICGen: keep the images' image-encoder embeddings and draw with them (a fitting adapter)
+    learn_with_context: bool = False  # ICGen: learn the token and LoRA with that context present (not yet measured)
 
     SD15 = dict(LoRAConfig.SD15, token_init="class", class_word_in_prompt=True, distill_weight=1.0,
-                distill_batch=2, unconditional=True, num_prompts=64, teacher_steps=20, inference_steps=25)
+                distill_batch=2, unconditional=True, num_prompts=64, teacher_steps=20, inference_steps=25, context=True,
+                learn_with_context=False)
 
 
 @register
@@ -72,14 +82,45 @@ class LFS(SharedLoRAMethod):
     def setup(self, ctx: TrainContext) -> list[dict]:
         cfg = self.config
         self.distillation = None
+        self.context, self.installed = None, ExitStack()
         if self.wants_teacher(ctx):
             text = encode_fixed(ctx.pipe, self.distillation_prompts(ctx))
             self.distillation = DataFreeDistillation(text, batch=cfg.distill_batch, teacher_steps=cfg.teacher_steps,
                                                      inference_steps=cfg.inference_steps, seed=cfg.seed * 7919 + 6)
-        return super().setup(ctx)
+        groups = super().setup(ctx)  # the LoRA first: its initialisation does not depend on ICGen
+        if cfg.context and icgen.compatible(ctx.pipe.unet):
+            from museum.base.loading import load_evaluator
+
+            with torch.random.fork_rng(devices=[]):  # building the evaluator draws from the global generator
+                self.context = icgen.context_embeddings(load_evaluator(), ctx.images)
+        if self.context is not None and cfg.learn_with_context:
+            # the training batches (and the teacher, copied after setup) see the context
+            self.installed.enter_context(icgen.conditioned_on(ctx.pipe, self.context))
+        return groups
 
     def loss_terms(self, ctx: TrainContext, batch: dict) -> dict[str, torch.Tensor]:
         if self.distillation is None:
             return {}
-        loss = self.distillation.loss(ctx.pipe.unet, ctx.teacher, ctx.pipe.scheduler.config, batch["generator"])
+        # the protected prompts carry no context: distilled with the context scale at 0 (exactly text-only attention)
+        with icgen.scaled(ctx.pipe.unet, 0.0), icgen.scaled(ctx.teacher, 0.0):
+            loss = self.distillation.loss(ctx.pipe.unet, ctx.teacher, ctx.pipe.scheduler.config, batch["generator"])
         return {"distillation": self.config.distill_weight * loss}
+
+    def finish(self, ctx: TrainContext):
+        tensors, state = super().finish(ctx)
+        if self.context is not None:
+            tensors = {**tensors, "context": self.context}
+        return tensors, state
+
+    def teardown(self, ctx: TrainContext) -> None:
+        self.installed.close()
+
+    @contextmanager
+    def activate(self, pipe, concepts, active, state):
+        contexts = [c.tensors["context"] for c in active if "context" in c.tensors]
+        with super().activate(pipe, concepts, active, state):
+            if not contexts:
+                yield
+                return
+            with icgen.with_context(pipe, contexts):
+                yield

@@ -244,7 +244,7 @@ def train_concept(
     torch.manual_seed(cfg.seed)  # adapters initialise from the global generator
     ctx = TrainContext(pipe=pipe, concept=concept, state=dict(state or {}), earlier=list(earlier or []),
                        accelerator=accelerator, cache_dir=cache_dir, latents=latents, prompt=prompt,
-                       noise_scheduler=noise_scheduler)
+                       noise_scheduler=noise_scheduler, images=list(images))
     groups = method.setup(ctx)
     if method.wants_teacher(ctx):  # the model before this task (taken before a resume reloads its checkpoint)
         ctx.teacher = copy.deepcopy(unet).requires_grad_(False).eval()
