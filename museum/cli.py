@@ -294,7 +294,8 @@ def methods() -> None:
     for name in method_names():
         cls = METHODS[name]
         doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
-        typer.echo(f"{name}: {doc.strip().splitlines()[0] if doc.strip() else ''}")
+        summary = " ".join(doc.strip().split("\n\n")[0].split())  # the docstring's first paragraph
+        typer.echo(f"{name}: {summary}")
         typer.echo(f"    defaults: {cls.config_class().to_dict()}")
         if cls.config_class.SD15:
             typer.echo(f"    on SD-1.x/2.x/XL bases: {dict(cls.config_class.SD15)}"
