@@ -61,3 +61,35 @@ def museum_snapshot(folder: Path) -> dict[str, bytes]:
     """Every file of a museum except the lock and caches: to check an error left it unchanged."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
             if p.is_file() and p.name != ".lock" and "cache" not in p.parts}
+
+
+@pytest.fixture
+def record_task(monkeypatch):
+    """``opened, seen = record_task(MethodClass)``: from then on every image file opened is appended to
+    ``opened``, and each training step of that method appends its loss terms to ``seen["terms"]``;
+    ``seen["teacher"]`` holds the teacher's LoRA factors at the first step (for data-free methods:
+    the earlier images must never be read, and the teacher must be the model before the task)."""
+    import PIL.Image
+
+    from museum.methods import kv
+
+    def install(method_class):
+        opened, seen = [], {}
+        original_open, original_terms = PIL.Image.open, method_class.loss_terms
+
+        def open_spy(fp, *args, **kwargs):
+            opened.append(str(fp))
+            return original_open(fp, *args, **kwargs)
+
+        def terms_spy(self, ctx, batch):
+            if "teacher" not in seen:
+                seen["teacher"] = kv.lora_factors(ctx.teacher, self.adapter)
+            out = original_terms(self, ctx, batch)
+            seen.setdefault("terms", []).append({k: float(v.detach()) for k, v in out.items()})
+            return out
+
+        monkeypatch.setattr(PIL.Image, "open", open_spy)
+        monkeypatch.setattr(method_class, "loss_terms", terms_spy)
+        return opened, seen
+
+    return install

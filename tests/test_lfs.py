@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler
 
 from museum.base.loading import EMBEDDED_PIPELINE, load_evaluator, load_pipeline
 from museum.evaluation.relevant import CIRCLE_CONCEPTS, base_images, relevant_forgetting
-from museum.methods import get_method, kv
+from museum.methods import get_method
 from museum.methods.base import ConceptInfo, TrainContext
 from museum.methods.lfs import LFS
 from museum.museum import Museum
@@ -77,7 +77,7 @@ def test_distillation_needs_the_teacher():
         term.loss(torch.nn.Linear(1, 1), None, {}, torch.Generator())
 
 
-def test_lfs_never_reads_earlier_images(tiny_base, concept_images, tmp_path, monkeypatch):
+def test_lfs_never_reads_earlier_images(tiny_base, concept_images, tmp_path, record_task):
     """The second task distils against the model before it (the museum's LoRA) from noise alone: the first
     concept's image folder is deleted, and every image opened is recorded."""
     first, second = tmp_path / "first", tmp_path / "second"
@@ -88,26 +88,7 @@ def test_lfs_never_reads_earlier_images(tiny_base, concept_images, tmp_path, mon
     state_before = dict(m.method_state("lfs"))
     shutil.rmtree(first)
 
-    opened, seen = [], {}
-    import PIL.Image
-
-    original_open = PIL.Image.open
-
-    def open_spy(fp, *args, **kwargs):
-        opened.append(str(fp))
-        return original_open(fp, *args, **kwargs)
-
-    monkeypatch.setattr(PIL.Image, "open", open_spy)
-    original_terms = LFS.loss_terms
-
-    def terms_spy(self, ctx, batch):
-        if "teacher" not in seen:
-            seen["teacher"] = kv.lora_factors(ctx.teacher, self.adapter)
-        out = original_terms(self, ctx, batch)
-        seen.setdefault("terms", []).append({k: float(v.detach()) for k, v in out.items()})
-        return out
-
-    monkeypatch.setattr(LFS, "loss_terms", terms_spy)
+    opened, seen = record_task(LFS)
     m.learn("checker", second, method="lfs", class_word="square", progress=False, **FAST)
     assert opened and all(p.startswith(str(second)) for p in opened), opened
     for key, value in state_before.items():  # the teacher is the model before the task

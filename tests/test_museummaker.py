@@ -269,7 +269,7 @@ def test_ewc_penalty_is_the_fisher_weighted_distance(tiny_base, concept_images):
 # ----------------------------------------------------------------------------- LwF
 
 
-def test_lwf_needs_no_earlier_images(tiny_base, concept_images, tmp_path, monkeypatch):
+def test_lwf_needs_no_earlier_images(tiny_base, concept_images, tmp_path, record_task):
     first, second = tmp_path / "first", tmp_path / "second"
     shutil.copytree(concept_images["sunburst"][0], first)
     shutil.copytree(concept_images["neon"][0], second)
@@ -279,36 +279,16 @@ def test_lwf_needs_no_earlier_images(tiny_base, concept_images, tmp_path, monkey
     state_before = dict(m.method_state("lwf"))
     shutil.rmtree(first)  # the earlier images are gone
 
-    opened, seen = [], {}
-    import PIL.Image
-
-    original_open = PIL.Image.open
-
-    def open_spy(fp, *args, **kwargs):
-        opened.append(str(fp))
-        return original_open(fp, *args, **kwargs)
-
-    monkeypatch.setattr(PIL.Image, "open", open_spy)
     from museum.methods.lwf import LwF
 
-    original_terms = LwF.loss_terms
-
-    def terms_spy(self, ctx, batch):
-        if "teacher" not in seen:  # the teacher is the model before the task: the museum's LoRA
-            seen["teacher"] = kv.lora_factors(ctx.teacher, self.adapter)
-        out = original_terms(self, ctx, batch)
-        seen.setdefault("terms", []).append({k: float(v) for k, v in out.items()})
-        return out
-
-    monkeypatch.setattr(LwF, "loss_terms", terms_spy)
+    opened, seen = record_task(LwF)
     m.learn("neon", second, method="lwf", style=True, progress=False, **kw)
     assert opened and all(p.startswith(str(second)) for p in opened), opened
-    for key, value in state_before.items():
+    for key, value in state_before.items():  # the teacher is the model before the task: the museum's LoRA
         torch.testing.assert_close(seen["teacher"][key], value)
     lwf = [t["lwf"] for t in seen["terms"]]
     assert len(lwf) == kw["steps"] and lwf[0] == pytest.approx(0, abs=1e-10) and max(lwf) > 0
     # switched off: no term and no teacher
-    monkeypatch.setattr(LwF, "loss_terms", original_terms)
     method = get_method("lwf", lwf_weight=0.0)
     ctx = TrainContext(pipe=m.pipe, concept=m.concept_info(m.manifest.concept("neon")), state={},
                        earlier=[m.concept_info(m.manifest.concept("sunburst"))], accelerator=None, cache_dir=None)
