@@ -330,8 +330,13 @@ def bench(
     steps: Optional[int] = typer.Option(None, help="training steps per concept (default: each method's)"),
     upper_bound: bool = typer.Option(False, "--upper-bound", help="also learn each concept alone from the base model"),
     base: str = typer.Option("embedded", help="'embedded' or a diffusers pipeline folder"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps; under `accelerate launch`, cuda is each "
+                                           "process's own GPU"),
 ) -> None:
-    """Run the continual benchmark: every method learns the concepts one after another and is scored after each."""
+    """Run the continual benchmark: every method learns the concepts one after another and is scored after each.
+
+    `accelerate launch --num_processes N -m museum bench ...` spreads the methods (and upper bounds) over N
+    processes, each learning whole task sequences alone; the results are the same as one process's."""
     from museum.world.concepts import BENCHMARK_CONCEPTS
 
     if not 1 <= tasks <= len(BENCHMARK_CONCEPTS):
@@ -348,7 +353,12 @@ def bench(
     from museum.evaluation.benchmark import RESULTS, run_benchmark
     from museum.report.benchmark_report import write_report
 
-    run_benchmark(chosen, BENCHMARK_CONCEPTS[:tasks], out, quick=quick, base=base, steps=steps, upper_bound=upper_bound)
+    from museum.training.trainer import get_accelerator
+
+    run_benchmark(chosen, BENCHMARK_CONCEPTS[:tasks], out, quick=quick, base=base, steps=steps,
+                  upper_bound=upper_bound, device=device)
+    if not get_accelerator().is_main_process:  # every process has finished; one writes the report
+        return
     page = write_report(out)
     typer.echo(f"results: {out / RESULTS}\nreport: {page}\nopen it with: python -m webbrowser -t {page.resolve().as_uri()}")
 

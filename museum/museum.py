@@ -271,7 +271,8 @@ class Museum:
         # under `accelerate launch` several processes train this concept together (data parallel): the main
         # process holds the writer lock, cleans, checkpoints and commits; the others only train
         accelerator = get_accelerator(options.mixed_precision if options else None)
-        main, multi = accelerator.is_main_process, accelerator.num_processes > 1
+        multi = accelerator.num_processes > 1 and (options is None or options.data_parallel)
+        main = accelerator.is_main_process or not multi
         agreed = False
         try:
             with writer_lock(self.folder, wait=wait) if main else nullcontext():

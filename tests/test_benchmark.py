@@ -348,6 +348,46 @@ def test_killed_run_resumes_with_the_same_results(bench, tiny_base, tmp_path):
         assert r["concept_bytes"] == expected["concept_bytes"] and r["state_bytes"] == expected["state_bytes"]
 
 
+SHARED_RUN = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import test_benchmark as tb
+from museum.evaluation.benchmark import run_benchmark
+run_benchmark(tb.METHODS, tb.CONCEPTS, Path(sys.argv[2]), base=sys.argv[3], evaluator=tb.make_evaluator(Path(sys.argv[4])),
+              upper_bound=True, **tb.RUN)
+"""
+
+
+def test_two_processes_share_the_units_and_match_one(bench, tiny_base, tmp_path):
+    """`accelerate launch --num_processes 2` (CPU, gloo): the processes split the units (base row, each
+    method's sequence, each upper bound), each taken once, and the results equal the one-process run's."""
+    import shutil
+
+    if shutil.which("accelerate") is None:
+        pytest.skip("the accelerate command is not installed")
+    script = tmp_path / "shared_run.py"
+    script.write_text(SHARED_RUN)
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run(launch + [str(script), str(Path(__file__).parent), str(out), str(tiny_base),
+                                    str(tmp_path / "evaluator")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    taken = re.findall(r"process (\d)/2 ran (\S+)", proc.stdout + proc.stderr)
+    units = ["base", *METHODS, *(f"{m}.upper" for m in METHODS)]
+    assert sorted(u for _, u in taken) == sorted(units)  # every unit once
+    assert {p for p, _ in taken} == {"1", "2"}  # and both processes worked
+    results, expected = json.loads((out / "results.json").read_text()), bench[1]
+    for method in METHODS:
+        for metric in bm.METRICS:
+            for row, exp in zip(results["methods"][method]["R"][metric], expected["methods"][method]["R"][metric]):
+                assert row == pytest.approx(exp, abs=1e-6), (method, metric)
+        assert results["upper_bound"][method]["mean"] == pytest.approx(expected["upper_bound"][method]["mean"])
+    assert results["base"]["mean"] == pytest.approx(expected["base"]["mean"])
+
+
 # ----------------------------------------------------------------------------- the gate curve
 
 

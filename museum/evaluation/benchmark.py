@@ -36,6 +36,13 @@ Where beta is the concepts' own, the point is the last row of R (no images are d
 
 A rerun with the same settings skips whatever is done: learned concepts are read back from
 the museum, scored tasks from ``progress.json``.
+
+Several processes (``accelerate launch -m museum bench ...``, or several ``museum bench`` runs
+on one ``out_dir``) share the work: each unit (the base row, a method's task sequence with its
+gate curve, a method's upper bound) is claimed with an ``flock`` on ``.claims/<unit>.lock``, so
+each process takes the next free unit and learns it alone (no data parallelism, no
+collectives); a process then waits for the units others hold and finishes any that a dead
+process left. Every unit has its own seeds, so the results do not depend on who ran what.
 """
 
 from __future__ import annotations
@@ -56,8 +63,10 @@ from museum.errors import MuseumUserError
 from museum.evaluation.metrics import backward_transfer, forgetting, image_alignment, text_alignment
 from museum.evaluation.protocol import evaluation_prompts
 from museum.store.atomic import atomic_write_json
+from museum.store.lock import claim
 
 RESULTS_VERSION = 1
+CLAIMS = ".claims"  # one lock file per unit of work (see the module docstring)
 RESULTS = "results.json"
 PROGRESS = "progress.json"
 METRICS = ("image_alignment", "text_alignment", "kid", "recognition")
@@ -99,7 +108,8 @@ def kid(evaluator, generated, references, *, subsets: int = 100, seed: int = 0) 
     ``subset_size`` is the smaller set's size (torchmetrics refuses a larger one). The subset
     draws use their own seeded generator, so the value is reproducible. Note the unbiased
     estimator is not 0 for two identical finite sets: it is (2/m) * (mean off-diagonal kernel
-    - mean diagonal kernel), slightly negative."""
+    - mean diagonal kernel), slightly negative. Never synchronised across processes (torchmetrics would
+    gather every process's features under ``accelerate launch``, where processes score different units)."""
     from museum.evaluation.evaluator import to_pixels
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -109,7 +119,7 @@ def kid(evaluator, generated, references, *, subsets: int = 100, seed: int = 0) 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "will save all extracted features in buffer"
         metric = KernelInceptionDistance(feature=EvaluatorFeatures(evaluator), subsets=subsets, subset_size=m,
-                                         normalize=True)
+                                         normalize=True, sync_on_compute=False)  # this process's images only
     metric.update(to_pixels(references), real=True)
     metric.update(to_pixels(generated), real=False)
     with torch.random.fork_rng(devices=[]):
@@ -264,9 +274,11 @@ def _storage(m, name: str) -> tuple[int, int]:
 class _Run:
     """One benchmark run: shared data (concepts, prototypes, prompts) and the scoring of images."""
 
-    def __init__(self, concepts, evaluator, settings: Settings, out_dir: Path, bar):
+    def __init__(self, concepts, evaluator, settings: Settings, out_dir: Path, bar, device: str = "cpu"):
         from museum.world.concepts import BENCHMARK_CONCEPTS, build_concept
 
+        self.device = device
+        self.worked = False
         self.names = list(concepts)
         self.settings = settings
         self.out_dir = out_dir
@@ -282,6 +294,7 @@ class _Run:
         return [p for p in self.data[name].class_prompts()[:s.n_prompts] for _ in range(s.n_seeds)]
 
     def score(self, name: str, images) -> dict:
+        self.worked = True  # every unit that is not yet done scores something
         return score_images(self.evaluator, images, self.data[name], self.class_prompts(name), self.prototypes)
 
     def generate(self, m, name: str):
@@ -290,11 +303,14 @@ class _Run:
         return m.generate(prompts, n=s.n_seeds, seed=0, steps=s.gen_steps, guidance=s.guidance)
 
     def learn(self, m, name: str, method: str) -> float:
+        from museum.training.trainer import TrainOptions
+
         c = self.data[name]
         s = self.settings
         start = time.time()
         m.learn(name, c.train_images, method=method, class_word=None if c.is_style else c.class_word,
-                style=c.is_style, steps=s.steps, seed=s.seed, progress=False, **s.overrides.get(method, {}))
+                style=c.is_style, steps=s.steps, seed=s.seed, progress=False, options=TrainOptions(data_parallel=False),
+                **s.overrides.get(method, {}))
         return time.time() - start
 
     def step(self, text: str) -> None:
@@ -305,12 +321,12 @@ class _Run:
         if self.bar is not None:
             self.bar.update(1)
 
-    @staticmethod
-    def open_museum(folder: Path, base: str):
+    def open_museum(self, folder: Path, base: str):
         from museum.museum import Museum
         from museum.store.manifest import MANIFEST
 
-        return Museum.open(folder) if (folder / MANIFEST).is_file() else Museum.init(folder, base=base)
+        m = Museum.open(folder) if (folder / MANIFEST).is_file() else Museum.init(folder, base=base)
+        return m.to(self.device) if self.device != "cpu" else m
 
     def progress_of(self, path: Path, kind: str, settings: dict) -> dict:
         import json
@@ -465,7 +481,7 @@ class _Run:
         progress = self.progress_of(path, "base", settings)
         rows = progress.setdefault("concepts", {})
         todo = [n for n in self.names if n not in rows]
-        pipe = load_pipeline(self.settings.base) if todo else None
+        pipe = load_pipeline(self.settings.base).to(self.device) if todo else None
         s = self.settings
         for name in self.names:
             if name in rows:
@@ -490,7 +506,7 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
                   progress: bool = True, upper_bound: bool = False, base_row: bool = True,
                   n_prompts: int | None = None, n_seeds: int | None = None, gen_steps: int = 25,
                   guidance: float = 7.5, seed: int = 0, n_train: int = 5, n_ref: int = 16,
-                  gate_betas: Sequence[float] = GATE_BETAS) -> dict:
+                  gate_betas: Sequence[float] = GATE_BETAS, device: str = "cpu") -> dict:
     """Run (or continue) the continual benchmark into ``out_dir``; returns the results (also in
     ``out_dir/results.json``).
 
@@ -499,11 +515,16 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
     20 x 8; ``n_prompts`` / ``n_seeds`` override either. ``steps``: training steps (default: each
     method's); ``method_overrides``: method name -> config overrides. ``gen_steps``: denoising
     steps of the evaluation samples. ``evaluator``: default the shipped one. ``gate_betas``: the
-    gate biases of the gate curve of a gated method (Perfusion); empty for none."""
+    gate biases of the gate curve of a gated method (Perfusion); empty for none. ``device``: where
+    to learn and draw; "cuda" under several processes means each process's own GPU.
+
+    Under ``accelerate launch`` (or with other runs on the same ``out_dir``) the processes share
+    the units of work (see the module docstring); each returns once all of them are done."""
     from tqdm.auto import tqdm
 
     from museum.base.loading import EMBEDDED, base_hash, load_evaluator
     from museum.methods.base import method_names
+    from museum.training.trainer import get_accelerator
     from museum.world.concepts import BENCHMARK_CONCEPTS, concept_names
 
     out_dir = Path(out_dir)
@@ -533,17 +554,38 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
     T = len(concepts)
     total = (len(methods) * T * (2 if upper_bound else 1) + (T if base_row else 0)
              + len(gate_betas) * sum(m in GATED_METHODS for m in methods))
-    with tqdm(total=total, desc="benchmark", unit="task", disable=not progress) as bar:
-        run = _Run(concepts, evaluator, settings, out_dir, bar)
-        if base_row:
-            run.run_base()
-        for method in methods:
+    accelerator = get_accelerator()
+    procs, rank = accelerator.num_processes, accelerator.process_index
+    if device == "cuda" and procs > 1:
+        device = f"cuda:{accelerator.local_process_index}"
+    desc = "benchmark" if procs == 1 else f"benchmark [process {rank + 1}/{procs}]"
+    with tqdm(total=total, desc=desc, unit="task", disable=not progress, position=rank) as bar:
+        run = _Run(concepts, evaluator, settings, out_dir, bar, device)
+
+        def continual(method: str) -> None:
             run.run_method(method)
             if method in GATED_METHODS and gate_betas:
                 run.run_gate_curve(method, gate_betas)
             write_results(out_dir, methods, concepts, settings)
-            if upper_bound:
-                run.run_upper_bound(method)
+
+        units = [("base", run.run_base)] if base_row else []
+        units += [(method, lambda method=method: continual(method)) for method in methods]
+        units += [(f"{method}.upper", lambda method=method: run.run_upper_bound(method))
+                  for method in methods if upper_bound]
+        held_elsewhere = []
+        for unit, work in units:
+            with claim(out_dir / CLAIMS / f"{unit}.lock", wait=False) as mine:
+                if mine:
+                    run.worked = False
+                    work()
+                    if procs > 1 and run.worked:
+                        tqdm.write(f"process {rank + 1}/{procs} ran {unit}")
+                else:
+                    held_elsewhere.append((unit, work))
+        for unit, work in held_elsewhere:  # wait for them; rerunning a finished unit only reads its progress
+            run.step(f"waiting for {unit} (another process)")
+            with claim(out_dir / CLAIMS / f"{unit}.lock", wait=True):
+                work()
     return write_results(out_dir, methods, concepts, settings)
 
 

@@ -45,3 +45,25 @@ def writer_lock(folder: Path, *, wait: bool = False, timeout: float | None = Non
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+@contextmanager
+def claim(path: Path, *, wait: bool) -> Iterator[bool]:
+    """An exclusive ``flock`` on the file ``path`` (created): yields True while this process holds it, or
+    False at once when another process does and ``wait`` is False (``wait=True`` blocks until it is free).
+    Like the writer lock, it is released when the holder exits or dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -78,6 +78,9 @@ class TrainOptions:
     gradient_checkpointing: bool = False  # recompute UNet block activations in backward (less memory, ~30% slower)
     use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (1 byte per moment instead of 4); needs a CUDA GPU
     memory_estimate: bool = True  # print the estimate before training (when an ``echo`` is given)
+    # under `accelerate launch`: True, the processes train this concept together (data parallel); False,
+    # this process trains alone (``museum bench`` gives each process whole methods instead)
+    data_parallel: bool = True
 
     def check(self, device: torch.device) -> None:
         """Refuse what this machine cannot do (the precision's name is checked by ``get_accelerator``)."""
@@ -209,12 +212,12 @@ def train_concept(
     options = options or TrainOptions()
     options.check(pipe.unet.device)
     accelerator = get_accelerator(options.mixed_precision)
-    procs, rank = accelerator.num_processes, accelerator.process_index
+    procs, rank = (accelerator.num_processes, accelerator.process_index) if options.data_parallel else (1, 0)
     if cfg.batch_size % procs:
         raise MuseumError(f"the batch ({cfg.batch_size}) is the global batch of {procs} processes and must divide "
                           f"evenly; pass --set batch_size={procs * max(1, cfg.batch_size // procs)}")
     local = slice(rank * cfg.batch_size // procs, (rank + 1) * cfg.batch_size // procs)  # this process's rows
-    if not accelerator.is_main_process:  # one process writes checkpoints and prints
+    if rank:  # one process writes checkpoints and prints
         checkpoints = Checkpointer(checkpoints.folder, checkpoints.every, checkpoints.keep, checkpoints.fingerprint,
                                    read_only=True) if checkpoints is not None else None
         progress, echo, on_step = False, None, None
