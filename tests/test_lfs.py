@@ -328,3 +328,17 @@ def test_cli_ip_adapter_options(tiny_base, ip_adapter_dir, concept_images, tmp_p
     other = run_cli("learn", str(folder), "checker", "--images", images, "--class-word", "square", "--ip-adapter",
                     str(ip_adapter_dir))
     assert other.returncode == 2 and "are for --method lfs" in other.stderr
+
+
+def test_a_moved_ip_adapter_is_named_when_drawing(tiny_base, ip_adapter_dir, concept_images, tmp_path):
+    from museum.store.manifest import MuseumError
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(ip_adapter_dir, adapter)
+    m = Museum.init(tmp_path / "museum", base=tiny_base)
+    m.learn("sunburst", concept_images["sunburst"][0], method="lfs", class_word="circle", progress=False,
+            ip_adapter=adapter, **FAST)
+    shutil.rmtree(adapter)
+    with pytest.raises(MuseumError, match=r"learned with the IP-Adapter .*adapter/ip-adapter_tiny.safetensors, which "
+                                          r"is not there any more; put it back"):
+        Museum.open(tmp_path / "museum").generate(IP_PROMPT, n=1, steps=2)

@@ -99,18 +99,18 @@ class LFS(SharedLoRAMethod):
 
     def setup(self, ctx: TrainContext) -> list[dict]:
         cfg = self.config
-        self.distillation = None
-        self.context, self.installed = None, ExitStack()
-        if self.wants_teacher(ctx):
-            text = encode_fixed(ctx.pipe, self.distillation_prompts(ctx))
-            self.distillation = DataFreeDistillation(text, batch=cfg.distill_batch, teacher_steps=cfg.teacher_steps,
-                                                     inference_steps=cfg.inference_steps, seed=cfg.seed * 7919 + 6)
         if cfg.context and cfg.ip_adapter is not None and not icgen.compatible(ctx.pipe.unet, cfg.ip_adapter,
                                                                                 cfg.ip_adapter_weight):
             raise MuseumError(f"the IP-Adapter {cfg.ip_adapter}/{cfg.ip_adapter_weight} does not fit this base model "
                               "(its image_proj / to_k_ip / to_v_ip shapes or number of cross-attention blocks differ "
                               "from the UNet's, or it is not IP-Adapter's basic layout); pass --ip-adapter DIR with "
                               "an IP-Adapter made for this model's family (e.g. ip-adapter_sd15 for SD-1.x)")
+        self.distillation = None
+        self.context, self.installed = None, ExitStack()
+        if self.wants_teacher(ctx):
+            text = encode_fixed(ctx.pipe, self.distillation_prompts(ctx))
+            self.distillation = DataFreeDistillation(text, batch=cfg.distill_batch, teacher_steps=cfg.teacher_steps,
+                                                     inference_steps=cfg.inference_steps, seed=cfg.seed * 7919 + 6)
         groups = super().setup(ctx)  # the LoRA first: its initialisation does not depend on ICGen
         with torch.random.fork_rng(devices=[]):  # building an image encoder draws from the global generator
             if cfg.context and cfg.ip_adapter is not None:
