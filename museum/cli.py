@@ -159,6 +159,14 @@ def learn(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu)"),
     set_: List[str] = typer.Option([], "--set", help="override a method setting, KEY=VALUE (repeatable), e.g. "
                                    "--set lr=1e-4 --set batch_size=2; see `museum methods`"),
+    ip_adapter: Optional[Path] = typer.Option(None, "--ip-adapter", metavar="DIR", help="lfs on a Stable Diffusion "
+                                              "model: a local IP-Adapter folder (its .safetensors weights and "
+                                              "image_encoder/, as diffusers' load_ip_adapter reads them); the concept "
+                                              "keeps its images' image-encoder embeddings and is drawn with them as "
+                                              "context. Nothing is downloaded"),
+    ip_adapter_weight: Optional[str] = typer.Option(None, "--ip-adapter-weight", metavar="NAME",
+                                                    help="the weight file in the --ip-adapter folder (default: its "
+                                                    "only .safetensors file)"),
 ) -> None:
     """Learn a new concept and add it to the museum (prints a memory estimate first)."""
     if steps is not None and steps < 1:
@@ -173,6 +181,8 @@ def learn(
         if not eq or not key.strip():
             fail(f"--set takes KEY=VALUE, e.g. --set lr=1e-4 (got {item!r})")
         overrides[key.strip()] = _parse_value(value.strip())
+    if (ip_adapter is not None or ip_adapter_weight is not None) and method != "lfs":
+        fail(f"--ip-adapter and --ip-adapter-weight are for --method lfs (its image context), not {method}")
     _quiet()
     from museum.museum import Museum
     from museum.training.trainer import TrainOptions
@@ -183,7 +193,8 @@ def learn(
     try:
         c = m.learn(name, images, method=method, class_word=class_word, style=style, steps=steps, resume=resume,
                     wait=wait, seed=seed, checkpoint_every=checkpoint_every, options=options, device=device,
-                    echo=lambda line: typer.echo(line, err=True), **overrides)
+                    echo=lambda line: typer.echo(line, err=True), ip_adapter=ip_adapter and str(ip_adapter),
+                    ip_adapter_weight=ip_adapter_weight, **overrides)
     except ValueError as err:  # an unknown or ill-typed --set
         if not overrides or "setting" not in str(err):
             raise
@@ -267,7 +278,7 @@ def export(folder: Path = typer.Argument(..., metavar="DIR"), names: List[str] =
     from museum.museum import Museum
 
     path = Museum.open(folder, allow_pickle=allow_pickle).export(names, out)
-    typer.echo(f"exported {', '.join(names)} to {path}; see {path / 'museum_export.json'} for the 3 lines that load it")
+    typer.echo(f"exported {', '.join(names)} to {path}; see {path / 'museum_export.json'} for the lines that load it")
 
 
 @app.command()

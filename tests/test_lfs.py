@@ -156,3 +156,189 @@ def test_distillation_keeps_plain_class_prompts_closer_to_the_base(tmp_path):
     assert on["paired_alignment_to_base"] - off["paired_alignment_to_base"] > PAIRED_MARGIN
     # and the concepts are still learned (base model: about 0.04 for sunburst)
     assert on["concepts"]["sunburst"] > 0.15
+
+
+# ----------------------------------------------------------------------------- ICGen with a user's IP-Adapter (tiny)
+
+
+@pytest.fixture(scope="module")
+def ip_adapter_dir(tiny_base, tmp_path_factory):
+    """A random IP-Adapter for the tiny SD-1.x pipeline in diffusers' layout (weights + image_encoder/)."""
+    from museum.base.tiny import build_tiny_ip_adapter
+
+    return build_tiny_ip_adapter(tiny_base, tmp_path_factory.mktemp("ip-adapter") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def ip_museum(tiny_base, ip_adapter_dir, concept_images, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ip-museum") / "museum"
+    m = Museum.init(folder, base=tiny_base)
+    m.learn("sunburst", concept_images["sunburst"][0], method="lfs", class_word="circle", progress=False,
+            ip_adapter=ip_adapter_dir, **FAST)
+    return folder, m
+
+
+IP_PROMPT = "a <sunburst> circle on a grass background"
+
+
+def pixels(images):
+    import numpy as np
+
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+def test_ip_adapter_context_is_the_encoders_image_embeds_and_recorded(ip_museum, ip_adapter_dir, tiny_base,
+                                                                      concept_images):
+    """The concept keeps diffusers' own ``encode_image`` embeddings of its images (not the images), and its config
+    names the adapter folder and weight file it was learned with."""
+    from PIL import Image
+
+    from museum.training.data import read_image_folder
+
+    _, m = ip_museum
+    stored = m._concept_tensors["sunburst"]
+    images, _ = read_image_folder(concept_images["sunburst"][0])
+    plain = load_pipeline(tiny_base)
+    plain.load_ip_adapter(str(ip_adapter_dir), subfolder="", weight_name="ip-adapter_tiny.safetensors")
+    expected, _ = plain.encode_image(images, "cpu", 1)
+    assert stored["context"].shape == (3, 12)
+    torch.testing.assert_close(stored["context"], expected, atol=1e-5, rtol=1e-4)
+    config = m.concept("sunburst").info["config"]
+    assert config["ip_adapter"] == str(ip_adapter_dir.resolve())
+    assert config["ip_adapter_weight"] == "ip-adapter_tiny.safetensors"
+    assert not any(isinstance(v, Image.Image) for v in stored.values()) and set(stored) == {"<sunburst>", "context"}
+
+
+def test_ip_adapter_context_changes_the_image_and_survives_reopening(ip_museum):
+    import numpy as np
+
+    from museum import icgen
+
+    folder, m = ip_museum
+    with_context = pixels(m.generate(IP_PROMPT, n=2, steps=4))
+    with icgen.context_scale(0.0):
+        scale_zero = pixels(m.generate(IP_PROMPT, n=2, steps=4))
+    assert m.pipe.unet.encoder_hid_proj is None  # the UNet is restored after drawing
+    assert np.abs(with_context - scale_zero).max() > 10
+    reopened = Museum.open(folder)
+    assert np.array_equal(pixels(reopened.generate(IP_PROMPT, n=2, steps=4)), with_context)
+    context = reopened._concept_tensors["sunburst"].pop("context")  # the same concept without context
+    try:
+        assert np.array_equal(pixels(reopened.generate(IP_PROMPT, n=2, steps=4)), scale_zero)
+    finally:
+        reopened._concept_tensors["sunburst"]["context"] = context
+
+
+def test_ip_adapter_export_reproduces_the_image_in_plain_diffusers(ip_museum, ip_adapter_dir, tmp_path):
+    import json
+
+    import numpy as np
+
+    from museum.generation.sampling import generate_images
+
+    _, m = ip_museum
+    out = m.export("sunburst", tmp_path / "export")
+    info = json.loads((out / "museum_export.json").read_text())
+    assert info["ip_adapter"]["folder"] == str(ip_adapter_dir.resolve()) and info["ip_adapter"]["concepts"] == ["sunburst"]
+    snippet = info["load_with_diffusers"]
+    assert "load_ip_adapter" in snippet and "load_lora_weights" in snippet and "museum" not in snippet.split("\n", 1)[1]
+    scope = {}
+    exec(snippet, scope)  # the written lines, as they are: plain diffusers
+    pipe = scope["pipe"]
+    pipe.set_progress_bar_config(disable=True)
+    assert info["ip_adapter"]["call"] == "pipe(prompt, ip_adapter_image_embeds=ip_adapter_image_embeds)"
+    theirs = generate_images(pipe, [IP_PROMPT], seeds=[0], steps=4,
+                             ip_adapter_image_embeds=scope["ip_adapter_image_embeds"])
+    ours = m.generate(IP_PROMPT, n=1, steps=4)
+    assert np.abs(pixels(ours) - pixels(theirs)).max() <= 2
+    without = generate_images(pipe, [IP_PROMPT], seeds=[0], steps=4,
+                              ip_adapter_image_embeds=[torch.zeros_like(scope["ip_adapter_image_embeds"][0])])
+    assert np.abs(pixels(without) - pixels(theirs)).max() > 10  # the context file is what makes the match
+
+
+def _two_weights(good, tmp):
+    shutil.copytree(good, tmp)
+    shutil.copy(tmp / "ip-adapter_tiny.safetensors", tmp / "ip-adapter_other.safetensors")
+    return tmp, {}, r"ip-adapter_other.safetensors, ip-adapter_tiny.safetensors.*--ip-adapter-weight"
+
+
+def _no_encoder(good, tmp):
+    shutil.copytree(good, tmp)
+    shutil.rmtree(tmp / "image_encoder")
+    return tmp, {}, r"has no image encoder \(image_encoder/config.json"
+
+
+def _wrong_width(good, tmp):
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(good, tmp)
+    state = load_file(tmp / "ip-adapter_tiny.safetensors")
+    state = {k: torch.randn(v.shape[0], 24) if "_ip." in k else v for k, v in state.items()}  # text width 24, not 16
+    save_file(state, tmp / "ip-adapter_tiny.safetensors")
+    return tmp, {}, r"does not fit this base model.*pass --ip-adapter DIR"
+
+
+def _broken_encoder(good, tmp):
+    shutil.copytree(good, tmp)
+    (tmp / "image_encoder" / "model.safetensors").write_bytes(b"not weights")
+    return tmp, {}, r"image encoder in .* does not load"
+
+
+BAD = {"missing": lambda good, tmp: (tmp / "nowhere", {}, r"no IP-Adapter folder at .*nowhere; pass --ip-adapter DIR"),
+       "two-weights": _two_weights, "no-encoder": _no_encoder, "wrong-width": _wrong_width,
+       "broken-encoder": _broken_encoder,
+       "unknown-weight": lambda good, tmp: (good, {"ip_adapter_weight": "x.safetensors"}, r"no IP-Adapter weight file "
+                                            r"'x.safetensors'.*ip-adapter_tiny.safetensors")}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_ip_adapters_are_explained_and_change_nothing(case, tiny_base, ip_adapter_dir, concept_images, tmp_path):
+    from conftest import museum_snapshot
+    from museum.store.manifest import MuseumError
+
+    folder = tmp_path / "museum"
+    Museum.init(folder, base=tiny_base)
+    before = museum_snapshot(folder)
+    adapter, extra, message = BAD[case](ip_adapter_dir, tmp_path / "adapter")
+    with pytest.raises(MuseumError, match=message):
+        Museum.open(folder).learn("sunburst", concept_images["sunburst"][0], method="lfs", class_word="circle",
+                                  progress=False, ip_adapter=adapter, **extra, **FAST)
+    assert museum_snapshot(folder) == before and Museum.open(folder).concepts == []
+
+
+def test_cli_ip_adapter_options(tiny_base, ip_adapter_dir, concept_images, tmp_path):
+    """Without --ip-adapter on a non-embedded base the warning says so once; two weight files without
+    --ip-adapter-weight are an error naming both; the options are refused for other methods."""
+    from conftest import run_cli
+
+    folder = tmp_path / "museum"
+    Museum.init(folder, base=tiny_base)
+    images = str(concept_images["sunburst"][0])
+    done = run_cli("learn", str(folder), "sunburst", "--images", images, "--method", "lfs", "--class-word", "circle",
+                   "--steps", "2", "--set", "num_prompts=2")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("warning: no IP-Adapter given: this lfs concept keeps no image context (pass "
+                             "--ip-adapter DIR") == 1
+    assert "context" not in Museum.open(folder)._read_concept_tensors(Museum.open(folder).manifest.concept("sunburst"))
+    two, _, _ = _two_weights(ip_adapter_dir, tmp_path / "two")
+    refused = run_cli("learn", str(folder), "checker", "--images", images, "--method", "lfs", "--class-word",
+                      "square", "--ip-adapter", str(two))
+    assert refused.returncode == 2
+    assert "error: " in refused.stderr and "ip-adapter_other.safetensors, ip-adapter_tiny.safetensors" in refused.stderr
+    other = run_cli("learn", str(folder), "checker", "--images", images, "--class-word", "square", "--ip-adapter",
+                    str(ip_adapter_dir))
+    assert other.returncode == 2 and "are for --method lfs" in other.stderr
+
+
+def test_a_moved_ip_adapter_is_named_when_drawing(tiny_base, ip_adapter_dir, concept_images, tmp_path):
+    from museum.store.manifest import MuseumError
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(ip_adapter_dir, adapter)
+    m = Museum.init(tmp_path / "museum", base=tiny_base)
+    m.learn("sunburst", concept_images["sunburst"][0], method="lfs", class_word="circle", progress=False,
+            ip_adapter=adapter, **FAST)
+    shutil.rmtree(adapter)
+    with pytest.raises(MuseumError, match=r"learned with the IP-Adapter .*adapter/ip-adapter_tiny.safetensors, which "
+                                          r"is not there any more; put it back"):
+        Museum.open(tmp_path / "museum").generate(IP_PROMPT, n=1, steps=2)

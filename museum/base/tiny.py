@@ -87,3 +87,29 @@ def _build_sdxl(directory: Path, tokenizer, text_encoder, vae, scheduler) -> Pat
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(directory)
     return directory
+
+
+def build_tiny_ip_adapter(pipeline: str | Path, directory: str | Path, seed: int = 0, image_embed_dim: int = 12,
+                          weight_name: str = "ip-adapter_tiny.safetensors") -> Path:
+    """Write a random IP-Adapter for the tiny pipeline folder ``pipeline`` to ``directory``, in the layout
+    diffusers' ``load_ip_adapter`` reads: ``weight_name`` (``image_proj.*``, ``ip_adapter.N.to_{k,v}_ip``) and a
+    tiny ``CLIPVisionModelWithProjection`` with its preprocessor config in ``image_encoder/``."""
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from museum import icgen
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
+        projection_dim=image_embed_dim))
+    encoder.save_pretrained(directory / icgen.IMAGE_ENCODER)
+    CLIPImageProcessor(size=32, crop_size=32).save_pretrained(directory / icgen.IMAGE_ENCODER)
+    unet = UNet2DConditionModel.from_pretrained(Path(pipeline) / "unet")
+    params = icgen.install(unet, image_embed_dim=image_embed_dim)
+    with torch.no_grad():  # a fresh adapter's K/V copy the text ones: make the context matter
+        for p in params:
+            p.add_(0.5 * torch.randn_like(p))
+    save_file(icgen.adapter_state(unet), directory / weight_name)
+    return directory

@@ -19,22 +19,28 @@ tokens are kept, images are not). B: inputs made from noise only, x_T ~ N(0, I) 
 teacher reaches from it in its first ``teacher_steps`` DDIM steps of an ``inference_steps`` schedule
 (``museum.training.distill.DataFreeDistillation``). No earlier image and no extra real image is read.
 
-ICGen (the paper's in-context generation, ``museum/icgen.py``): on a base with a fitting image-context adapter
-(the embedded model's shipped one), each concept keeps the image-encoder embeddings of its training images
-(``context``, not the images) and is drawn with them as context (``icgen.context_scale``, ``museum generate
---context-scale``). With ``learn_with_context`` the token and LoRA are also learned with the context present
-(the frozen adapter installed for the task; the distillation runs at context scale 0); off by default until
-measured (METHODS.md).
+ICGen (the paper's in-context generation, ``museum/icgen.py``): each concept keeps the image-encoder embeddings
+of its training images (``context``, not the images) and is drawn with them as context (``icgen.context_scale``,
+``museum generate --context-scale``). The adapter is the embedded model's shipped one, or for a user's Stable
+Diffusion model an existing IP-Adapter from a local folder (``ip_adapter``, ``museum learn --ip-adapter DIR``;
+its CLIP image encoder makes the embeddings; folder and weight file are recorded in the concept's config and
+loaded again with diffusers' ``load_ip_adapter`` to draw it). Without a fitting adapter the concept keeps no
+context, and learning says so. With ``learn_with_context`` the token and LoRA are also learned with the context
+present (the frozen adapter installed for the task; the distillation runs at context scale 0); off by default
+until measured (METHODS.md).
 """
 
 from __future__ import annotations
 
+import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from museum import icgen
+from museum.errors import MuseumError
 from museum.methods.base import TrainContext, register
 from museum.methods.continual import class_prompts, earlier_concepts, encode_fixed, varied_prompts
 from museum.methods.lora import LoRAConfig, SharedLoRAMethod
@@ -55,6 +61,8 @@ class LFSConfig(LoRAConfig):
     inference_steps: int = 10  # the DDIM schedule those steps follow
     context: bool = True  # ICGen: keep the images' image-encoder embeddings and draw with them (a fitting adapter)
     learn_with_context: bool = False  # ICGen: learn the token and LoRA with that context present (not yet measured)
+    ip_adapter: str | None = None  # ICGen on a user's SD model: a local IP-Adapter folder (weights + image_encoder/)
+    ip_adapter_weight: str | None = None  # its weight file (default: the only .safetensors file in the folder)
 
     SD15 = dict(LoRAConfig.SD15, token_init="class", class_word_in_prompt=True, distill_weight=1.0,
                 distill_batch=2, unconditional=True, num_prompts=64, teacher_steps=20, inference_steps=25, context=True,
@@ -65,6 +73,16 @@ class LFSConfig(LoRAConfig):
 class LFS(SharedLoRAMethod):
     name = "lfs"
     config_class = LFSConfig
+
+    def __init__(self, config: LFSConfig | None = None):
+        super().__init__(config)
+        cfg = self.config
+        if cfg.ip_adapter is not None:  # recorded resolved: the concept is drawn with exactly this adapter file
+            folder, cfg.ip_adapter_weight = icgen.ip_adapter(cfg.ip_adapter, cfg.ip_adapter_weight)
+            cfg.ip_adapter = str(folder)
+        elif cfg.ip_adapter_weight is not None:
+            raise MuseumError("--ip-adapter-weight names the weight file of an IP-Adapter folder: pass that folder "
+                              "with --ip-adapter DIR too")
 
     def distillation_prompts(self, ctx: TrainContext) -> list[str]:
         """The prompts whose outputs the task must keep: the new concept's class word, the empty prompt (each with its
@@ -81,6 +99,12 @@ class LFS(SharedLoRAMethod):
 
     def setup(self, ctx: TrainContext) -> list[dict]:
         cfg = self.config
+        if cfg.context and cfg.ip_adapter is not None and not icgen.compatible(ctx.pipe.unet, cfg.ip_adapter,
+                                                                                cfg.ip_adapter_weight):
+            raise MuseumError(f"the IP-Adapter {cfg.ip_adapter}/{cfg.ip_adapter_weight} does not fit this base model "
+                              "(its image_proj / to_k_ip / to_v_ip shapes or number of cross-attention blocks differ "
+                              "from the UNet's, or it is not IP-Adapter's basic layout); pass --ip-adapter DIR with "
+                              "an IP-Adapter made for this model's family (e.g. ip-adapter_sd15 for SD-1.x)")
         self.distillation = None
         self.context, self.installed = None, ExitStack()
         if self.wants_teacher(ctx):
@@ -88,14 +112,21 @@ class LFS(SharedLoRAMethod):
             self.distillation = DataFreeDistillation(text, batch=cfg.distill_batch, teacher_steps=cfg.teacher_steps,
                                                      inference_steps=cfg.inference_steps, seed=cfg.seed * 7919 + 6)
         groups = super().setup(ctx)  # the LoRA first: its initialisation does not depend on ICGen
-        if cfg.context and icgen.compatible(ctx.pipe.unet):
-            from museum.base.loading import load_evaluator
+        with torch.random.fork_rng(devices=[]):  # building an image encoder draws from the global generator
+            if cfg.context and cfg.ip_adapter is not None:
+                self.context = icgen.encoder_embeddings(cfg.ip_adapter, ctx.images)
+            elif cfg.context and icgen.compatible(ctx.pipe.unet):
+                from museum.base.loading import load_evaluator
 
-            with torch.random.fork_rng(devices=[]):  # building the evaluator draws from the global generator
                 self.context = icgen.context_embeddings(load_evaluator(), ctx.images)
+            elif cfg.context:
+                warnings.warn("no IP-Adapter given: this lfs concept keeps no image context (pass --ip-adapter DIR, "
+                              "a local IP-Adapter folder for this base model, e.g. one with ip-adapter_sd15.safetensors "
+                              "and image_encoder/, to keep it)", stacklevel=2)
         if self.context is not None and cfg.learn_with_context:
             # the training batches (and the teacher, copied after setup) see the context
-            self.installed.enter_context(icgen.conditioned_on(ctx.pipe, self.context))
+            self.installed.enter_context(icgen.conditioned_on(ctx.pipe, self.context, cfg.ip_adapter,
+                                                              cfg.ip_adapter_weight or icgen.WEIGHT_NAME))
         return groups
 
     def loss_terms(self, ctx: TrainContext, batch: dict) -> dict[str, torch.Tensor]:
@@ -117,10 +148,30 @@ class LFS(SharedLoRAMethod):
 
     @contextmanager
     def activate(self, pipe, concepts, active, state):
-        contexts = [c.tensors["context"] for c in active if "context" in c.tensors]
+        context = drawing_context(active)
         with super().activate(pipe, concepts, active, state):
-            if not contexts:
+            if context is None:
                 yield
                 return
-            with icgen.with_context(pipe, contexts):
+            folder, weight, contexts = context
+            with icgen.with_context(pipe, contexts, folder, weight):
                 yield
+
+
+def drawing_context(active) -> tuple[str | None, str, list[torch.Tensor]] | None:
+    """The image context ``active`` lfs concepts are drawn with: (adapter folder, None for the embedded model's;
+    its weight file; each concept's stored embeddings), or None when none keeps context. Concepts learned with
+    different adapters, or an adapter no longer where it was, are a clear error."""
+    kept = [c for c in active if "context" in c.tensors]
+    if not kept:
+        return None
+    adapters = {(c.config.get("ip_adapter"), c.config.get("ip_adapter_weight") or icgen.WEIGHT_NAME) for c in kept}
+    if len(adapters) > 1:
+        raise MuseumError(f"lfs concepts {', '.join(c.name for c in kept)} were learned with different image-context "
+                          "adapters (IP-Adapters) and cannot be drawn in one prompt; name them in separate prompts")
+    folder, weight = adapters.pop()
+    if folder is not None and not (Path(folder) / weight).is_file():
+        raise MuseumError(f"lfs concept(s) {', '.join(c.name for c in kept)} were learned with the IP-Adapter "
+                          f"{Path(folder) / weight}, which is not there any more; put it back there (Museum "
+                          "downloads nothing)")
+    return folder, weight, [c.tensors["context"] for c in kept]
