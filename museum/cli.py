@@ -183,6 +183,11 @@ def learn(
         overrides[key.strip()] = _parse_value(value.strip())
     if (ip_adapter is not None or ip_adapter_weight is not None) and method != "lfs":
         fail(f"--ip-adapter and --ip-adapter-weight are for --method lfs (its image context), not {method}")
+    for key, value in (("ip_adapter", ip_adapter), ("ip_adapter_weight", ip_adapter_weight)):
+        if value is not None:
+            if key in overrides:
+                fail(f"{key} is given twice (--{key.replace('_', '-')} and --set {key}=...); pass it once")
+            overrides[key] = str(value)
     _quiet()
     from museum.museum import Museum
     from museum.training.trainer import TrainOptions
@@ -193,8 +198,7 @@ def learn(
     try:
         c = m.learn(name, images, method=method, class_word=class_word, style=style, steps=steps, resume=resume,
                     wait=wait, seed=seed, checkpoint_every=checkpoint_every, options=options, device=device,
-                    echo=lambda line: typer.echo(line, err=True), ip_adapter=ip_adapter and str(ip_adapter),
-                    ip_adapter_weight=ip_adapter_weight, **overrides)
+                    echo=lambda line: typer.echo(line, err=True), **overrides)
     except ValueError as err:  # an unknown or ill-typed --set
         if not overrides or "setting" not in str(err):
             raise

@@ -328,6 +328,10 @@ def test_cli_ip_adapter_options(tiny_base, ip_adapter_dir, concept_images, tmp_p
     other = run_cli("learn", str(folder), "checker", "--images", images, "--class-word", "square", "--ip-adapter",
                     str(ip_adapter_dir))
     assert other.returncode == 2 and "are for --method lfs" in other.stderr
+    twice = run_cli("learn", str(folder), "checker", "--images", images, "--method", "lfs", "--class-word", "square",
+                    "--ip-adapter", str(ip_adapter_dir), "--set", f"ip_adapter={ip_adapter_dir}")
+    assert twice.returncode == 2 and "ip_adapter is given twice" in twice.stderr
+    assert [c.name for c in Museum.open(folder).concepts] == ["sunburst"]
 
 
 def test_a_moved_ip_adapter_is_named_when_drawing(tiny_base, ip_adapter_dir, concept_images, tmp_path):
