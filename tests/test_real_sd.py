@@ -243,7 +243,7 @@ def test_sd_size_bases_get_the_papers_defaults(tiny_base, concept_images, tmp_pa
     shown = run_cli("methods").stdout  # `museum methods` shows both sets of defaults
     block = shown[shown.index("textual-inversion:"):]
     assert f"on SD-1.x/2.x/XL bases: {sd}" in block
-    assert "(not on SDXL yet)" in shown[shown.index("perfusion:"):shown.index("textual-inversion:")]
+    assert "perfusion:" in shown and "(not on SDXL yet)" not in shown  # every method runs on SDXL
 
 
 # --------------------------------------------------------------------------- sizes (docs/GPU.md)
@@ -310,6 +310,32 @@ def test_two_processes_learn_what_one_does(tiny_base, concept_images, tmp_path):
 
 
 # --------------------------------------------------------------------------- SDXL
+
+
+def test_perfusion_on_sdxl_reads_both_encoders(tiny_family, concept_images, tmp_path):
+    """Perfusion on SDXL: C, i* and the key lock live in the cross-attention input (both encoders' outputs
+    concatenated), i_super is the class word in both encoders, and a prompt without the token draws the base."""
+    from museum.methods import perfusion
+    from museum.museum import Museum
+
+    base = tiny_family("sdxl")
+    m = Museum.init(tmp_path / "m", base=base)
+    m.learn("sunburst", concept_images["sunburst"][0], method="perfusion", class_word="circle", steps=2,
+            progress=False)
+    pipe, stored = m.pipe, m._concept_tensors["sunburst"]
+    width = pipe.unet.config.cross_attention_dim
+    assert width == pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert stored["perfusion.i_star"].shape == (width,)
+    cov = perfusion.text_covariance(pipe, perfusion.corpus(perfusion.PerfusionConfig(cov_captions=64)))
+    assert cov.shape == (width, width) and torch.allclose(cov, cov.T)
+    # key-locking: o*_K is W_K i_super with i_super encoded from "circle" in both encoders
+    fresh = load_pipeline(base)
+    i_super = objectives.encode_prompts(fresh, ["a circle circle"])[0, 2].detach()
+    layer = next(k.removeprefix("perfusion.o_k.") for k in stored if k.startswith("perfusion.o_k."))
+    assert torch.allclose(stored[f"perfusion.o_k.{layer}"], pipe.unet.get_submodule(layer).to_k(i_super), atol=1e-5)
+    plain = "a circle on a sand background"
+    base_image = np.asarray(Museum.init(tmp_path / "empty", base=base).generate(plain, n=1, steps=2, seed=3)[0])
+    assert np.array_equal(np.asarray(m.generate(plain, n=1, steps=2, seed=3)[0]), base_image)
 
 
 def test_sdxl_token_trains_in_both_text_encoders(tiny_family, concept_images, tmp_path):

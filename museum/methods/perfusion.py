@@ -1,8 +1,9 @@
 """Perfusion (Tewel et al., SIGGRAPH 2023): key-locked, gated rank-1 edits of cross-attention K/V.
 
 For every cross-attention layer and both projections P in {K, V} (weights W, input e, a
-text-encoder output vector of width d), with C the uncentred covariance of text-encoder
-outputs over a caption corpus and i* the concept's "target input":
+text-encoder output vector of width d; on SDXL both encoders' outputs concatenated, d = 2048),
+with C the uncentred covariance of text-encoder outputs over a caption corpus and i* the
+concept's "target input":
 
     E = i*^T C^-1 i*,    s(e) = e^T C^-1 i* / E,
     W e  ->  W (e - s(e) i*) + sigmoid((s(e) - beta) / tau) o*_P              (METHODS.md sec. 4)
@@ -383,13 +384,17 @@ def corpus(config: PerfusionConfig) -> list[str]:
 
 @torch.no_grad()
 def text_covariance(pipe, captions: list[str], cache_dir: Path | None = None, batch: int = 64) -> torch.Tensor:
-    """Uncentred covariance (d, d, float64) of text-encoder outputs at every non-padding position of
-    ``captions``; cached in ``cache_dir/perfusion/`` and in memory per text encoder."""
+    """Uncentred covariance (d, d, float64) of the cross-attention input (the text-encoder outputs; on SDXL
+    both encoders' outputs concatenated, d = 2048) at every non-padding position of ``captions``; cached in
+    ``cache_dir/perfusion/`` and in memory per text encoder."""
+    from museum.training.objectives import encode_prompts
+
     encoder = pipe.text_encoder
     fingerprint = hashlib.sha256()
-    for name, p in encoder.named_parameters():
-        if "token_embedding" not in name:  # rows are added per concept; base captions never use them
-            fingerprint.update(f"{name}{tuple(p.shape)}{p.detach().double().sum().item():.10e}".encode())
+    for _, text_encoder in tokens.text_pairs(pipe):
+        for name, p in text_encoder.named_parameters():
+            if "token_embedding" not in name:  # rows are added per concept; base captions never use them
+                fingerprint.update(f"{name}{tuple(p.shape)}{p.detach().double().sum().item():.10e}".encode())
     fingerprint.update(json.dumps(captions).encode())
     key = fingerprint.hexdigest()[:16]
     memo = _COV_MEMO.setdefault(encoder, {})
@@ -402,13 +407,12 @@ def text_covariance(pipe, captions: list[str], cache_dir: Path | None = None, ba
 
         memo[key] = load_file(path)["covariance"]
         return memo[key]
-    d = encoder.config.hidden_size
-    total, count = torch.zeros(d, d, dtype=torch.float64), 0
+    total, count = 0.0, 0
     for i in range(0, len(captions), batch):
-        ids = pipe.tokenizer(captions[i:i + batch], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-        hidden = encoder(ids.input_ids.to(encoder.device))[0].double().cpu()
-        feats = hidden[ids.attention_mask.bool()]
+        mask = pipe.tokenizer(captions[i:i + batch], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").attention_mask
+        hidden = encode_prompts(pipe, captions[i:i + batch]).double().cpu()
+        feats = hidden[mask.bool()]
         total += feats.T @ feats
         count += len(feats)
     cov = total / max(count, 1)
@@ -454,7 +458,6 @@ class Perfusion(Method):
     name = "perfusion"
     config_class = PerfusionConfig
     export_format = "museum"
-    two_text_encoders = False  # i*, C and the key lock read the first text encoder only
     removable = True
 
     # ---------------------------------------------------------------- training
@@ -465,14 +468,17 @@ class Perfusion(Method):
         self.prompt = concept_prompt(self, concept)
         self.position = _token_position(pipe, self.prompt, concept.token)
         i_now = _encoding_at(pipe, self.prompt, self.position)
-        # i_super: the superclass word's encoding at the concept position
-        embedding = pipe.text_encoder.get_input_embeddings()
-        token_id = pipe.tokenizer.convert_tokens_to_ids(concept.token)
+        # i_super: the superclass word's encoding at the concept position (its row set to the class word's
+        # embedding in every text encoder, two on SDXL)
+        rows = []
         with torch.no_grad():
-            row = embedding.weight[token_id].detach().clone()
-            embedding.weight[token_id] = tokens.word_vector(pipe, concept.class_word).to(row.dtype)
+            for which, (tokenizer, encoder) in enumerate(tokens.text_pairs(pipe)):
+                table, token_id = encoder.get_input_embeddings().weight, tokenizer.convert_tokens_to_ids(concept.token)
+                rows.append((table, token_id, table[token_id].detach().clone()))
+                table[token_id] = tokens.word_vector(pipe, concept.class_word, which).to(table.dtype)
             self.i_super = _encoding_at(pipe, self.prompt, self.position)
-            embedding.weight[token_id] = row
+            for table, token_id, row in rows:
+                table[token_id] = row
         modules = dict(unet.named_modules())
         o_k, o_v, params = {}, {}, []
         with torch.no_grad():
@@ -549,8 +555,9 @@ def load_into(pipe, export_dir: str | Path, *, beta: float | None = None, tau: f
     for c in mine:
         tensors = load_file(export_dir / c["file"])
         token = c["token"]
-        if token not in pipe.tokenizer.get_vocab():
-            pipe.load_textual_inversion({token: tensors[token]}, token=token)
+        if token not in pipe.tokenizer.get_vocab():  # both text encoders on SDXL
+            tokens.add_token(pipe, token, tensors[token][0], tensors[token + tokens.SECOND][0]
+                             if tokens.is_sdxl(pipe) else None)
             added.append(token)
         edit = ConceptEdit.from_tensors(c["name"], token, tensors, c.get("config"))
         edit.beta = edit.beta if beta is None else float(beta)
