@@ -33,7 +33,7 @@ import matplotlib
 import torch
 
 from museum.base.loading import load_evaluator
-from museum.evaluation.protocol import score_composition, score_concept
+from museum.evaluation.protocol import composition_table, score_concept
 from museum.methods import perfusion
 from museum.museum import Museum
 from museum.world.concepts import build_concept
@@ -93,13 +93,7 @@ def composition(args, evaluator, work: Path) -> list[dict]:
     m = Museum.init(work / "pairs")
     for name in names:
         learn(m, name, concepts[name], work / "images")
-    rows = []
-    print("| pair | concept | alignment, prompt with both | alignment, prompt with only the other |\n|---|---|---|---|")
-    for a, b in pairs:
-        for name, s in score_composition(m, a, b, concepts, evaluator).items():
-            rows.append({"pair": [a, b], "concept": name, **s.to_dict()})
-            print(f"| {a} + {b} | {name} | {s.with_both:.3f} | {s.with_other_only:.3f} |", flush=True)
-    return rows
+    return composition_table(m, pairs, concepts, evaluator, echo=lambda line: print(line, flush=True))
 
 
 def gate_sweep(args, evaluator, work: Path) -> list[dict]:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from museum.base.loading import load_evaluator
-from museum.evaluation.protocol import score_composition
+from museum.evaluation.protocol import composition_table
 from museum.museum import Museum
 from museum.world.concepts import build_concept
 
@@ -28,15 +28,9 @@ def main() -> None:
 
     diffusers.utils.logging.disable_progress_bar()
     m, evaluator = Museum.open(args.museum), load_evaluator()
-    methods = {c.name: c.method for c in m.concepts}
-    rows = []
-    print("| pair | concept | method | alignment, prompt with both | alignment, prompt with only the other |")
-    print("|---|---|---|---|---|")
-    for pair in args.pairs:
-        a, b = pair.split(":")
-        for name, s in score_composition(m, a, b, {n: build_concept(n) for n in (a, b)}, evaluator).items():
-            rows.append({"pair": [a, b], "concept": name, "method": methods[name], **s.to_dict()})
-            print(f"| {a} + {b} | {name} | {methods[name]} | {s.with_both:.3f} | {s.with_other_only:.3f} |", flush=True)
+    pairs = [tuple(p.split(":")) for p in args.pairs]
+    concepts = {n: build_concept(n) for pair in pairs for n in pair}
+    rows = composition_table(m, pairs, concepts, evaluator, echo=lambda line: print(line, flush=True))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -13,7 +13,7 @@ from museum.methods import get_method, kv, tokens
 from museum.methods.base import ConceptInfo, TrainContext
 from museum.methods.ewc import FISHER
 from museum.methods.lora import SharedLoRAMethod
-from museum.methods.museummaker import UPDATE, style_statistics, self_similarity, task_update
+from museum.methods.museummaker import style_statistics, self_similarity, task_update
 from museum.museum import Museum
 from museum.training import trainer
 from museum.training.data import encode_variants

@@ -165,6 +165,27 @@ def museum_ab(tiny_base, concept_images, tmp_path_factory):
     return m, a_bytes, a_tensors
 
 
+def test_composition_table_scores_both_directions(museum_ab, tmp_path):
+    """The composition table (scripts/bench_perfusion.py, scripts/measure_composition.py): one row per concept
+    of each pair, echoed as it comes, each an image alignment of a different prompt set."""
+    from test_benchmark import make_evaluator
+
+    from museum.evaluation.protocol import composition_table
+    from museum.world.concepts import build_concept
+
+    m = museum_ab[0]
+    lines = []
+    concepts = {n: build_concept(n) for n in ("sunburst", "checker")}
+    rows = composition_table(m, [("sunburst", "checker")], concepts, make_evaluator(tmp_path), echo=lines.append,
+                             n_seeds=1, steps=2)
+    assert [(r["concept"], r["method"]) for r in rows] == [("sunburst", "perfusion"), ("checker", "perfusion")]
+    assert len(lines) == 1 + len(rows) and lines[0].startswith("| pair | concept | method |")
+    for row, line in zip(rows, lines[1:]):
+        assert -1 <= row["with_both"] <= 1 and row["with_both"] != row["with_other_only"]
+        assert line == (f"| sunburst + checker | {row['concept']} | perfusion | {row['with_both']:.3f} | "
+                        f"{row['with_other_only']:.3f} |")
+
+
 def test_learning_b_changes_nothing_of_a(museum_ab):
     m, a_bytes, a_tensors = museum_ab
     assert (m.concept("sunburst").path / "tensors.safetensors").read_bytes() == a_bytes

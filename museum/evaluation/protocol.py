@@ -90,3 +90,17 @@ def score_composition(museum, a: str, b: str, concepts: dict[str, Concept], eval
             scores.append(image_alignment(evaluator, images, concepts[this].reference_images))
         out[this] = CompositionScore(*scores)
     return out
+
+
+def composition_table(museum, pairs, concepts: dict[str, Concept], evaluator, echo=print, **scoring) -> list[dict]:
+    """:func:`score_composition` (with ``scoring``: n_seeds, steps, guidance) for every (a, b) of ``pairs``,
+    echoed as markdown rows as they come (the tables of docs/METHODS.md); returns the rows as dicts."""
+    methods = {c.name: c.method for c in museum.concepts}
+    echo("| pair | concept | method | alignment, prompt with both | alignment, prompt with only the other |\n"
+         "|---|---|---|---|---|")
+    rows = []
+    for a, b in pairs:
+        for name, s in score_composition(museum, a, b, concepts, evaluator, **scoring).items():
+            rows.append({"pair": [a, b], "concept": name, "method": methods[name], **s.to_dict()})
+            echo(f"| {a} + {b} | {name} | {methods[name]} | {s.with_both:.3f} | {s.with_other_only:.3f} |")
+    return rows
