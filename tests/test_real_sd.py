@@ -127,6 +127,24 @@ def test_single_file_errors_say_what_to_do(single_files, tiny_base, tmp_path):
         Museum.init(tmp_path / "d", base=missing, config=tiny_base)
 
 
+def test_single_file_of_another_family_than_its_config_is_refused(single_file, tiny_family, tmp_path):
+    """An SDXL file (conditioner.embedders.*) with an SD-1/2 --config, or an SD-2 file with an SDXL one, is refused
+    by name from the file's key layout before diffusers reads a weight; SD-1 vs SD-2 mismatches get diffusers'
+    shape error, wrapped to name --config."""
+    from museum.errors import BaseModelError
+    from museum.museum import Museum
+
+    cases = [("sdxl", "sd1", r"is an SDXL checkpoint.*conditioner\.embedders.*StableDiffusionPipeline folder.*"
+                             r"--config FOLDER.*a StableDiffusionXLPipeline"),
+             ("sd2", "sdxl", r"is an SD-2\.x checkpoint.*cond_stage_model.*StableDiffusionXLPipeline folder.*"
+                             r"--config FOLDER.*a StableDiffusionPipeline"),
+             ("sd2", "sd1", r"could not read .* as a StableDiffusionPipeline.*is --config the same architecture")]
+    for i, (family, config, message) in enumerate(cases):
+        with pytest.raises(BaseModelError, match=message):
+            Museum.init(tmp_path / f"m{i}", base=single_file(family), config=tiny_family(config))
+        assert not (tmp_path / f"m{i}").exists()
+
+
 def test_missing_model_offline_names_the_path(tmp_path):
     from conftest import run_cli
 
