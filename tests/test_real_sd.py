@@ -51,21 +51,58 @@ def single_files(tiny_base, tmp_path_factory):
     return {s: write_ldm_checkpoint(pipe, root / f"tiny-sd1.{s}") for s in ("safetensors", "ckpt")}
 
 
-def test_init_from_a_single_file_checkpoint(single_files, tiny_base, concept_images, tmp_path):
+@pytest.fixture(scope="module")
+def single_file(single_files, tiny_family, tmp_path_factory):
+    """``single_file(family)``: the tiny pipeline of ``family`` (sd1, sd2 v-prediction, sdxl) as one original-layout
+    .safetensors file: SD-2's text encoder as an OpenCLIP tower, SDXL's two under ``conditioner.embedders``."""
+    from ldm_checkpoint import write_ldm_checkpoint
+
+    root = tmp_path_factory.mktemp("single-families")
+    written = {"sd1": single_files["safetensors"]}
+
+    def get(family: str):
+        if family not in written:
+            written[family] = write_ldm_checkpoint(load_pipeline(tiny_family(family)), root / f"tiny-{family}.safetensors",
+                                                   family=family)
+        return written[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family,kind,pipeline", [("sd1", "epsilon", "StableDiffusionPipeline"),
+                                                  ("sd2", "v_prediction", "StableDiffusionPipeline"),
+                                                  ("sdxl", "epsilon", "StableDiffusionXLPipeline")])
+def test_init_from_a_single_file_checkpoint(single_file, tiny_family, concept_images, tmp_path, family, kind,
+                                            pipeline):
+    """SD-1.x, SD-2.x (v-prediction, OpenCLIP text tower) and SDXL (two text encoders, added text/time
+    embedding) single files: init saves the same weights as the pipeline folder the file was written from, the
+    base keeps the family's scheduler and pipeline class, and a concept learns on it. SD-1 goes through the CLI."""
+    import json
+
+    from museum.generation.sampling import generate_images
     from museum.museum import Museum
 
     from conftest import run_cli
 
-    folder = tmp_path / "museum"
-    result = run_cli("init", str(folder), "--base", str(single_files["safetensors"]), "--config", str(tiny_base))
-    assert result.returncode == 0, result.stderr
+    folder, config = tmp_path / "museum", tiny_family(family)
+    if family == "sd1":
+        result = run_cli("init", str(folder), "--base", str(single_file(family)), "--config", str(config))
+        assert result.returncode == 0, result.stderr
+    else:
+        Museum.init(folder, base=single_file(family), config=config)
     m = Museum.open(folder)
     assert m.manifest.base_path == str((folder / "base").resolve())  # saved once as a pipeline folder
+    assert json.loads((folder / "base" / "model_index.json").read_text())["_class_name"] == pipeline
+    base = load_pipeline(folder / "base")
+    assert base.scheduler.config.prediction_type == kind
+    ref_pipe = load_pipeline(config)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(ref_pipe, name, None) is not None:
+            ours, ref = getattr(base, name).state_dict(), getattr(ref_pipe, name).state_dict()
+            assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), name
     # the same weights as the folder the file was written from: the same images
-    ours = m.generate("a red circle on a sand background", n=1, steps=3)[0]
-    from museum.generation.sampling import generate_images
-
-    ref = generate_images(load_pipeline(tiny_base), ["a red circle on a sand background"], seeds=[0], steps=3)[0]
+    ours = m.generate("a red circle on a sand background", n=1, steps=2)[0]
+    ref = generate_images(ref_pipe, ["a red circle on a sand background"], seeds=[0], steps=2)[0]
     assert np.array_equal(np.asarray(ours), np.asarray(ref))
     m.learn("sunburst", concept_images["sunburst"][0], method="textual-inversion", class_word="circle", steps=2,
             progress=False)
@@ -88,6 +125,24 @@ def test_single_file_errors_say_what_to_do(single_files, tiny_base, tmp_path):
     missing = tmp_path / "nowhere" / "sd15.safetensors"
     with pytest.raises(BaseModelError, match=rf"{missing}.*does not exist.*never downloads"):
         Museum.init(tmp_path / "d", base=missing, config=tiny_base)
+
+
+def test_single_file_of_another_family_than_its_config_is_refused(single_file, tiny_family, tmp_path):
+    """An SDXL file (conditioner.embedders.*) with an SD-1/2 --config, or an SD-2 file with an SDXL one, is refused
+    by name from the file's key layout before diffusers reads a weight; SD-1 vs SD-2 mismatches get diffusers'
+    shape error, wrapped to name --config."""
+    from museum.errors import BaseModelError
+    from museum.museum import Museum
+
+    cases = [("sdxl", "sd1", r"is an SDXL checkpoint.*conditioner\.embedders.*StableDiffusionPipeline folder.*"
+                             r"--config FOLDER.*a StableDiffusionXLPipeline"),
+             ("sd2", "sdxl", r"is an SD-2\.x checkpoint.*cond_stage_model.*StableDiffusionXLPipeline folder.*"
+                             r"--config FOLDER.*a StableDiffusionPipeline"),
+             ("sd2", "sd1", r"could not read .* as a StableDiffusionPipeline.*is --config the same architecture")]
+    for i, (family, config, message) in enumerate(cases):
+        with pytest.raises(BaseModelError, match=message):
+            Museum.init(tmp_path / f"m{i}", base=single_file(family), config=tiny_family(config))
+        assert not (tmp_path / f"m{i}").exists()
 
 
 def test_missing_model_offline_names_the_path(tmp_path):

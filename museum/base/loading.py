@@ -92,7 +92,11 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None, allo
 
     ``config``: a diffusers pipeline folder of the same architecture (its configs and tokenizer are
     used); without it, the configs of the hub repository diffusers associates with the checkpoint's
-    family must already be in the local Hugging Face cache."""
+    family must already be in the local Hugging Face cache. The pipeline class follows ``config``
+    (``StableDiffusionXLPipeline`` for an SDXL folder), as do the scheduler (so its prediction type:
+    an SD-2.x 768-v file needs a v-prediction folder) and tokenizers; a .safetensors file whose key layout
+    is of the other kind (SDXL's ``conditioner.embedders.*`` vs SD-1/2's ``cond_stage_model.*``) is refused
+    by name before any weight is read."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import fetch_diffusers_config, infer_diffusers_model_type, \
         load_single_file_checkpoint
@@ -108,6 +112,7 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None, allo
         resolve_base(config)  # a pipeline folder, or a clear error
         cls_name = json.loads((config / "model_index.json").read_text()).get("_class_name", "")
         cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
+        _check_layout_matches(path, config, cls_name, xl=cls is StableDiffusionXLPipeline)
     else:
         try:
             checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
@@ -137,6 +142,41 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None, allo
                              f"({type(err).__name__}: {err}); is --config the same architecture?") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# the text-encoder prefixes of the original layouts: SGM (SDXL) keeps its encoders under conditioner.embedders
+SINGLE_FILE_LAYOUTS = (("conditioner.embedders.", "SDXL", True), ("cond_stage_model.model.", "SD-2.x", False),
+                       ("cond_stage_model.transformer.", "SD-1.x", False))
+
+
+def single_file_layout(path: Path) -> tuple[str, bool] | None:
+    """(family, is SDXL) of a .safetensors checkpoint from its key names alone (no tensor is read);
+    None for a pickle or an unknown layout (diffusers then decides)."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as err:
+        raise BaseModelError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    for prefix, family, xl in SINGLE_FILE_LAYOUTS:
+        if any(k.startswith(prefix) for k in keys):
+            return family, xl
+    return None
+
+
+def _check_layout_matches(path: Path, config: Path, cls_name: str, *, xl: bool) -> None:
+    """An SDXL file with an SD-1/2 --config (or the reverse) is refused by name before diffusers reads it."""
+    layout = single_file_layout(path)
+    if layout is not None and layout[1] != xl:
+        family = layout[0]
+        raise BaseModelError(
+            f"{path} is an {family} checkpoint (its text encoders are stored as "
+            f"{'conditioner.embedders.*' if layout[1] else 'cond_stage_model.*'}), but --config {config} is a "
+            f"{cls_name or 'pipeline'} folder; pass --config FOLDER, a diffusers pipeline folder of the same "
+            f"architecture ({'a StableDiffusionXLPipeline' if layout[1] else 'a StableDiffusionPipeline'})")
 
 
 def base_hash(base: str | Path) -> str:
