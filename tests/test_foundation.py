@@ -1,10 +1,7 @@
 """The embedded model, seeded generation, the evaluator and the CLI's handling of bad input."""
 
-import json
-
 import numpy as np
 import pytest
-import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel

@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import museum_snapshot, run_cli
-from museum.errors import BaseModelError, ImageFolderError, MuseumError, MuseumUserError, TrainingDivergedError
+from conftest import museum_snapshot
+from museum.errors import BaseModelError, ImageFolderError, MuseumError, TrainingDivergedError
 from museum.museum import Museum
 
 FAST = dict(steps=2, progress=False)
@@ -922,7 +922,7 @@ def test_damaged_concept_is_named_and_can_be_removed(two_concepts, concept_image
     assert fork(listing)[0] == 0
     code, out, err = json.loads((tmp_path / "list.json").read_text())
     assert code == 0 and "checker" in out and "sunburst" in out  # listing still works, and names the damage
-    assert f"warning: concept 'checker'" in err and message in err
+    assert "warning: concept 'checker'" in err and message in err
     assert fork_cli("remove", m.folder, "checker") == 0
     again = Museum.open(m.folder)
     assert np.array_equal(np.asarray(again.generate(prompt_for("sunburst"), n=1, steps=2)[0]), images["sunburst"])
