@@ -36,19 +36,25 @@ def main() -> None:
     parser.add_argument("--command", required=True, help="the `museum bench` command that filled bench_dir")
     parser.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
     parser.add_argument("--notes", type=Path, help="a markdown file appended as the reading of the numbers")
+    parser.add_argument("--prefix", default="bench", help="file-name prefix of the plots in docs/images/")
+    parser.add_argument("--title", default="Continual benchmark")
     args = parser.parse_args()
     results = read_results(args.bench_dir)
     words = shlex.split(args.command)
     notes = ["--notes", str(args.notes)] if args.notes else []
+    for option, default in (("--out", "docs/BENCHMARKS.md"), ("--prefix", "bench"), ("--title", "Continual benchmark")):
+        value = str(getattr(args, option[2:]))
+        if value != default:
+            notes += [option, shlex.quote(value)]
     shown_dir = words[words.index("--out") + 1] if "--out" in words[:-1] else str(args.bench_dir)
     images = args.out.parent / "images"
     images.mkdir(parents=True, exist_ok=True)
-    curves_plot(results).save(images / "bench_curves.png")
+    curves_plot(results).save(images / f"{args.prefix}_curves.png")
     parts = []
     for method, r in results["methods"].items():
         if r["grids"]:
-            heatmaps(r, results, method).save(images / f"bench_heatmaps_{method}.png")
-            parts.append(f"### {method}\n\n![{method} R[t, j]](images/bench_heatmaps_{method}.png)\n")
+            heatmaps(r, results, method).save(images / f"{args.prefix}_heatmaps_{method}.png")
+            parts.append(f"### {method}\n\n![{method} R[t, j]](images/{args.prefix}_heatmaps_{method}.png)\n")
     s = results.get("settings") or {}
     per_concept = []
     for method, r in results["methods"].items():
@@ -57,7 +63,7 @@ def main() -> None:
     base = results.get("base")
     if base:
         per_concept.append(["base model", *(f"{base['scores'][c]['image_alignment']:.3f}" for c in results["concepts"])])
-    text = f"""# Continual benchmark
+    text = f"""# {args.title}
 
 The protocol of docs/METHODS.md and issue "Benchmark": each method learns the task sequence
 {', '.join(results['concepts'])} one concept after another from an empty museum on the embedded
@@ -84,7 +90,7 @@ Final image alignment per concept (after the last task):
 
 ## Over the tasks
 
-![average and forgetting](images/bench_curves.png)
+![average and forgetting](images/{args.prefix}_curves.png)
 
 ## R[t, j] per method
 
@@ -93,7 +99,7 @@ Final image alignment per concept (after the last task):
     if args.notes:
         text += "\n" + args.notes.read_text()
     args.out.write_text(text)
-    print(f"wrote {args.out} and {images}/bench_*.png")
+    print(f"wrote {args.out} and {images}/{args.prefix}_*.png")
 
 
 if __name__ == "__main__":
