@@ -60,7 +60,7 @@ class LFSConfig(LoRAConfig):
     teacher_steps: int = 8  # teacher DDIM steps from pure noise (0: pure noise at the first timestep only)
     inference_steps: int = 10  # the DDIM schedule those steps follow
     context: bool = True  # ICGen: keep the images' image-encoder embeddings and draw with them (a fitting adapter)
-    learn_with_context: bool = False  # ICGen: learn the token and LoRA with that context present (off: measured, METHODS.md)
+    learn_with_context: bool = False  # ICGen: learn the token and LoRA with the context present (measured: off)
     ip_adapter: str | None = None  # ICGen on a user's SD model: a local IP-Adapter folder (weights + image_encoder/)
     ip_adapter_weight: str | None = None  # its weight file (default: the only .safetensors file in the folder)
 
