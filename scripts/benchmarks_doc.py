@@ -78,7 +78,7 @@ by `museum report DIR`.
     python {' '.join(['scripts/benchmarks_doc.py', shown_dir, '--command', shlex.quote(args.command), *notes])}
 
 Run on {time.strftime('%Y-%m-%d', time.gmtime())}, `{platform.platform()}`, {os.cpu_count()} CPU cores, torch
-{torch.__version__}, while other jobs shared the machine: compare seconds/task as ratios only.
+{torch.__version__}. Seconds are wall time on a machine other jobs may share: compare them as ratios only.
 
 ## Results
 
