@@ -14,7 +14,7 @@ A concept becomes
   method module's ``load_into(pipe, export_dir)``; ``museum_export.json`` then says
   ``needs_museum: true`` and names the loader;
 * ``ip_adapter_image_embeds.safetensors`` (``lfs`` concepts that keep image context, ICGen): ``image_embeds``
-  (K, D), the one context embedding per such concept Museum draws with (``icgen.mean_context``), and each
+  (K, D), the one context embedding per such concept Museum draws with (``icgen.image_embeds``), and each
   concept's stored per-image embeddings (``context.{name}``); the snippet loads the adapter the concept was
   learned with (``pipe.load_ip_adapter``, the folder is referenced, not copied) and builds
   ``ip_adapter_image_embeds`` for ``pipe(prompt, ip_adapter_image_embeds=ip_adapter_image_embeds)``;
@@ -84,8 +84,8 @@ def export_concepts(museum, names: list[str], out: Path) -> Path:
     loads, museum_concepts, loaders = [], [], {}
     fault_point("export.begin")
     with atomic_dir(out) as tmp:
-        for e in entries:
-            info = museum.concept_info(e)
+        infos = [museum.concept_info(e) for e in entries]
+        for e, info in zip(entries, infos):
             file = "learned_embeds.safetensors" if len(entries) == 1 else f"learned_embeds-{e.name}.safetensors"
             if sdxl:  # diffusers' SDXL embedding layout
                 save_file({"clip_l": info.tensors[e.token].contiguous(),
@@ -114,19 +114,16 @@ def export_concepts(museum, names: list[str], out: Path) -> Path:
         for loader in loaders:
             module, func = loader.split(":")
             loads.append(f'from {module} import {func}; {func}(pipe, "{out}")')
-        lfs_concepts = [museum.concept_info(e) for e in entries if e.method == "lfs"]
-        context, ip_adapter = drawing_context(lfs_concepts), None
+        context, ip_adapter = drawing_context([i for e, i in zip(entries, infos) if e.method == "lfs"]), None
         if context is not None:
-            folder, weight, contexts = context
-            kept = [c.name for c in lfs_concepts if "context" in c.tensors]
-            renormalise = folder is None  # the embedded model's adapter (icgen.mean_context)
-            folder = str(folder or icgen.EMBEDDED_ICGEN)
-            save_file({"image_embeds": torch.stack([icgen.mean_context(c, renormalise) for c in contexts]),
-                       **{f"context.{n}": c.float().contiguous() for n, c in zip(kept, contexts)}}, tmp / CONTEXT_FILE)
-            loads.append(CONTEXT_LOADS.format(folder=folder, weight=weight, scale=icgen.DEFAULT_SCALE,
+            folder = str(context.folder or icgen.EMBEDDED_ICGEN)
+            save_file({"image_embeds": icgen.image_embeds(context.contexts, context.folder),
+                       **{f"context.{n}": c.float().contiguous() for n, c in zip(context.names, context.contexts)}},
+                      tmp / CONTEXT_FILE)
+            loads.append(CONTEXT_LOADS.format(folder=folder, weight=context.weight, scale=icgen.DEFAULT_SCALE,
                                               file=out / CONTEXT_FILE))
-            ip_adapter = {"folder": folder, "weight_name": weight, "scale": icgen.DEFAULT_SCALE, "file": CONTEXT_FILE,
-                          "concepts": kept, "call": CONTEXT_CALL}
+            ip_adapter = {"folder": folder, "weight_name": context.weight, "scale": icgen.DEFAULT_SCALE,
+                          "file": CONTEXT_FILE, "concepts": context.names, "call": CONTEXT_CALL}
         base = str(resolve_base(museum.manifest.base_path))
         snippet = LOAD_SNIPPET.format(cls=type(pipe).__name__, base=base, loads="\n".join(loads))
         (tmp / "museum_export.json").write_text(json.dumps({

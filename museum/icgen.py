@@ -215,6 +215,12 @@ def mean_context(embeddings: torch.Tensor, renormalise: bool = True) -> torch.Te
     return torch.nn.functional.normalize(mean, dim=-1) if renormalise else mean
 
 
+def image_embeds(contexts: list[torch.Tensor], folder: str | Path | None) -> torch.Tensor:
+    """(K, D) the one context image per concept that the adapter in ``folder`` is fed: each concept's
+    :func:`mean_context`, renormalised for the embedded model's adapter (``folder`` None), plain for an IP-Adapter."""
+    return torch.stack([mean_context(c, renormalise=folder is None) for c in contexts])
+
+
 @contextmanager
 def _fed(pipe, contexts: list[torch.Tensor], guided: bool, folder: str | Path | None, scale: float,
          trainable: bool = False, weight: str = WEIGHT_NAME) -> Iterator[None]:
@@ -225,7 +231,7 @@ def _fed(pipe, contexts: list[torch.Tensor], guided: bool, folder: str | Path | 
     unet = pipe.unet
     processors, projection = dict(unet.attn_processors), unet.encoder_hid_proj
     hid_type = unet.config.encoder_hid_dim_type
-    embeds = torch.stack([mean_context(c, renormalise=folder is None) for c in contexts])  # (K, D)
+    embeds = image_embeds(contexts, folder)
 
     def feed(_module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]

@@ -36,6 +36,7 @@ import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -153,15 +154,22 @@ class LFS(SharedLoRAMethod):
             if context is None:
                 yield
                 return
-            folder, weight, contexts = context
-            with icgen.with_context(pipe, contexts, folder, weight):
+            with icgen.with_context(pipe, context.contexts, context.folder, context.weight):
                 yield
 
 
-def drawing_context(active) -> tuple[str | None, str, list[torch.Tensor]] | None:
-    """The image context ``active`` lfs concepts are drawn with: (adapter folder, None for the embedded model's;
-    its weight file; each concept's stored embeddings), or None when none keeps context. Concepts learned with
-    different adapters, or an adapter no longer where it was, are a clear error."""
+class DrawingContext(NamedTuple):
+    """The image context lfs concepts are drawn with."""
+
+    folder: str | None  # the IP-Adapter folder; None: the embedded model's adapter
+    weight: str  # its weight file
+    names: list[str]  # the concepts that keep context, in prompt order
+    contexts: list[torch.Tensor]  # each one's stored (N, D) embeddings
+
+
+def drawing_context(active) -> DrawingContext | None:
+    """The image context ``active`` lfs concepts are drawn with, or None when none keeps context. Concepts
+    learned with different adapters, or an adapter no longer where it was, are a clear error."""
     kept = [c for c in active if "context" in c.tensors]
     if not kept:
         return None
@@ -174,4 +182,4 @@ def drawing_context(active) -> tuple[str | None, str, list[torch.Tensor]] | None
         raise MuseumError(f"lfs concept(s) {', '.join(c.name for c in kept)} were learned with the IP-Adapter "
                           f"{Path(folder) / weight}, which is not there any more; put it back there (Museum "
                           "downloads nothing)")
-    return folder, weight, [c.tensors["context"] for c in kept]
+    return DrawingContext(folder, weight, [c.name for c in kept], [c.tensors["context"] for c in kept])
