@@ -329,11 +329,14 @@ def demo(out: Path = typer.Option(Path("museum-demo"), help="folder for the muse
 
 @app.command()
 def pretrain(out: Path = typer.Option(Path("museum/embedded")), work: Path = typer.Option(Path(".cache/pretrain")),
-             seed: int = typer.Option(0)) -> None:
-    """Train the embedded model and evaluator from scratch (about an hour on 2 CPU cores)."""
+             seed: int = typer.Option(0),
+             continue_from: Optional[Path] = typer.Option(None, help="a trained model folder (e.g. museum/embedded) "
+                                                          "to continue, VAE decoder only; see scripts/pretrain.py "
+                                                          "for the step counts")) -> None:
+    """Train the embedded model and evaluator from scratch (about an hour on 2 CPU cores), or continue one."""
     from museum.base.pretrain import pretrain as run
 
-    run(out, work, seed=seed)
+    run(out, work, seed=seed, continue_from=continue_from)
 
 
 @app.command()

@@ -6,6 +6,7 @@ Same as ``museum pretrain``. About an hour on a 2-core CPU; see museum/base/pret
 """
 
 import argparse
+from pathlib import Path
 
 from museum.base.pretrain import pretrain
 
@@ -15,6 +16,12 @@ if __name__ == "__main__":
     parser.add_argument("--work", default=".cache/pretrain")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stages", nargs="+", default=["all"], choices=["all", "vae", "evaluator", "unet"])
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--evaluator-steps", type=int, default=700)
     parser.add_argument("--unet-steps", type=int, default=3500)
+    parser.add_argument("--continue-from", type=Path, default=None,
+                        help="a trained model folder (e.g. museum/embedded): every stage starts from it "
+                             "(the VAE trains its decoder only)")
     args = parser.parse_args()
-    pretrain(args.out, args.work, seed=args.seed, stages=tuple(args.stages), unet_steps=args.unet_steps)
+    pretrain(args.out, args.work, seed=args.seed, stages=tuple(args.stages), vae_steps=args.vae_steps,
+             evaluator_steps=args.evaluator_steps, unet_steps=args.unet_steps, continue_from=args.continue_from)

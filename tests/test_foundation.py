@@ -100,3 +100,24 @@ def test_cli_generate_writes_a_grid(tiny_base, tmp_path):
     with Image.open(out) as im:
         assert im.size == (3 * 32 * 4, 32 * 4)  # 3 images in a row, upscaled x4
         assert len(set(im.convert("RGB").getdata())) > 1
+
+
+@needs_embedded
+@needs_evaluator
+def test_continued_pretraining_keeps_the_latent_space(tmp_path):
+    """pretrain(continue_from=...) trains the VAE decoder only (encoder and scaling factor, hence the
+    latent space the UNet was trained on, stay) and continues the UNet, text encoder and evaluator."""
+    import torch
+
+    from museum.base.pretrain import pretrain
+
+    pretrain(tmp_path / "out", tmp_path / "work", n_base=64, n_eval=64, vae_steps=2, evaluator_steps=2, unet_steps=2,
+             continue_from=EMBEDDED_PIPELINE.parent)
+    old = StableDiffusionPipeline.from_pretrained(EMBEDDED_PIPELINE, safety_checker=None)
+    new = StableDiffusionPipeline.from_pretrained(tmp_path / "out" / "pipeline", safety_checker=None)
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # noqa: E731
+    assert same(old.vae.encoder, new.vae.encoder) and same(old.vae.quant_conv, new.vae.quant_conv)
+    assert new.vae.config.scaling_factor == old.vae.config.scaling_factor
+    assert not same(old.vae.decoder, new.vae.decoder)
+    assert not same(old.unet, new.unet) and not same(old.text_encoder, new.text_encoder)
+    assert not same(load_evaluator(EMBEDDED_EVALUATOR), load_evaluator(tmp_path / "out" / "evaluator"))

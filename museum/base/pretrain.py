@@ -13,12 +13,12 @@ Stages (each reproducible by seed, all together in about an hour on 2 CPU cores)
                    guidance, EMA weights (diffusers' ``EMAModel``).
 
 Run ``museum pretrain --out museum/embedded`` (or ``python scripts/pretrain.py``); the
-result is a Stable Diffusion pipeline directory plus ``evaluator/``.
+result is a Stable Diffusion pipeline directory plus ``evaluator/``. ``--continue-from DIR``
+trains such a folder further instead of starting from scratch (the VAE's decoder only).
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from multiprocessing import Pool
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
@@ -38,6 +38,7 @@ from museum.evaluation.evaluator import Evaluator
 from museum.world import render as world
 
 CFG_DROPOUT = 0.1
+CONTINUE_LR = 0.3  # learning-rate factor when continuing a trained model (pretrain(continue_from=...))
 
 
 def log(msg: str) -> None:
@@ -103,10 +104,16 @@ def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (F.l1_loss(rec.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(rec.diff(dim=-2), x.diff(dim=-2)))
 
 
-def train_vae(images: np.ndarray, *, steps: int, batch: int, seed: int, lr: float = 1e-3):
+def train_vae(images: np.ndarray, *, steps: int, batch: int, seed: int, lr: float = 1e-3, init=None):
+    """From scratch, or with ``init`` (a trained AutoencoderKL) its decoder only: the encoder, the latent
+    space and the scaling factor stay, so a UNet trained on them stays valid (as Stable Diffusion's
+    fine-tuned decoders, sd-vae-ft-mse, were made)."""
     torch.manual_seed(seed)
-    vae = components.make_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae = init if init is not None else components.make_vae()
+    if init is not None:
+        vae.requires_grad_(False)
+        vae.decoder.requires_grad_(True), vae.post_quant_conv.requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, 100, steps)
     data = to_tensor(images)
     gen = torch.Generator().manual_seed(seed)
@@ -124,16 +131,19 @@ def train_vae(images: np.ndarray, *, steps: int, batch: int, seed: int, lr: floa
         z = torch.cat([vae.encode(data[i:i + 256]).latent_dist.mean for i in range(0, min(len(data), 4096), 256)])
         rec = vae.decode(z[:256]).sample
         log(f"vae reconstruction L1 on 256 images: {F.l1_loss(rec, data[:256]).item():.4f}")
-    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    if init is None:
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     log(f"vae scaling factor {vae.config.scaling_factor:.4f}")
     return vae
 
 
-def train_evaluator(images: np.ndarray, captions: list[str], *, steps: int, batch: int, seed: int, lr: float = 1e-3):
+def train_evaluator(images: np.ndarray, captions: list[str], *, steps: int, batch: int, seed: int, lr: float = 1e-3,
+                    init: Evaluator | None = None):
     torch.manual_seed(seed)
-    words = world.base_vocabulary() + world.held_out_vocabulary()
-    tokenizer = write_clip_tokenizer(words, Path("/tmp") / f"museum-evaluator-tokenizer-{seed}")
-    evaluator = Evaluator.create(tokenizer)
+    if init is None:
+        words = world.base_vocabulary() + world.held_out_vocabulary()
+        init = Evaluator.create(write_clip_tokenizer(words, Path("/tmp") / f"museum-evaluator-tokenizer-{seed}"))
+    evaluator = init.train().requires_grad_(True)
     opt = torch.optim.AdamW(evaluator.parameters(), lr=lr, weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, 100, steps)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
@@ -149,11 +159,12 @@ def train_evaluator(images: np.ndarray, captions: list[str], *, steps: int, batc
 
 
 def train_unet(images: np.ndarray, captions: list[str], vae, tokenizer, *, steps: int, batch: int, seed: int,
-               lr: float = 5e-4, checkpoint_dir: Path | None = None):
+               lr: float = 5e-4, checkpoint_dir: Path | None = None, init=None):
+    """UNet and text encoder from scratch, or continued from ``init`` = (unet, text_encoder)."""
     torch.manual_seed(seed)
     accelerator = Accelerator()
-    unet = components.make_unet()
-    text_encoder = components.make_text_encoder(tokenizer)
+    unet, text_encoder = init if init is not None else (components.make_unet(), components.make_text_encoder(tokenizer))
+    unet.train().requires_grad_(True), text_encoder.train().requires_grad_(True)
     scheduler = components.make_train_scheduler()
     with torch.no_grad():
         data = to_tensor(images)
@@ -203,9 +214,16 @@ def assemble(out: Path, vae, unet, text_encoder, tokenizer) -> StableDiffusionPi
 
 
 def pretrain(out: Path, work: Path, *, seed: int = 0, n_base: int = 30_000, n_eval: int = 12_000,
-             vae_steps: int = 1500, evaluator_steps: int = 700, unet_steps: int = 3500, stages=("all",)) -> None:
-    """Train every stage (or those named in ``stages``) and write the embedded model to ``out``."""
+             vae_steps: int = 1500, evaluator_steps: int = 700, unet_steps: int = 3500, stages=("all",),
+             continue_from: Path | None = None) -> None:
+    """Train every stage (or those named in ``stages``) and write the embedded model to ``out``.
+
+    With ``continue_from`` (a folder this function wrote, e.g. ``museum/embedded``) every stage starts from
+    that model's component, at ``CONTINUE_LR`` times the learning rate: the VAE trains its decoder only
+    (:func:`train_vae`), the evaluator and the UNet + text encoder train on."""
     out, work = Path(out), Path(work)
+    init = Path(continue_from) / "pipeline" if continue_from is not None else None
+    lr_scale = CONTINUE_LR if init is not None else 1.0
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -215,7 +233,8 @@ def pretrain(out: Path, work: Path, *, seed: int = 0, n_base: int = 30_000, n_ev
         work, f"base-{seed}-{n_base}", lambda: render_set(world.base_samples(n_base, seed), drop_p=0.0, seed=seed))
     log(f"base set: {len(base_images)} images ({time.time() - t0:.0f}s)")
     if run("vae"):
-        vae = train_vae(base_images, steps=vae_steps, batch=32, seed=seed)
+        vae = train_vae(base_images, steps=vae_steps, batch=32, seed=seed, lr=1e-3 * lr_scale,
+                        init=AutoencoderKL.from_pretrained(init / "vae") if init else None)
         vae.save_pretrained(work / "vae")
     if run("evaluator"):
         ev_images, ev_captions = load_or_render(
@@ -226,14 +245,18 @@ def pretrain(out: Path, work: Path, *, seed: int = 0, n_base: int = 30_000, n_ev
         rng = random.Random(seed)
         drop_captions = [world.caption(s, drop=frozenset(p for p in world.CAPTION_PARTS if rng.random() < 0.25))
                          for s, _ in world.base_samples(n_base, seed)[: n_eval // 2]]
-        evaluator = train_evaluator(images, drop_captions + ev_captions, steps=evaluator_steps, batch=256, seed=seed)
+        evaluator = train_evaluator(images, drop_captions + ev_captions, steps=evaluator_steps, batch=256, seed=seed,
+                                    lr=1e-3 * lr_scale,
+                                    init=Evaluator.from_pretrained(Path(continue_from) / "evaluator") if init else None)
         evaluator.save_pretrained(out / "evaluator")
     if run("unet"):
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(work / "vae")
-        tokenizer = write_clip_tokenizer(world.base_vocabulary(), work / "tokenizer")
+        vae = AutoencoderKL.from_pretrained(work / "vae" if run("vae") or init is None else init / "vae")
+        if init is None:
+            tokenizer, start = write_clip_tokenizer(world.base_vocabulary(), work / "tokenizer"), None
+        else:
+            trained = StableDiffusionPipeline.from_pretrained(init, safety_checker=None)
+            tokenizer, start = trained.tokenizer, (trained.unet, trained.text_encoder)
         unet, text_encoder = train_unet(base_images, base_captions, vae, tokenizer, steps=unet_steps, batch=64,
-                                        seed=seed, checkpoint_dir=work)
+                                        seed=seed, lr=5e-4 * lr_scale, checkpoint_dir=work, init=start)
         assemble(out, vae, unet, text_encoder, tokenizer)
     log(f"pretraining done in {(time.time() - t0) / 60:.1f} min; model at {out}")
