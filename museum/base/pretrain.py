@@ -222,8 +222,9 @@ def pretrain(out: Path, work: Path, *, seed: int = 0, n_base: int = 30_000, n_ev
     that model's component, at ``CONTINUE_LR`` times the learning rate: the VAE trains its decoder only
     (:func:`train_vae`), the evaluator and the UNet + text encoder train on."""
     out, work = Path(out), Path(work)
-    init = Path(continue_from) / "pipeline" if continue_from is not None else None
-    lr_scale = CONTINUE_LR if init is not None else 1.0
+    trained = (StableDiffusionPipeline.from_pretrained(Path(continue_from) / "pipeline", safety_checker=None)
+               if continue_from is not None else None)
+    lr_scale = CONTINUE_LR if trained is not None else 1.0
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -234,7 +235,7 @@ def pretrain(out: Path, work: Path, *, seed: int = 0, n_base: int = 30_000, n_ev
     log(f"base set: {len(base_images)} images ({time.time() - t0:.0f}s)")
     if run("vae"):
         vae = train_vae(base_images, steps=vae_steps, batch=32, seed=seed, lr=1e-3 * lr_scale,
-                        init=AutoencoderKL.from_pretrained(init / "vae") if init else None)
+                        init=trained.vae if trained else None)
         vae.save_pretrained(work / "vae")
     if run("evaluator"):
         ev_images, ev_captions = load_or_render(
@@ -247,15 +248,14 @@ def pretrain(out: Path, work: Path, *, seed: int = 0, n_base: int = 30_000, n_ev
                          for s, _ in world.base_samples(n_base, seed)[: n_eval // 2]]
         evaluator = train_evaluator(images, drop_captions + ev_captions, steps=evaluator_steps, batch=256, seed=seed,
                                     lr=1e-3 * lr_scale,
-                                    init=Evaluator.from_pretrained(Path(continue_from) / "evaluator") if init else None)
+                                    init=Evaluator.from_pretrained(Path(continue_from) / "evaluator") if trained else None)
         evaluator.save_pretrained(out / "evaluator")
     if run("unet"):
-        vae = AutoencoderKL.from_pretrained(work / "vae" if run("vae") or init is None else init / "vae")
-        if init is None:
+        if trained is None:
+            vae = AutoencoderKL.from_pretrained(work / "vae")
             tokenizer, start = write_clip_tokenizer(world.base_vocabulary(), work / "tokenizer"), None
-        else:
-            trained = StableDiffusionPipeline.from_pretrained(init, safety_checker=None)
-            tokenizer, start = trained.tokenizer, (trained.unet, trained.text_encoder)
+        else:  # its VAE has the continued decoder when this run's vae stage trained it
+            vae, tokenizer, start = trained.vae, trained.tokenizer, (trained.unet, trained.text_encoder)
         unet, text_encoder = train_unet(base_images, base_captions, vae, tokenizer, steps=unet_steps, batch=64,
                                         seed=seed, lr=5e-4 * lr_scale, checkpoint_dir=work, init=start)
         assemble(out, vae, unet, text_encoder, tokenizer)
