@@ -352,10 +352,12 @@ SHARED_RUN = """
 import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
+import os
 import test_benchmark as tb
 from museum.evaluation.benchmark import run_benchmark
-run_benchmark(tb.METHODS, tb.CONCEPTS, Path(sys.argv[2]), base=sys.argv[3], evaluator=tb.make_evaluator(Path(sys.argv[4])),
-              upper_bound=True, **tb.RUN)
+# one tokenizer folder per process: two processes writing and reading the same files race
+evaluator = tb.make_evaluator(Path(sys.argv[4]) / os.environ["LOCAL_RANK"])
+run_benchmark(tb.METHODS, tb.CONCEPTS, Path(sys.argv[2]), base=sys.argv[3], evaluator=evaluator, upper_bound=True, **tb.RUN)
 """
 
 
