@@ -333,7 +333,7 @@ def pretrain(out: Path = typer.Option(Path("museum/embedded")), work: Path = typ
              continue_from: Optional[Path] = typer.Option(None, help="a trained model folder (e.g. museum/embedded) "
                                                           "to continue, VAE decoder only; see scripts/pretrain.py "
                                                           "for the step counts")) -> None:
-    """Train the embedded model and evaluator from scratch (about an hour on 2 CPU cores), or continue one."""
+    """Train the embedded model and evaluator from scratch (at most ~90 minutes on 2 CPU cores), or continue one."""
     from museum.base.pretrain import pretrain as run
 
     run(out, work, seed=seed, continue_from=continue_from)

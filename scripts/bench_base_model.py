@@ -193,6 +193,10 @@ def error_budget(gen: dict, vae: dict, ren: dict) -> str:
     for attribute in ATTRIBUTES:
         g, v, r = (x[attribute]["accuracy"] for x in (gen, vae, ren))
         lines.append(f"| {attribute} | {pct(1 - r)} | {pct(r - v)} | {pct(v - g)} |")
+    if any(x[a]["accuracy"] > y[a]["accuracy"] for a in ATTRIBUTES for x, y in ((gen, vae), (vae, ren))):
+        lines.append("\nA negative loss means the later stage's images are read better than the earlier stage's (e.g. "
+                     "generated better than round-trip renders). A likely reading, not measured: the renders include "
+                     "every rotation and jitter of the held-out scenes, the generator draws shapes in common poses.")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from museum.base.loading import load_evaluator, load_pipeline
+from museum.base.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline
 from museum.evaluation.protocol import score_base, score_concept
 from museum.methods import method_names
 from museum.museum import Museum
@@ -29,6 +29,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=method_names())
     parser.add_argument("--concepts", nargs="+", default=["sunburst", "checker", "neon"])
+    parser.add_argument("--pipeline", default=EMBEDDED, help="base pipeline folder (default: the embedded model)")
+    parser.add_argument("--evaluator", default=EMBEDDED_EVALUATOR, help="evaluator folder (default: the embedded one)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="method config overrides for every method, e.g. lr=2e-4 token_lr=1e-3 (numbers)")
     parser.add_argument("--out", type=Path, default=Path("docs/learning.json"))
     parser.add_argument("--table", type=Path, help="only print the table of an earlier run's JSON")
     args = parser.parse_args()
@@ -38,19 +42,20 @@ def main() -> None:
     import diffusers
 
     diffusers.utils.logging.disable_progress_bar()
-    evaluator = load_evaluator()
-    pipe = load_pipeline()
+    evaluator = load_evaluator(args.evaluator)
+    pipe = load_pipeline(args.pipeline)
+    overrides = {k: float(v) if "." in v or "e" in v else int(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     concepts = {n: build_concept(n) for n in args.concepts}
     base = {n: score_base(pipe, c, evaluator).to_dict() for n, c in concepts.items()}
     results = {"base": base, "methods": {}, "machine": f"{platform.platform()}, {torch.get_num_threads()} threads",
-               "date": time.strftime("%Y-%m-%d")}
+               "date": time.strftime("%Y-%m-%d"), "overrides": overrides}
     for method in args.methods:
         rows = {}
         for name, concept in concepts.items():
             with tempfile.TemporaryDirectory() as tmp:
-                m = Museum.init(Path(tmp) / "museum")
+                m = Museum.init(Path(tmp) / "museum", base=args.pipeline)
                 c = m.learn(name, concept.train_images, method=method, style=concept.is_style,
-                            class_word=None if concept.is_style else concept.class_word, progress=False)
+                            class_word=None if concept.is_style else concept.class_word, progress=False, **overrides)
                 score = score_concept(m, name, concept, evaluator).to_dict()
                 rows[name] = dict(score, seconds=c.info["train_seconds"], steps=c.info["steps"],
                                   bytes=(c.path / "tensors.safetensors").stat().st_size)

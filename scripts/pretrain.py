@@ -2,13 +2,13 @@
 
     python scripts/pretrain.py --out museum/embedded --work .cache/pretrain 2>&1 | tee docs/logs/pretrain.log
 
-Same as ``museum pretrain``. About an hour on a 2-core CPU; see museum/base/pretrain.py.
+Same as ``museum pretrain``. At most ~90 minutes on a 2-core CPU; see museum/base/pretrain.py.
 """
 
 import argparse
 from pathlib import Path
 
-from museum.base.pretrain import pretrain
+from museum.base.pretrain import EVALUATOR_STEPS, UNET_STEPS, VAE_STEPS, pretrain
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -16,9 +16,9 @@ if __name__ == "__main__":
     parser.add_argument("--work", default=".cache/pretrain")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stages", nargs="+", default=["all"], choices=["all", "vae", "evaluator", "unet"])
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--evaluator-steps", type=int, default=700)
-    parser.add_argument("--unet-steps", type=int, default=3500)
+    parser.add_argument("--vae-steps", type=int, default=VAE_STEPS)
+    parser.add_argument("--evaluator-steps", type=int, default=EVALUATOR_STEPS)
+    parser.add_argument("--unet-steps", type=int, default=UNET_STEPS)
     parser.add_argument("--continue-from", type=Path, default=None,
                         help="a trained model folder (e.g. museum/embedded): every stage starts from it "
                              "(the VAE trains its decoder only)")

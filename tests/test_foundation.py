@@ -121,3 +121,39 @@ def test_continued_pretraining_keeps_the_latent_space(tmp_path):
     assert not same(old.vae.decoder, new.vae.decoder)
     assert not same(old.unet, new.unet) and not same(old.text_encoder, new.text_encoder)
     assert not same(load_evaluator(EMBEDDED_EVALUATOR), load_evaluator(tmp_path / "out" / "evaluator"))
+
+
+def test_hard_negative_swaps_one_attribute_word():
+    import random
+
+    from museum.base.pretrain import SWAPS, hard_negative
+
+    rng = random.Random(0)
+    caption = "a large red star with stripes on the left on a sand background, outline style"
+    swapped = {}
+    for _ in range(60):
+        negative = hard_negative(caption, rng)
+        changed = [(a, b) for a, b in zip(caption.split(), negative.split()) if a != b]
+        assert len(changed) == 1 and len(negative.split()) == len(caption.split()), negative
+        (old, new), = changed
+        vocab = next(v for v, _ in SWAPS if old.rstrip(",") in v)
+        assert new.rstrip(",") in vocab and new != old
+        swapped[old] = swapped.get(old, 0) + 1
+    assert set(swapped) == {"star", "red", "sand"} and swapped["star"] > swapped["red"]
+    assert hard_negative("a big background", rng) == "a big background"
+
+
+def test_contrastive_loss_lets_hard_negatives_compete(tmp_path):
+    import torch
+
+    from museum.base.tokenizer import write_clip_tokenizer
+    from museum.evaluation.evaluator import Evaluator
+
+    torch.manual_seed(0)
+    evaluator = Evaluator.create(write_clip_tokenizer(world.base_vocabulary(), tmp_path / "tokenizer"))
+    pixels = torch.rand(3, 3, 32, 32)
+    texts = ["a red star on a sand background", "a blue circle on a sky background", "a green cross"]
+    plain = evaluator.contrastive_loss(pixels, texts)
+    assert torch.allclose(evaluator.contrastive_loss(pixels, texts, negatives=()), plain)
+    # a distinct caption is one more competitor in each image's softmax: the loss can only rise
+    assert evaluator.contrastive_loss(pixels, texts, negatives=["a red hexagon on a sand background"]) > plain

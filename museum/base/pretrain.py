@@ -1,25 +1,30 @@
 """Pretraining of the embedded model and of the evaluator on the rendered world.
 
-Stages (each reproducible by seed, all together in about an hour on 2 CPU cores):
+Stages (each reproducible by seed, all together in at most ~90 minutes on 2 CPU cores):
 
 1. ``render``    : the pretraining set (base vocabulary only) and the evaluator set
                    (base + held-out pools), cached as .npz under ``--work``.
 2. ``vae``       : AutoencoderKL, L1 + MSE + image-gradient L1 reconstruction and a small KL
                    (SD's VAE objective with an edge term in place of GAN and LPIPS); the
                    latent scaling factor is set to 1/std.
-3. ``evaluator`` : the CLIP-style evaluator, contrastive on the whole world.
+3. ``evaluator`` : the CLIP-style evaluator, contrastive on the whole world, each caption with
+                   a hard negative that differs in one attribute word (:func:`hard_negative`).
 4. ``unet``      : UNet2DConditionModel + CLIP text encoder jointly from scratch, epsilon
-                   prediction on cached latents, 10% caption dropout for classifier-free
-                   guidance, EMA weights (diffusers' ``EMAModel``).
+                   prediction on cached latents with Min-SNR-5 loss weights (Hang et al. 2023,
+                   eq. 8), 10% caption dropout for classifier-free guidance, EMA weights
+                   (diffusers' ``EMAModel``).
 
 Run ``museum pretrain --out museum/embedded`` (or ``python scripts/pretrain.py``); the
 result is a Stable Diffusion pipeline directory plus ``evaluator/``. ``--continue-from DIR``
 trains such a folder further instead of starting from scratch (the VAE's decoder only).
+The shipped ``museum/embedded`` comes from this module and ``components`` at commit d2bc5dc (8x8
+latent); this recipe's model is ``candidates/embedded-16x16`` (see ``museum.base.components``).
 """
 
 from __future__ import annotations
 
 import random
+import re
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -30,14 +35,19 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 
 from museum.base import components
 from museum.base.tokenizer import write_clip_tokenizer
 from museum.evaluation.evaluator import Evaluator
 from museum.world import render as world
 
+VAE_STEPS, EVALUATOR_STEPS, UNET_STEPS = 1500, 3000, 6000  # the shipped model's recipe
 CFG_DROPOUT = 0.1
+MIN_SNR_GAMMA = 5.0
+# attribute vocabularies a hard negative swaps, and how often each is picked: the shape is the
+# attribute a batch of random scenes separates worst (colour and background it reads at ~100%)
+SWAPS = ((world.SHAPES, 0.6), (tuple(world.COLOURS), 0.2), (world.BACKGROUNDS, 0.2))
 CONTINUE_LR = 0.3  # learning-rate factor when continuing a trained model (pretrain(continue_from=...))
 
 
@@ -137,6 +147,17 @@ def train_vae(images: np.ndarray, *, steps: int, batch: int, seed: int, lr: floa
     return vae
 
 
+def hard_negative(caption: str, rng: random.Random) -> str:
+    """``caption`` with one attribute word swapped for another value of its vocabulary ("a red star ..." ->
+    "a red hexagon ..."); the same caption when it names none of the attributes in :data:`SWAPS`."""
+    present = [(vocab, weight, word) for vocab, weight in SWAPS for word in vocab
+               if re.search(rf"\b{word}\b", caption)]
+    if not present:
+        return caption
+    vocab, _, word = rng.choices(present, weights=[w for _, w, _ in present])[0]
+    return re.sub(rf"\b{word}\b", rng.choice([v for v in vocab if v != word]), caption, count=1)
+
+
 def train_evaluator(images: np.ndarray, captions: list[str], *, steps: int, batch: int, seed: int, lr: float = 1e-3,
                     init: Evaluator | None = None):
     torch.manual_seed(seed)
@@ -148,9 +169,11 @@ def train_evaluator(images: np.ndarray, captions: list[str], *, steps: int, batc
     sched = get_cosine_schedule_with_warmup(opt, 100, steps)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(pixels), (batch,), generator=gen)
-        loss = evaluator.contrastive_loss(pixels[idx], [captions[i] for i in idx.tolist()])
+        texts = [captions[i] for i in idx.tolist()]
+        loss = evaluator.contrastive_loss(pixels[idx], texts, negatives=[hard_negative(c, rng) for c in texts])
         loss.backward()
         opt.step(), sched.step(), opt.zero_grad()
         if step % 100 == 0 or step == 1:
@@ -190,7 +213,9 @@ def train_unet(images: np.ndarray, captions: list[str], vae, tokenizer, *, steps
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         noisy = scheduler.add_noise(latents, noise, t)
         pred = unet(noisy, t, text_encoder(tokens)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        snr = compute_snr(scheduler, t)
+        weights = snr.clamp(max=MIN_SNR_GAMMA) / snr  # Min-SNR-gamma for epsilon prediction
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step(), sched.step(), opt.zero_grad()
@@ -213,9 +238,9 @@ def assemble(out: Path, vae, unet, text_encoder, tokenizer) -> StableDiffusionPi
     return pipe
 
 
-def pretrain(out: Path, work: Path, *, seed: int = 0, n_base: int = 30_000, n_eval: int = 12_000,
-             vae_steps: int = 1500, evaluator_steps: int = 700, unet_steps: int = 3500, stages=("all",),
-             continue_from: Path | None = None) -> None:
+def pretrain(out: Path, work: Path, *, seed: int = 0, n_base: int = 30_000, n_eval: int = 24_000,
+             vae_steps: int = VAE_STEPS, evaluator_steps: int = EVALUATOR_STEPS, unet_steps: int = UNET_STEPS,
+             stages=("all",), continue_from: Path | None = None) -> None:
     """Train every stage (or those named in ``stages``) and write the embedded model to ``out``.
 
     With ``continue_from`` (a folder this function wrote, e.g. ``museum/embedded``) every stage starts from

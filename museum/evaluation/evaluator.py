@@ -106,15 +106,19 @@ class Evaluator(nn.Module):
                              truncation=True, return_tensors="pt").input_ids.to(self.logit_scale.device)
         return F.normalize(self.text_encoder(ids).text_embeds, dim=-1)
 
-    def contrastive_loss(self, pixels: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        """Symmetric InfoNCE (CLIP, Radford et al. 2021, eq. in Fig. 3)."""
+    def contrastive_loss(self, pixels: torch.Tensor, texts: Sequence[str], negatives: Sequence[str] = ()) -> torch.Tensor:
+        """Symmetric InfoNCE (CLIP, Radford et al. 2021, eq. in Fig. 3). ``negatives``: extra captions that
+        only compete in the image-to-text direction (hard negatives, as NegCLIP: Yuksekgonul et al. 2023)."""
         img = F.normalize(self.image_encoder(pixels), dim=-1)
-        txt = self.embed_texts(texts)
+        candidates = list(texts) + list(negatives)
+        txt = self.embed_texts(candidates)
         logits = self.logit_scale.exp().clamp(max=100) * img @ txt.T
-        # captions that repeat in the batch are all positives
-        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32, device=logits.device)
-        targets = same / same.sum(1, keepdim=True)
-        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+        # captions that repeat in the batch (a negative included) are all positives
+        same = torch.tensor([[a == b for b in candidates] for a in texts], dtype=torch.float32, device=logits.device)
+        image_to_text = F.cross_entropy(logits, same / same.sum(1, keepdim=True))
+        square = same[:, :len(texts)]
+        text_to_image = F.cross_entropy(logits[:, :len(texts)].T, square / square.sum(1, keepdim=True))
+        return 0.5 * (image_to_text + text_to_image)
 
     @torch.no_grad()
     def classify(self, images, candidates: Sequence[Sequence[str]]) -> list[int]:
