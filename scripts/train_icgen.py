@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from museum import icgen
-from museum.base.loading import EMBEDDED_EVALUATOR, load_evaluator, load_pipeline
+from museum.base.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline
 from museum.training.objectives import denoising_loss, diffusion_target, encode_prompts
 from museum.world.render import BACKGROUNDS, POSITIONS, SIZES, base_samples, caption, render, replace
 
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--drop", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pipeline", default="embedded", help="diffusers pipeline folder (default: the embedded model)")
+    parser.add_argument("--pipeline", default=EMBEDDED, help="diffusers pipeline folder (default: the embedded model)")
     parser.add_argument("--evaluator", default=EMBEDDED_EVALUATOR, help="evaluator folder (default: the embedded one)")
     parser.add_argument("--out", type=Path, default=Path("museum/embedded/icgen"))
     parser.add_argument("--log", type=Path, default=Path("docs/logs/icgen.json"))

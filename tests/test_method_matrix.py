@@ -78,7 +78,10 @@ def test_learn_save_reload_generate(learned):
     before = m.generate(prompt, n=2, steps=3)
     fresh = Museum.open(folder)  # a new object reads everything from disk
     after = fresh.generate(prompt, n=2, steps=3)
-    assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(before, after))
+    # the reloaded museum rebuilds its layers (peft LoRA, processors) in a new process state, so float sums may
+    # round differently: at most one level of 255 in a pixel (seen on AVX-512 hosts); a wrong or missing tensor
+    # changes the image far more (test_concept_changes_the_image)
+    assert max(np.abs(pixels(a).astype(int) - pixels(b).astype(int)).max() for a, b in zip(before, after)) <= 1
     assert [c.method for c in fresh.concepts] == [method, method]
 
 

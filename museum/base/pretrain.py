@@ -42,7 +42,7 @@ from museum.base.tokenizer import write_clip_tokenizer
 from museum.evaluation.evaluator import Evaluator
 from museum.world import render as world
 
-VAE_STEPS, EVALUATOR_STEPS, UNET_STEPS = 1500, 3000, 6000  # the shipped model's recipe
+VAE_STEPS, EVALUATOR_STEPS, UNET_STEPS = 1500, 3000, 6000  # the recipe of candidates/embedded-16x16
 CFG_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0
 # attribute vocabularies a hard negative swaps, and how often each is picked: the shape is the
