@@ -1,6 +1,6 @@
 """Measure every method on the embedded model: learning time and how much it learns.
 
-    python scripts/measure_learning.py --concepts sunburst checker neon --out docs/learning.json
+    python scripts/measure_learning.py --out docs/learning.json
 
 For each method and concept: learn it alone from an empty museum with the method's default
 settings, record the training time (median over concepts), and the evaluator's image and text
@@ -29,7 +29,7 @@ from museum.world.concepts import build_concept
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=method_names())
-    parser.add_argument("--concepts", nargs="+", default=["sunburst", "checker", "neon"])
+    parser.add_argument("--concepts", nargs="+", default=["sunburst", "rainbow", "checker", "neon"])
     parser.add_argument("--pipeline", default=EMBEDDED, help="base pipeline folder (default: the embedded model)")
     parser.add_argument("--evaluator", default=EMBEDDED_EVALUATOR, help="evaluator folder (default: the embedded one)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

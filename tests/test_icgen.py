@@ -12,10 +12,10 @@ from museum.training.objectives import encode_prompts
 from museum.world.concepts import ZERO_SHOT_CONCEPTS, build_concept
 
 # Measured with scripts/measure_icgen.py (docs/icgen.json, docs/METHODS.md "ICGen"): base model vs ICGen at scale
-# 1, image alignment of the class prompts to the held-out references: honeycomb 0.017 -> 0.307, smiley 0.018 ->
-# 0.061, flag 0.011 -> 0.011; mean 0.015 -> 0.127. Half of the mean gap, half of honeycomb's.
-MEAN_MARGIN = 0.055
-HONEYCOMB_MARGIN = 0.14
+# 1, image alignment of the class prompts to the held-out references: honeycomb 0.085 -> 0.390, smiley 0.006 ->
+# 0.255, flag 0.146 -> 0.212; mean 0.079 -> 0.285. About half of the mean gap, half of honeycomb's.
+MEAN_MARGIN = 0.10
+HONEYCOMB_MARGIN = 0.15
 
 
 def unet_out(pipe, context, x, t, text):

@@ -23,9 +23,12 @@ from museum.world.concepts import build_concept
 
 FAST = dict(steps=4, lr=2e-2, token_lr=0.5, num_content_images=4)
 MM_TERMS = ("style_distillation", "weight_regularisation", "feature_distillation")
-# Measured (scripts/measure_leakage.py, docs/METHODS.md): sepia learned from 5 stars, 16 circle images read
-# as circles 75% with the style distillation on, 0% off; require half that gap.
-LEAKAGE_MARGIN = 0.35
+# Measured on the embedded model (this test with -s): sepia learned from 5 stars at the default learning rate
+# (2e-4) does not break the circles even without the style distillation (16 circle images read as circles
+# 81% both with the distillation on and off; at 2e-3: 94% on, 88% off), so the test learns at LEAKAGE_LR, where without the distillation
+# the circles break (13% read as circles) and with it they hold (75%); require about half that gap.
+LEAKAGE_LR = 1e-2
+LEAKAGE_MARGIN = 0.30
 
 
 @pytest.fixture(scope="module")
@@ -321,13 +324,14 @@ def test_teacher_only_when_there_is_something_to_distil(tiny_base, concept_image
 @pytest.mark.slow
 @pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file(), reason="embedded model not built")
 def test_style_distillation_keeps_the_content_out(tmp_path):
-    """Learn a style (sepia) from images of stars only; "a <colour> circle ..., <s> style" must still read as
-    a circle, far more often with the style distillation on than off (about 2 x 1-2 minutes)."""
+    """Learn a style (sepia) from images of stars only, at a learning rate that breaks the content without the
+    distillation; "a <colour> circle ..., <s> style" must still read as a circle, far more often with the style
+    distillation on than off (about 2 x 1 minute)."""
     from museum.evaluation.leakage import content_leakage
 
     evaluator = load_evaluator()
-    on = content_leakage(evaluator, tmp_path / "on", style_weight=1.0)
-    off = content_leakage(evaluator, tmp_path / "off", style_weight=0.0)
+    on = content_leakage(evaluator, tmp_path / "on", style_weight=1.0, lr=LEAKAGE_LR)
+    off = content_leakage(evaluator, tmp_path / "off", style_weight=0.0, lr=LEAKAGE_LR)
     print(f"circle read: on {on['circle']:.2f} (star {on['star']:.2f}), off {off['circle']:.2f} "
           f"(star {off['star']:.2f}); {on['seconds']:.0f}+{off['seconds']:.0f} s")
     assert on["circle"] >= off["circle"] + LEAKAGE_MARGIN

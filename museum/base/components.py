@@ -8,10 +8,8 @@ scheduler is Stable Diffusion 1.x's (scaled-linear betas, 1000 steps, epsilon pr
 
 Why 16x16: with an 8x8 latent (factor 4) a small shape spans three latent pixels, and the
 first embedded model drew colour and background right but shapes as blobs; at 16x16 the
-UNet's convolutions see the outline (docs/foundation_probe/README.md: 94% of shapes right).
-The model shipped in ``museum/embedded`` is still the first one (8x8x8 latent, two-level UNet
-of 64/128 channels; this module at commit d2bc5dc) until the methods' defaults are retuned for
-the new one, which is kept in ``candidates/embedded-16x16``.
+UNet's convolutions see the outline (docs/BASE_MODEL.md: 94% of shapes right). The first
+model (8x8x8 latent, two-level UNet of 64/128 channels) is this module at commit d2bc5dc.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ Stages (each reproducible by seed, all together in at most ~90 minutes on 2 CPU 
 Run ``museum pretrain --out museum/embedded`` (or ``python scripts/pretrain.py``); the
 result is a Stable Diffusion pipeline directory plus ``evaluator/``. ``--continue-from DIR``
 trains such a folder further instead of starting from scratch (the VAE's decoder only).
-The shipped ``museum/embedded`` comes from this module and ``components`` at commit d2bc5dc (8x8
-latent); this recipe's model is ``candidates/embedded-16x16`` (see ``museum.base.components``).
+The shipped ``museum/embedded`` comes from this module and ``components`` (docs/logs/pretrain.log);
+the first model (8x8 latent) came from this module at commit d2bc5dc.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from museum.base.tokenizer import write_clip_tokenizer
 from museum.evaluation.evaluator import Evaluator
 from museum.world import render as world
 
-VAE_STEPS, EVALUATOR_STEPS, UNET_STEPS = 1500, 3000, 6000  # the recipe of candidates/embedded-16x16
+VAE_STEPS, EVALUATOR_STEPS, UNET_STEPS = 1500, 3000, 6000  # the shipped model's recipe
 CFG_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0
 # attribute vocabularies a hard negative swaps, and how often each is picked: the shape is the

@@ -37,8 +37,8 @@ RIDGE = 1e-3
 class CustomDiffusionConfig(MethodConfig):
     steps: int = 300
     batch_size: int = 4
-    lr: float = 2e-4
-    token_lr: float = 5e-3
+    lr: float = 5e-4
+    token_lr: float = 1e-3
     token_init: str = "class"
     class_word_in_prompt: bool = True
     prior_weight: float = 1.0

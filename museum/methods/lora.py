@@ -21,8 +21,8 @@ from museum.methods.base import ConceptInfo, Method, MethodConfig, TrainContext
 class LoRAConfig(MethodConfig):
     rank: int = 4
     alpha: float = 4.0
-    lr: float = 2e-3
-    token_lr: float = 5e-3
+    lr: float = 2e-4
+    token_lr: float = 1e-3
     token_init: str = "random"
     class_word_in_prompt: bool = False
 
