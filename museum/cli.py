@@ -175,12 +175,15 @@ def learn(
         fail(f"--checkpoint-every must be at least 1 (got {checkpoint_every})")
     if mixed_precision is not None and mixed_precision not in ("no", "fp16", "bf16"):
         fail(f"--mixed-precision must be no, fp16 or bf16 (got {mixed_precision!r})")
+    from museum.methods.base import parse_setting
+
     overrides = {}
     for item in set_:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            fail(f"--set takes KEY=VALUE, e.g. --set lr=1e-4 (got {item!r})")
-        overrides[key.strip()] = _parse_value(value.strip())
+        try:
+            key, value = parse_setting(item)
+        except ValueError as error:
+            fail(str(error))
+        overrides[key] = value
     if (ip_adapter is not None or ip_adapter_weight is not None) and method != "lfs":
         fail(f"--ip-adapter and --ip-adapter-weight are for --method lfs (its image context), not {method}")
     for key, value in (("ip_adapter", ip_adapter), ("ip_adapter_weight", ip_adapter_weight)):
@@ -207,18 +210,6 @@ def learn(
         return
     typer.echo(f"learned {c.name} with {c.method} in {c.info['train_seconds']:.0f}s ({c.info['steps']} steps); "
                f"use it as \"{c.phrase}\"; sample: {c.path / 'sample.png'}")
-
-
-def _parse_value(text: str):
-    """A --set value: bool, int, float, or the string itself."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 @app.command("list")

@@ -9,7 +9,6 @@ JSON and prints a markdown table (pasted into docs/METHODS.md with this command 
 """
 
 import argparse
-import ast
 import json
 import platform
 import statistics
@@ -22,6 +21,7 @@ import torch
 from museum.base.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline
 from museum.evaluation.protocol import score_base, score_concept
 from museum.methods import method_names
+from museum.methods.base import parse_setting
 from museum.museum import Museum
 from museum.world.concepts import build_concept
 
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--pipeline", default=EMBEDDED, help="base pipeline folder (default: the embedded model)")
     parser.add_argument("--evaluator", default=EMBEDDED_EVALUATOR, help="evaluator folder (default: the embedded one)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="method config overrides for every method, e.g. lr=2e-4 token_lr=1e-3 (Python literals)")
+                        help="method config overrides for every method, e.g. lr=2e-4 token_lr=1e-3")
     parser.add_argument("--out", type=Path, default=Path("docs/learning.json"))
     parser.add_argument("--table", type=Path, help="only print the table of an earlier run's JSON")
     args = parser.parse_args()
@@ -45,7 +45,7 @@ def main() -> None:
     diffusers.utils.logging.disable_progress_bar()
     evaluator = load_evaluator(args.evaluator)
     pipe = load_pipeline(args.pipeline)
-    overrides = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = dict(parse_setting(kv) for kv in args.set)
     concepts = {n: build_concept(n) for n in args.concepts}
     base = {n: score_base(pipe, c, evaluator).to_dict() for n, c in concepts.items()}
     results = {"base": base, "methods": {}, "machine": f"{platform.platform()}, {torch.get_num_threads()} threads",

@@ -21,6 +21,7 @@ import torch
 
 from museum.base.loading import load_evaluator, load_pipeline
 from museum.evaluation.relevant import CIRCLE_CONCEPTS, base_images, compare_to_base, relevant_forgetting
+from museum.methods.base import parse_setting
 from museum.world.concepts import build_concept
 
 METRICS = ("text_alignment", "pixel_rmse_to_base", "paired_alignment_to_base")
@@ -30,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None, help="override lfs's default steps")
     parser.add_argument("--weights", type=float, nargs="+", default=[3.0, 0.0], help="distill_weight values")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other lfs settings (numbers)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other lfs settings, e.g. lr=6e-4")
     parser.add_argument("--out", type=Path, default=Path("docs/lfs.json"))
     parser.add_argument("--grid", type=Path, default=None, help="also save the class-prompt images as PNG grids")
     args = parser.parse_args()
@@ -44,11 +45,10 @@ def main() -> None:
                "concepts": list(CIRCLE_CONCEPTS),
                "machine": f"{platform.platform()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d")}
     print("base", results["base"], flush=True)
+    kw = dict(parse_setting(a) for a in args.set) | ({"steps": args.steps} if args.steps else {})
     for weight in args.weights:
         start = time.time()
         with tempfile.TemporaryDirectory() as tmp:
-            kw = {k: float(v) if "." in v or "e" in v else int(v) for k, v in (a.split("=", 1) for a in args.set)}
-            kw.update({"steps": args.steps} if args.steps else {})
             r = relevant_forgetting(evaluator, Path(tmp) / "museum", base, concepts=concepts, distill_weight=weight, **kw)
         if args.grid:
             from museum.generation.sampling import image_grid

@@ -77,6 +77,8 @@ def test_evaluator_knows_held_out_concepts():
     (["generate", "a red star", "--n", "0"], "--n must be at least 1"),
     (["generate", "a red star", "--out", "/nonexistent-dir/x.png"], "cannot write"),
     (["learn"], "Missing argument"),
+    (["learn", "/nonexistent-museum", "sunburst", "--images", "/nonexistent-images", "--set", "lr"],
+     "--set takes KEY=VALUE"),
 ])
 def test_cli_bad_input_is_one_clear_line_and_exit_2(args, message):
     result = run_cli(*args)

@@ -62,6 +62,22 @@ def get_method(name: str, family: str = "small", **overrides) -> "Method":
     return cls(cls.config_class.from_dict({**defaults, **{k: v for k, v in overrides.items() if v is not None}}))
 
 
+def parse_setting(item: str) -> tuple[str, Any]:
+    """A ``--set KEY=VALUE`` argument as (key, value), the value a bool, int, float or else the string itself."""
+    key, eq, text = item.partition("=")
+    key, text = key.strip(), text.strip()
+    if not eq or not key:
+        raise ValueError(f"--set takes KEY=VALUE, e.g. --set lr=1e-4 (got {item!r})")
+    if text.lower() in ("true", "false"):
+        return key, text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return key, kind(text)
+        except ValueError:
+            pass
+    return key, text
+
+
 @dataclass
 class MethodConfig:
     """Settings every method has. Defaults are tuned for the embedded model; ``SD15`` holds the papers'
