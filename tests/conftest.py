@@ -6,6 +6,20 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N (pyproject's addopts): N workers share the machine's cores, so each worker and the
+    # CLI processes it starts use one thread (two 1-thread workers do ~1.4x the work of one 2-thread
+    # process on a 2-core machine).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests first, so that ``--dist loadscope`` starts the long ones early."""
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow_modules)
 
 
 @pytest.fixture(scope="session")
