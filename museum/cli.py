@@ -70,7 +70,8 @@ def generate(
     out: Path = typer.Option(Path("museum-samples.png"), help="where to write the image grid (PNG)"),
     base: str = typer.Option("embedded", help="base model without a museum: 'embedded' or a pipeline folder"),
     gate_bias: Optional[float] = typer.Option(None, help="Perfusion gate bias beta (default: each concept's, 0.7)"),
-    gate_temp: Optional[float] = typer.Option(None, help="Perfusion gate temperature tau (default 0.15)"),
+    gate_temp: Optional[float] = typer.Option(None, help="Perfusion gate temperature tau (default: each "
+                                              "concept's, 0.05; 0.15 on Stable Diffusion)"),
     strength: List[str] = typer.Option([], help="Perfusion per-concept strength, NAME=X (repeatable)"),
     context_scale: Optional[float] = typer.Option(None, help="ICGen context scale of lfs concepts that keep image "
                                                   "context (default 1; 0 draws without the context)"),

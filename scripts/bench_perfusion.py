@@ -6,13 +6,14 @@
    and each of its two concepts, the evaluator's image alignment to the concept's references of
    "a <a> circle and a <b> square on a {bg} background" (a style is named as ", <s> style")
    against the prompt with only the other concept (4 backgrounds x 4 seeds).
-2. Gate sweep: `sunburst`'s evaluation prompts drawn on a grid of gate bias beta x temperature
-   tau; image alignment (fidelity) against text alignment (the rest of the prompt) per point,
-   as a plot (one line per tau) and a table: the knobs trade one for the other without
-   retraining (paper, Fig. 8).
+2. Gate sweep: for each of ``--gate-concepts`` (one trained concept each), its evaluation prompts
+   drawn on a grid of gate bias beta x temperature tau; image alignment (fidelity) against text
+   alignment (the rest of the prompt) per point, as a plot (one panel per concept, one line per
+   tau) and a table: how far the knobs move between the two without retraining (paper, Fig. 8).
 3. Many concepts: a museum with 20 Perfusion concepts loaded against one with 1, generating a
    prompt that names 1 (and 2) of them: the median time ratio over alternating runs.
-Writes perfusion.json and images/perfusion_gate.png under --out and prints the tables; ``--parts``
+Writes perfusion.json, images/perfusion_gate.png and images/perfusion_composition.png (each object
+pair's prompts: A alone, B alone, both) under --out and prints the tables; ``--parts``
 runs a subset and updates only those entries of an existing perfusion.json. (`museum
 bench` also draws a beta-only gate curve over all benchmark concepts.)
 """
@@ -34,6 +35,7 @@ import torch
 
 from museum.base.loading import load_evaluator
 from museum.evaluation.protocol import composition_table, score_concept
+from museum.generation.sampling import image_grid
 from museum.methods import perfusion
 from museum.museum import Museum
 from museum.world.concepts import build_concept
@@ -65,6 +67,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=7, help="timed runs per setting (median)")
     parser.add_argument("--many", type=int, default=20, help="concepts loaded in the large museum")
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), help="concept pairs A:B to compose")
+    parser.add_argument("--gate-concepts", nargs="+", default=["sunburst", "rainbow"], choices=list(INSTANCES),
+                        help="concepts of the gate sweep (one plot each)")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     args = parser.parse_args()
     import diffusers
@@ -93,44 +97,56 @@ def composition(args, evaluator, work: Path) -> list[dict]:
     m = Museum.init(work / "pairs")
     for name in names:
         learn(m, name, concepts[name], work / "images")
-    return composition_table(m, pairs, concepts, evaluator, echo=lambda line: print(line, flush=True))
+    rows = composition_table(m, pairs, concepts, evaluator, echo=lambda line: print(line, flush=True))
+    # what the prompts draw, for the object pairs: A alone, B alone, both (rows of 6 seeds)
+    objects = [(a, b) for a, b in pairs if not (concepts[a].is_style or concepts[b].is_style)]
+    prompts = [p for a, b in objects for p in (f"a {m.concept(a).phrase} on a sky background",
+                                                f"a {m.concept(b).phrase} on a sky background",
+                                                f"a {m.concept(a).phrase} and a {m.concept(b).phrase} on a sky background")]
+    if prompts:
+        (args.out / "images").mkdir(parents=True, exist_ok=True)
+        image_grid(m.generate(prompts, n=6, seed=0), cols=6).save(args.out / "images" / "perfusion_composition.png")
+    return rows
 
 
-def gate_sweep(args, evaluator, work: Path) -> list[dict]:
-    m = Museum.init(work / "gate")
-    concept = build_concept("sunburst")
-    learn(m, "sunburst", concept, work / "images")
+def gate_sweep(args, evaluator, work: Path) -> dict[str, list[dict]]:
+    """{concept: [{beta, tau, image_alignment, text_alignment}]}, one trained concept each."""
     import matplotlib.pyplot as plt
 
-    sweep = []
-    for tau in TAUS:
-        for beta in BETAS:
-            with perfusion.gate(beta=beta, tau=tau):
-                s = score_concept(m, "sunburst", concept, evaluator)
-            sweep.append({"beta": beta, "tau": tau, "image_alignment": s.image_alignment,
-                          "text_alignment": s.text_alignment})
-            print(f"beta {beta} tau {tau}: image alignment {s.image_alignment:.3f}, "
-                  f"text alignment {s.text_alignment:.3f}", flush=True)
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for tau in TAUS:
-        pts = [p for p in sweep if p["tau"] == tau]
-        ax.plot([p["text_alignment"] for p in pts], [p["image_alignment"] for p in pts], "o-", label=f"tau {tau}")
-        for p in pts:
-            ax.annotate(f"{p['beta']}", (p["text_alignment"], p["image_alignment"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("text alignment (CLIP-T)")
-    ax.set_ylabel("image alignment to sunburst (CLIP-I)")
-    ax.set_title("Perfusion gate sweep (labels: beta)", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    m = Museum.init(work / "gate")
+    sweeps = {}
+    fig, axes = plt.subplots(1, len(args.gate_concepts), figsize=(5 * len(args.gate_concepts), 4), squeeze=False)
+    for name, ax in zip(args.gate_concepts, axes[0]):
+        concept = build_concept(name)
+        learn(m, name, concept, work / "images")
+        sweep = sweeps[name] = []
+        for tau in TAUS:
+            for beta in BETAS:
+                with perfusion.gate(beta=beta, tau=tau):
+                    s = score_concept(m, name, concept, evaluator)
+                sweep.append({"beta": beta, "tau": tau, "image_alignment": s.image_alignment,
+                              "text_alignment": s.text_alignment})
+                print(f"{name} beta {beta} tau {tau}: image alignment {s.image_alignment:.3f}, "
+                      f"text alignment {s.text_alignment:.3f}", flush=True)
+        for tau in TAUS:
+            pts = [p for p in sweep if p["tau"] == tau]
+            ax.plot([p["text_alignment"] for p in pts], [p["image_alignment"] for p in pts], "o-", label=f"tau {tau}")
+            for p in pts:
+                ax.annotate(f"{p['beta']}", (p["text_alignment"], p["image_alignment"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+        ax.set_xlabel("text alignment (CLIP-T)")
+        ax.set_ylabel(f"image alignment to {name} (CLIP-I)")
+        ax.set_title(f"Perfusion gate sweep, {name} (labels: beta)", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        print(f"\n{name}\n| tau \\ beta | " + " | ".join(str(b) for b in BETAS) + " |\n|---" + "|---" * len(BETAS) + "|")
+        for tau in TAUS:
+            cells = [f"{p['image_alignment']:.3f} / {p['text_alignment']:.3f}" for p in sweep if p["tau"] == tau]
+            print(f"| {tau} | " + " | ".join(cells) + " |")
     fig.tight_layout()
     (args.out / "images").mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out / "images" / "perfusion_gate.png", dpi=120)
-    print("\n| tau \\ beta | " + " | ".join(str(b) for b in BETAS) + " |\n|---" * 1 + "|---" * len(BETAS) + "|")
-    for tau in TAUS:
-        cells = [f"{p['image_alignment']:.3f} / {p['text_alignment']:.3f}" for p in sweep if p["tau"] == tau]
-        print(f"| {tau} | " + " | ".join(cells) + " |")
-    return sweep
+    return sweeps
 
 
 def many_concepts(args, evaluator, work: Path) -> dict:

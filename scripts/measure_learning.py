@@ -1,6 +1,7 @@
 """Measure every method on the embedded model: learning time and how much it learns.
 
     python scripts/measure_learning.py --out docs/learning.json
+    python scripts/measure_learning.py --methods perfusion --update   # rerun one method's rows
 
 For each method and concept: learn it alone from an empty museum with the method's default
 settings, record the training time (median over concepts), and the evaluator's image and text
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="method config overrides for every method, e.g. lr=2e-4 token_lr=1e-3")
     parser.add_argument("--out", type=Path, default=Path("docs/learning.json"))
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other methods' rows of an existing --out; replace only --methods' rows")
     parser.add_argument("--table", type=Path, help="only print the table of an earlier run's JSON")
     args = parser.parse_args()
     if args.table:
@@ -48,8 +51,14 @@ def main() -> None:
     overrides = dict(parse_setting(kv) for kv in args.set)
     concepts = {n: build_concept(n) for n in args.concepts}
     base = {n: score_base(pipe, c, evaluator).to_dict() for n, c in concepts.items()}
-    results = {"base": base, "methods": {}, "machine": f"{platform.platform()}, {torch.get_num_threads()} threads",
-               "date": time.strftime("%Y-%m-%d"), "overrides": overrides}
+    run = {"machine": f"{platform.platform()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"),
+           "overrides": overrides}
+    results = {"base": base, "methods": {}, **run}
+    if args.update and args.out.is_file():
+        results = json.loads(args.out.read_text())
+        if set(results["base"]) != set(base) or results["overrides"] != overrides:
+            parser.error(f"--update: {args.out} was measured on other concepts or with another --set; rerun all")
+        results.setdefault("updates", []).append(dict(run, methods=args.methods))
     for method in args.methods:
         rows = {}
         for name, concept in concepts.items():

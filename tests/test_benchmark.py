@@ -17,6 +17,7 @@ import torch
 from museum.evaluation import benchmark as bm
 from museum.evaluation.benchmark import BenchmarkError, build_prototypes, kid, run_benchmark, summarize
 from museum.evaluation.metrics import backward_transfer, forgetting, image_alignment
+from museum.methods.perfusion import PerfusionConfig
 from museum.report.benchmark_report import write_report
 from museum.world.concepts import build_concept
 
@@ -401,7 +402,7 @@ def test_gate_curve_of_a_gated_method(tiny_base, evaluator, tmp_path):
               method_overrides={"perfusion": dict(lr=2e-2, token_lr=0.5)})
     results = run_benchmark(["perfusion"], CONCEPTS[:2], out, **kw)
     curve = results["methods"]["perfusion"]["gate_curve"]
-    assert [p["beta"] for p in curve["points"]] == [0.3, 0.7, 0.9] and curve["tau"] == [0.15]
+    assert [p["beta"] for p in curve["points"]] == [0.3, 0.7, 0.9] and curve["tau"] == [PerfusionConfig.tau]
     R = results["methods"]["perfusion"]["R"]
     own = curve["points"][1]
     assert own["from_final_row"] and not curve["points"][0]["from_final_row"]

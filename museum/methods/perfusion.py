@@ -16,8 +16,8 @@ concept's "target input":
   initial encoding (= i_super with token_init="class") and follows it as an exponential moving
   average, i* <- ema * i* + (1 - ema) * enc, updated once per step without gradient from the
   encoding the step used (the paper's "input decay").
-* Gate: training beta 0.75, tau 0.1; generation beta 0.7, tau 0.15 (``PerfusionConfig.beta``,
-  ``.tau``; override at generation time with :func:`gate`).
+* Gate: training beta 0.75, tau 0.1; generation beta 0.7, tau 0.05 (the paper's 0.15 on Stable
+  Diffusion bases; ``PerfusionConfig.beta``, ``.tau``; override at generation time with :func:`gate`).
 * Several concepts in one prompt (all active ones at once):
 
       W (e - sum_u u (e^T C^-1 u)) + sum_j sigmoid((s_j(e) - beta) / tau) o*_j
@@ -107,12 +107,12 @@ class PerfusionConfig(MethodConfig):
     train_beta: float = 0.75
     train_tau: float = 0.1
     beta: float = 0.7  # generation gate bias (override with perfusion.gate(beta=...))
-    tau: float = 0.15  # generation gate temperature
+    tau: float = 0.05  # generation gate temperature (0.15 before the 16x16 model; docs/METHODS.md gate sweep)
     cov_captions: int = 2000
     cov_ridge: float = 1e-3  # C^-1 := (C + cov_ridge * trace(C)/d * I)^-1
     caption_file: str = ""  # one caption a line: the corpus for C instead of the world's captions
 
-    SD15 = dict(steps=400, batch_size=4, lr=0.03, token_lr=0.006)
+    SD15 = dict(steps=400, batch_size=4, lr=0.03, token_lr=0.006, tau=0.15)  # the paper's inference gate
 
 
 # --------------------------------------------------------------------------- gate knobs
@@ -164,7 +164,7 @@ class ConceptEdit:
     o_k: dict[str, torch.Tensor]
     o_v: dict[str, torch.Tensor]
     beta: float = 0.7
-    tau: float = 0.15
+    tau: float = 0.05
     strength: float = 1.0
     version: int = 0
 
