@@ -311,7 +311,7 @@ def methods() -> None:
 
 @app.command()
 def demo(out: Path = typer.Option(Path("museum-demo"), help="folder for the museum and its gallery"),
-         method: str = typer.Option("c-lora"), steps: Optional[int] = typer.Option(None)) -> None:
+         method: str = typer.Option("custom-diffusion"), steps: Optional[int] = typer.Option(None)) -> None:
     """Learn three concepts one after another on the embedded model and write a gallery page."""
     _quiet()
     from museum.demo import run_demo
