@@ -17,8 +17,9 @@ from museum.world.concepts import build_concept, format_prompt
 # Three objects learned one after another on the embedded model (docs/BENCHMARKS.md, per-concept table:
 # Custom Diffusion 0.209 / 0.363 / 0.471 against the base model's 0.153 / 0.007 / -0.028). Custom Diffusion
 # by default: the highest final A there, no forgetting, and the class word keeps each concept's shape
-# in new scenes (C-LoRA's `a <tok>` draws the shapes but not the colours or patterns). Not a style: no method learns the world's styles well on it, and a prompt with two objects
-# draws one (docs/METHODS.md, Perfusion composition), so the demo composes each concept with words.
+# in new scenes (C-LoRA's `a <tok>` draws the shapes but not the colours or patterns). Not a style: no
+# method learns the world's styles well on it, and a prompt with two objects draws one (docs/METHODS.md,
+# Perfusion composition), so the demo composes each concept with words.
 DEMO_CONCEPTS = ("sunburst", "rainbow", "gem")
 ALONE, NEW_SCENES = 2, (8, 9)  # indices into a concept's evaluation templates: "a {} on a grass background";
 # "a large {} on the left on a grass background", "a small {} at the top on a night background"

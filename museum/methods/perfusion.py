@@ -163,8 +163,8 @@ class ConceptEdit:
     cinv_i_star: torch.Tensor
     o_k: dict[str, torch.Tensor]
     o_v: dict[str, torch.Tensor]
-    beta: float = 0.7
-    tau: float = 0.05
+    beta: float = PerfusionConfig.beta
+    tau: float = PerfusionConfig.tau
     strength: float = 1.0
     version: int = 0
 
