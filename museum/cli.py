@@ -324,11 +324,16 @@ def pretrain(out: Path = typer.Option(Path("museum/embedded")), work: Path = typ
              seed: int = typer.Option(0),
              continue_from: Optional[Path] = typer.Option(None, help="a trained model folder (e.g. museum/embedded) "
                                                           "to continue, VAE decoder only; see scripts/pretrain.py "
-                                                          "for the step counts")) -> None:
+                                                          "for the step counts"),
+             pair_fraction: float = typer.Option(0.0, help="fraction of two-object scenes (\"a small red circle on "
+                                                  "the left and a small blue star on the right ...\") in the "
+                                                  "pretraining set; the shipped model: 0")) -> None:
     """Train the embedded model and evaluator from scratch (at most ~90 minutes on 2 CPU cores), or continue one."""
     from museum.base.pretrain import pretrain as run
 
-    run(out, work, seed=seed, continue_from=continue_from)
+    if not 0.0 <= pair_fraction <= 1.0:
+        raise typer.BadParameter(f"--pair-fraction is a fraction of scenes, 0 to 1; got {pair_fraction}")
+    run(out, work, seed=seed, continue_from=continue_from, pair_fraction=pair_fraction)
 
 
 @app.command()

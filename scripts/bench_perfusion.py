@@ -12,9 +12,15 @@
    tau) and a table: how far the knobs move between the two without retraining (paper, Fig. 8).
 3. Many concepts: a museum with 20 Perfusion concepts loaded against one with 1, generating a
    prompt that names 1 (and 2) of them: the median time ratio over alternating runs.
-Writes perfusion.json, images/perfusion_gate.png and images/perfusion_composition.png (each object
-pair's prompts: A alone, B alone, both) under --out and prints the tables; ``--parts``
-runs a subset and updates only those entries of an existing perfusion.json. (`museum
+4. Two-object composition (``--parts two_object_composition --two-object-base DIR``): composition
+   on a base model that can draw two objects side by side (the shipped one cannot; DIR from
+   ``python scripts/pretrain.py --continue-from museum/embedded --stages unet --pair-fraction 0.5``):
+   "a small <a> circle on the left and a small <b> square on the right on a {bg} background"
+   against the same prompt with the concept's class word in its place.
+Writes perfusion.json, images/perfusion_gate.png, images/perfusion_composition.png (each object
+pair's prompts: A alone, B alone, both) and images/perfusion_two_objects.png under --out and
+prints the tables; ``--parts`` runs a subset and updates only those entries of an existing
+perfusion.json (the default: parts 1-3). (`museum
 bench` also draws a beta-only gate curve over all benchmark concepts.)
 """
 
@@ -46,7 +52,8 @@ BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 TAUS = (0.05, 0.15, 0.3)
 PAIRS = ("sunburst:checker", "sunburst:rainbow", "sunburst:sepia", "sunburst:blueprint", "rainbow:sepia",
          "rainbow:blueprint")
-PARTS = ("composition", "gate_sweep", "many_concepts")
+PARTS = ("composition", "gate_sweep", "many_concepts", "two_object_composition")
+TWO_OBJECT_PAIRS = ("sunburst:rainbow", "sunburst:checker", "gem:rainbow")
 
 
 def learn(m: Museum, name: str, concept, images: Path, **overrides):
@@ -69,8 +76,14 @@ def main() -> int:
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), help="concept pairs A:B to compose")
     parser.add_argument("--gate-concepts", nargs="+", default=["sunburst", "rainbow"], choices=list(INSTANCES),
                         help="concepts of the gate sweep (one plot each)")
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--parts", nargs="+", default=list(PARTS[:3]), choices=PARTS)
+    parser.add_argument("--two-object-base", type=Path,
+                        help="part two_object_composition: a pipeline folder of a model pretrained with two-object scenes")
+    parser.add_argument("--two-object-pairs", nargs="+", default=list(TWO_OBJECT_PAIRS),
+                        help="part two_object_composition: object pairs A:B (A drawn on the left)")
     args = parser.parse_args()
+    if "two_object_composition" in args.parts and args.two_object_base is None:
+        parser.error("part two_object_composition needs --two-object-base DIR (see this script's help)")
     import diffusers
 
     diffusers.utils.logging.disable_progress_bar()
@@ -107,6 +120,27 @@ def composition(args, evaluator, work: Path) -> list[dict]:
         (args.out / "images").mkdir(parents=True, exist_ok=True)
         image_grid(m.generate(prompts, n=6, seed=0), cols=6).save(args.out / "images" / "perfusion_composition.png")
     return rows
+
+
+def two_object_composition(args, evaluator, work: Path) -> dict:
+    """Side-by-side composition (``layout="side-by-side"``) on ``--two-object-base``, and its picture: for
+    each pair, rows of 6 seeds for the prompt with both concepts, then with each replaced by its class word."""
+    pairs = [tuple(p.split(":")) for p in args.two_object_pairs]
+    names = list(dict.fromkeys(n for pair in pairs for n in pair))
+    concepts = {n: build_concept(n) for n in names}
+    m = Museum.init(work / "two-objects", base=args.two_object_base)
+    for name in names:
+        learn(m, name, concepts[name], work / "images")
+    rows = composition_table(m, pairs, concepts, evaluator, echo=lambda line: print(line, flush=True),
+                             layout="side-by-side")
+    prompts = []
+    for a, b in pairs:
+        pa, pb = m.concept(a).phrase, m.concept(b).phrase
+        for left, right in ((pa, pb), (concepts[a].class_word, pb), (pa, concepts[b].class_word)):
+            prompts.append(f"a small {left} on the left and a small {right} on the right on a sky background")
+    (args.out / "images").mkdir(parents=True, exist_ok=True)
+    image_grid(m.generate(prompts, n=6, seed=0), cols=6).save(args.out / "images" / "perfusion_two_objects.png")
+    return {"base": str(args.two_object_base), "rows": rows}
 
 
 def gate_sweep(args, evaluator, work: Path) -> dict[str, list[dict]]:

@@ -6,6 +6,8 @@ For each pair A:B of benchmark-world concepts learned in the museum (any method)
 evaluator's image alignment of each concept to its references in "a <A> ... and a <B> ... on a
 {bg} background" against the prompt with only the other concept (``museum.evaluation.protocol.
 score_composition``: 4 backgrounds x 4 seeds). Composition works when "with both" is higher.
+``--layout side-by-side`` scores "a small <A> ... on the left and a small <B> ... on the right" instead,
+for a base model pretrained with two-object scenes (scripts/pretrain.py --pair-fraction).
 """
 
 import argparse
@@ -13,7 +15,7 @@ import json
 from pathlib import Path
 
 from museum.base.loading import load_evaluator
-from museum.evaluation.protocol import composition_table
+from museum.evaluation.protocol import LAYOUTS, composition_table
 from museum.museum import Museum
 from museum.world.concepts import build_concept
 
@@ -23,6 +25,7 @@ def main() -> None:
     parser.add_argument("museum", type=Path)
     parser.add_argument("pairs", nargs="+", help="A:B, concept names of the rendered world")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--layout", choices=LAYOUTS, default="together")
     args = parser.parse_args()
     import diffusers
 
@@ -30,7 +33,8 @@ def main() -> None:
     m, evaluator = Museum.open(args.museum), load_evaluator()
     pairs = [tuple(p.split(":")) for p in args.pairs]
     concepts = {n: build_concept(n) for pair in pairs for n in pair}
-    rows = composition_table(m, pairs, concepts, evaluator, echo=lambda line: print(line, flush=True))
+    rows = composition_table(m, pairs, concepts, evaluator, echo=lambda line: print(line, flush=True),
+                             layout=args.layout)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -22,6 +22,9 @@ if __name__ == "__main__":
     parser.add_argument("--continue-from", type=Path, default=None,
                         help="a trained model folder (e.g. museum/embedded): every stage starts from it "
                              "(the VAE trains its decoder only)")
+    parser.add_argument("--pair-fraction", type=float, default=0.0,
+                        help="fraction of two-object scenes in the UNet's pretraining set (shipped model: 0)")
     args = parser.parse_args()
     pretrain(args.out, args.work, seed=args.seed, stages=tuple(args.stages), vae_steps=args.vae_steps,
-             evaluator_steps=args.evaluator_steps, unet_steps=args.unet_steps, continue_from=args.continue_from)
+             evaluator_steps=args.evaluator_steps, unet_steps=args.unet_steps, continue_from=args.continue_from,
+             pair_fraction=args.pair_fraction)

@@ -186,6 +186,32 @@ def test_composition_table_scores_both_directions(museum_ab, tmp_path):
                         f"{row['with_other_only']:.3f} |")
 
 
+def test_side_by_side_composition_prompts(museum_ab, tmp_path, monkeypatch):
+    """layout "side-by-side" (two-object scenes): each concept is scored on the two-object prompt against the
+    same prompt with its class word in its place, the other concept kept; a style cannot take a side."""
+    from test_benchmark import make_evaluator
+
+    from museum.evaluation.protocol import COMPOSITION_BACKGROUNDS, score_composition
+    from museum.world.concepts import build_concept
+
+    m = museum_ab[0]
+    concepts = {n: build_concept(n) for n in ("sunburst", "checker", "sepia")}
+    drawn = []
+    generate = m.generate
+    monkeypatch.setattr(m, "generate", lambda prompts, **kw: drawn.append(prompts) or generate(prompts, **kw))
+    scores = score_composition(m, "sunburst", "checker", concepts, make_evaluator(tmp_path), n_seeds=1, steps=2,
+                               layout="side-by-side")
+    a, b = m.concept("sunburst").phrase, m.concept("checker").phrase
+    both = [f"a small {a} on the left and a small {b} on the right on a {bg} background" for bg in COMPOSITION_BACKGROUNDS]
+    assert drawn == [both, [p.replace(a, "circle") for p in both], both, [p.replace(b, "square") for p in both]]
+    assert set(scores) == {"sunburst", "checker"}
+    assert all(s.with_both != s.with_other_only for s in scores.values())
+    with pytest.raises(ValueError, match="two objects"):
+        score_composition(m, "sunburst", "sepia", concepts, None, layout="side-by-side")
+    with pytest.raises(ValueError, match="layout"):
+        score_composition(m, "sunburst", "checker", concepts, None, layout="stacked")
+
+
 def test_learning_b_changes_nothing_of_a(museum_ab):
     m, a_bytes, a_tensors = museum_ab
     assert (m.concept("sunburst").path / "tensors.safetensors").read_bytes() == a_bytes

@@ -240,12 +240,13 @@ def assemble(out: Path, vae, unet, text_encoder, tokenizer) -> StableDiffusionPi
 
 def pretrain(out: Path, work: Path, *, seed: int = 0, n_base: int = 30_000, n_eval: int = 24_000,
              vae_steps: int = VAE_STEPS, evaluator_steps: int = EVALUATOR_STEPS, unet_steps: int = UNET_STEPS,
-             stages=("all",), continue_from: Path | None = None) -> None:
+             stages=("all",), continue_from: Path | None = None, pair_fraction: float = 0.0) -> None:
     """Train every stage (or those named in ``stages``) and write the embedded model to ``out``.
 
     With ``continue_from`` (a folder this function wrote, e.g. ``museum/embedded``) every stage starts from
     that model's component, at ``CONTINUE_LR`` times the learning rate: the VAE trains its decoder only
-    (:func:`train_vae`), the evaluator and the UNet + text encoder train on."""
+    (:func:`train_vae`), the evaluator and the UNet + text encoder train on. ``pair_fraction`` of the
+    pretraining scenes show two objects (``world.base_samples``; the shipped model: 0)."""
     out, work = Path(out), Path(work)
     trained = (StableDiffusionPipeline.from_pretrained(Path(continue_from) / "pipeline", safety_checker=None)
                if continue_from is not None else None)
@@ -255,8 +256,10 @@ def pretrain(out: Path, work: Path, *, seed: int = 0, n_base: int = 30_000, n_ev
     torch.set_num_threads(max(1, torch.get_num_threads()))
     run = lambda name: "all" in stages or name in stages  # noqa: E731
     t0 = time.time()
+    base_name = f"base-{seed}-{n_base}" + (f"-pairs{pair_fraction:g}" if pair_fraction else "")
     base_images, base_captions = load_or_render(
-        work, f"base-{seed}-{n_base}", lambda: render_set(world.base_samples(n_base, seed), drop_p=0.0, seed=seed))
+        work, base_name, lambda: render_set(world.base_samples(n_base, seed, pair_fraction=pair_fraction),
+                                            drop_p=0.0, seed=seed))
     log(f"base set: {len(base_images)} images ({time.time() - t0:.0f}s)")
     if run("vae"):
         vae = train_vae(base_images, steps=vae_steps, batch=32, seed=seed, lr=1e-3 * lr_scale,

@@ -64,28 +64,45 @@ class CompositionScore:
         return asdict(self)
 
 
+LAYOUTS = ("together", "side-by-side")
+
+
 def score_composition(museum, a: str, b: str, concepts: dict[str, Concept], evaluator, *, n_seeds: int = 4,
-                      steps: int = 25, guidance: float = 7.5) -> dict[str, CompositionScore]:
+                      steps: int = 25, guidance: float = 7.5, layout: str = "together") -> dict[str, CompositionScore]:
     """Does a prompt naming two concepts draw each of them? (issue: Perfusion, "Composition").
 
-    For each of ``a`` and ``b``: the image alignment to its references of "a <a> and a <b> on a
-    {bg} background" against that of "a <b> on a {bg} background" (the other concept alone).
-    Styles are named as "..., <s> style". Any method's museum works.
+    For each of ``a`` and ``b``: the image alignment to its references of a prompt naming both against
+    that of the prompt without it, on 4 backgrounds. ``layout`` "together": "a <a> and a <b> on a {bg}
+    background" against "a <b> on a {bg} background" (styles named as "..., <s> style"); "side-by-side"
+    (objects only; the world's two-object captions): "a small <a> circle on the left and a small <b>
+    triangle on the right on a {bg} background" against the same prompt with the concept's class word
+    in its place ("a small circle on the left and ..."). Any method's museum works.
     """
-    def part(name):
-        phrase = museum.concept(name).phrase
-        return (None, f"{phrase} style") if concepts[name].is_style else (f"a {phrase}", None)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "side-by-side" and (concepts[a].is_style or concepts[b].is_style):
+        raise ValueError(f"side-by-side composition needs two objects; {a} + {b} includes a style")
 
-    def prompt(names, bg):
-        objects = [part(n)[0] for n in names if part(n)[0]] or ["a scene"]
-        styles = [part(n)[1] for n in names if part(n)[1]]
-        return " and ".join(objects) + f" on a {bg} background" + "".join(f", {s}" for s in styles)
+    def together(names, bg):
+        parts = [(None, f"{p} style") if concepts[n].is_style else (f"a {p}", None)
+                 for n, p in ((n, museum.concept(n).phrase) for n in names)]
+        objects = [o for o, _ in parts if o] or ["a scene"]
+        return " and ".join(objects) + f" on a {bg} background" + "".join(f", {s}" for _, s in parts if s)
+
+    def side_by_side(phrases, bg):
+        return f"a small {phrases[0]} on the left and a small {phrases[1]} on the right on a {bg} background"
 
     out = {}
     for this, other in ((a, b), (b, a)):
         scores = []
-        for names in ((this, other), (other,)):
-            prompts = [prompt(names, bg) for bg in COMPOSITION_BACKGROUNDS]
+        for named in (True, False):
+            if layout == "together":
+                prompts = [together((this, other) if named else (other,), bg) for bg in COMPOSITION_BACKGROUNDS]
+            else:
+                phrase = {n: museum.concept(n).phrase for n in (a, b)}
+                if not named:
+                    phrase[this] = concepts[this].class_word
+                prompts = [side_by_side((phrase[a], phrase[b]), bg) for bg in COMPOSITION_BACKGROUNDS]
             images = museum.generate(prompts, n=n_seeds, seed=0, steps=steps, guidance=guidance)
             scores.append(image_alignment(evaluator, images, concepts[this].reference_images))
         out[this] = CompositionScore(*scores)

@@ -74,6 +74,8 @@ class Scene:
     novel_style: Optional[str] = None
     rotation: float = 0.0  # degrees; not captioned (pose jitter)
     jitter: tuple = (0.0, 0.0)  # fraction of the canvas; not captioned
+    companion: Optional["Scene"] = None  # a second object on the same background (its own background,
+    #                                      style and companion are ignored); see random_pair_scene
 
 
 # --------------------------------------------------------------------------- captions
@@ -90,6 +92,22 @@ def caption(scene: Scene, *, object_phrase: Optional[str] = None, style_phrase: 
     e.g. "<sunburst> circle"); ``style_phrase`` replaces the style word. Parts named in
     ``drop`` (see :data:`CAPTION_PARTS`) are left out: "a star on a sand background".
     """
+    words = _object_words(scene, object_phrase, drop)
+    if scene.companion is not None:  # "a small red circle on the left and a small blue star on the right ..."
+        words += ["and"] + _object_words(scene.companion, None, drop)
+    if "background" not in drop:
+        words += ["on", "a", scene.background, "background"]
+    text = " ".join(words)
+    style = style_phrase if style_phrase is not None else (
+        scene.novel_style if scene.novel_style is not None else (None if scene.style == "none" else scene.style)
+    )
+    if style and "style" not in drop:
+        text += f", {style} style"
+    return text
+
+
+def _object_words(scene: Scene, object_phrase: Optional[str], drop: frozenset) -> list[str]:
+    """"a [size] colour shape [with pattern] [position]" of one object (see :func:`caption`)."""
     words = ["a"]
     if scene.size != "medium" and "size" not in drop:
         words.append(scene.size)
@@ -103,19 +121,12 @@ def caption(scene: Scene, *, object_phrase: Optional[str] = None, style_phrase: 
             words += ["with", scene.pattern]
     if POSITION_PHRASES[scene.position] and "position" not in drop:
         words.append(POSITION_PHRASES[scene.position])
-    if "background" not in drop:
-        words += ["on", "a", scene.background, "background"]
-    text = " ".join(words)
-    style = style_phrase if style_phrase is not None else (
-        scene.novel_style if scene.novel_style is not None else (None if scene.style == "none" else scene.style)
-    )
-    if style and "style" not in drop:
-        text += f", {style} style"
-    return text
+    return words
 
 
 def base_vocabulary() -> list[str]:
-    """Every word a pretraining caption can contain."""
+    """Every word a single-object pretraining caption can contain. Two-object captions add "and", which
+    the shipped tokenizer (made from this list) reads as characters, as it reads any unknown word."""
     words = {"a", "with", "on", "the", "at", "background", "style", ","}
     words.update(SHAPES, COLOURS, BACKGROUNDS, PATTERNS, SIZES)
     words.update(w for phrase in POSITION_PHRASES.values() for w in phrase.split())
@@ -402,26 +413,32 @@ NOVEL_STYLES: dict[str, Callable] = {
 # --------------------------------------------------------------------------- rendering
 
 
-def render(scene: Scene, seed: int = 0) -> Image.Image:
-    """Render ``scene`` to a 32x32 RGB image; the same (scene, seed) gives the same pixels."""
-    rng = np.random.default_rng(seed)
+def _draw_object(canvas: np.ndarray, scene: Scene, *, outline: bool) -> np.ndarray:
+    """``canvas`` with the scene's object (shape, fill, position, size, pose) painted over it."""
     fx, fy = POSITIONS[scene.position]
     cx = (fx + scene.jitter[0]) * CANVAS
     cy = (fy + scene.jitter[1]) * CANVAS
     r = SIZES[scene.size] * CANVAS
-    canvas = background(scene.background, rng)
     mask = shape_mask(scene.shape, cx, cy, r, scene.rotation)
     if scene.instance is not None:
         shape, painter = INSTANCES[scene.instance]
         fill = painter(*_local_coords(cx, cy, r, scene.rotation))
     else:
         fill = pattern_fill(scene.colour, scene.pattern, cx, cy, r, scene.rotation)
-    if scene.style == "outline":
+    if outline:
         mask = Image.fromarray(
             (np.asarray(mask, np.int16) - np.asarray(mask.filter(ImageFilter.MinFilter(9)), np.int16)).clip(0, 255).astype(np.uint8)
         )
     alpha = np.asarray(mask, np.float32)[..., None] / 255.0
-    canvas = canvas * (1 - alpha) + fill * alpha
+    return canvas * (1 - alpha) + fill * alpha
+
+
+def render(scene: Scene, seed: int = 0) -> Image.Image:
+    """Render ``scene`` to a 32x32 RGB image; the same (scene, seed) gives the same pixels."""
+    rng = np.random.default_rng(seed)
+    canvas = background(scene.background, rng)
+    for obj in (scene, scene.companion) if scene.companion is not None else (scene,):
+        canvas = _draw_object(canvas, obj, outline=scene.style == "outline")
     img = np.asarray(Image.fromarray(canvas.clip(0, 255).astype(np.uint8)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX), np.float32)
     if scene.style == "pixelated":
         small = img.reshape(8, 4, 8, 4, 3).mean(axis=(1, 3))
@@ -452,10 +469,28 @@ def random_scene(rng: random.Random, *, instance: Optional[str] = None, novel_st
     )
 
 
-def base_samples(n: int, seed: int) -> list[tuple[Scene, int]]:
-    """``n`` (scene, render-seed) pairs of the base vocabulary only: the pretraining distribution."""
+def random_pair_scene(rng: random.Random, *, instances: tuple[Optional[str], Optional[str]] = (None, None),
+                      base_styles: bool = False) -> Scene:
+    """A random scene with two small objects side by side, e.g. "a small red circle on the left and a small
+    blue star on the right on a sand background" (either object may be named first). ``instances`` puts
+    held-out instances in the first- and second-named places. No base style by default: "pixelated" and
+    "noisy" leave little of objects this small."""
+    first, second = (replace(random_scene(rng, instance=inst, base_styles=base_styles), size="small", jitter=(0.0, 0.0))
+                     for inst in instances)
+    left_first = rng.random() < 0.5
+    return replace(first, position="left" if left_first else "right",
+                   companion=replace(second, position="right" if left_first else "left"))
+
+
+def base_samples(n: int, seed: int, *, pair_fraction: float = 0.0) -> list[tuple[Scene, int]]:
+    """``n`` (scene, render-seed) pairs of the base vocabulary only: the pretraining distribution.
+
+    A ``pair_fraction`` of them (drawn at random) are two-object scenes (:func:`random_pair_scene`);
+    the shipped model was pretrained with none."""
     rng = random.Random(seed)
-    return [(random_scene(rng), seed * 1_000_003 + i) for i in range(n)]
+    pair_rng = random.Random(seed + 1)  # a separate stream: pair_fraction 0 gives the shipped model's scenes
+    return [(random_pair_scene(rng) if pair_fraction and pair_rng.random() < pair_fraction else random_scene(rng),
+             seed * 1_000_003 + i) for i in range(n)]
 
 
 def render_batch(samples: list[tuple[Scene, int]]) -> np.ndarray:
@@ -464,7 +499,7 @@ def render_batch(samples: list[tuple[Scene, int]]) -> np.ndarray:
 
 
 __all__ = [
-    "Scene", "render", "caption", "random_scene", "base_samples", "render_batch", "base_vocabulary",
+    "Scene", "render", "caption", "random_scene", "random_pair_scene", "base_samples", "render_batch", "base_vocabulary",
     "held_out_vocabulary", "SHAPES", "COLOURS", "BACKGROUNDS", "SIZES", "POSITIONS", "PATTERNS", "BASE_STYLES",
     "INSTANCES", "NOVEL_STYLES", "IMAGE_SIZE", "replace",
 ]
