@@ -16,9 +16,11 @@
    on a base model that can draw two objects side by side (the shipped one cannot; DIR from
    ``python scripts/pretrain.py --continue-from museum/embedded --stages unet --pair-fraction 0.5``):
    "a small <a> circle on the left and a small <b> square on the right on a {bg} background"
-   against the same prompt with the concept's class word in its place.
+   against the same prompt with the concept's class word in its place; ``--two-object-methods``
+   adds other methods' concepts on the same prompts, for comparison.
 Writes perfusion.json, images/perfusion_gate.png, images/perfusion_composition.png (each object
-pair's prompts: A alone, B alone, both) and images/perfusion_two_objects.png under --out and
+pair's prompts: A alone, B alone, both), images/two_objects_{method}.png and two_objects_base.png
+(the two-object model without concepts) under --out and
 prints the tables; ``--parts`` runs a subset and updates only those entries of an existing
 perfusion.json (the default: parts 1-3). (`museum
 bench` also draws a beta-only gate curve over all benchmark concepts.)
@@ -54,12 +56,19 @@ PAIRS = ("sunburst:checker", "sunburst:rainbow", "sunburst:sepia", "sunburst:blu
          "rainbow:blueprint")
 PARTS = ("composition", "gate_sweep", "many_concepts", "two_object_composition")
 TWO_OBJECT_PAIRS = ("sunburst:rainbow", "sunburst:checker", "gem:rainbow")
+# what the two-object base model draws without concepts: two-object prompts, then single-object ones
+TWO_OBJECT_BASE_PROMPTS = (
+    "a small red circle on the left and a small blue triangle on the right on a sky background",
+    "a small yellow star on the left and a small green square on the right on a sand background",
+    "a small blue triangle on the left and a small red circle on the right on a night background",
+    "a red circle on a sky background",
+    "a large purple hexagon with stripes on the left on a grass background",
+)
 
 
-def learn(m: Museum, name: str, concept, images: Path, **overrides):
+def learn(m: Museum, name: str, concept, images: Path, method: str = "perfusion", **overrides):
     concept.save(images / name)
-    return m.learn(name, images / name, method="perfusion", class_word=concept.class_word, progress=False,
-                   **overrides)
+    return m.learn(name, images / name, method=method, class_word=concept.class_word, progress=False, **overrides)
 
 
 def timed(m: Museum, prompt: str, n: int) -> float:
@@ -81,6 +90,10 @@ def main() -> int:
                         help="part two_object_composition: a pipeline folder of a model pretrained with two-object scenes")
     parser.add_argument("--two-object-pairs", nargs="+", default=list(TWO_OBJECT_PAIRS),
                         help="part two_object_composition: object pairs A:B (A drawn on the left)")
+    parser.add_argument("--two-object-methods", nargs="+", default=["perfusion"],
+                        help="part two_object_composition: the methods whose concepts are composed (one museum each)")
+    parser.add_argument("--two-object-gate-temps", nargs="*", type=float, default=[0.15],
+                        help="part two_object_composition: Perfusion's table again at each of these gate temperatures")
     args = parser.parse_args()
     if "two_object_composition" in args.parts and args.two_object_base is None:
         parser.error("part two_object_composition needs --two-object-base DIR (see this script's help)")
@@ -123,23 +136,37 @@ def composition(args, evaluator, work: Path) -> list[dict]:
 
 
 def two_object_composition(args, evaluator, work: Path) -> dict:
-    """Side-by-side composition (``layout="side-by-side"``) on ``--two-object-base``, and its picture: for
-    each pair, rows of 6 seeds for the prompt with both concepts, then with each replaced by its class word."""
+    """Side-by-side composition (``layout="side-by-side"``) on ``--two-object-base`` for each method, and its
+    picture: for each pair, rows of 6 seeds for the prompt with both concepts, then with each replaced by
+    its class word."""
     pairs = [tuple(p.split(":")) for p in args.two_object_pairs]
     names = list(dict.fromkeys(n for pair in pairs for n in pair))
     concepts = {n: build_concept(n) for n in names}
-    m = Museum.init(work / "two-objects", base=args.two_object_base)
-    for name in names:
-        learn(m, name, concepts[name], work / "images")
-    rows = composition_table(m, pairs, concepts, evaluator, echo=lambda line: print(line, flush=True),
-                             layout="side-by-side")
-    prompts = []
-    for a, b in pairs:
-        pa, pb = m.concept(a).phrase, m.concept(b).phrase
-        for left, right in ((pa, pb), (concepts[a].class_word, pb), (pa, concepts[b].class_word)):
-            prompts.append(f"a small {left} on the left and a small {right} on the right on a sky background")
+    rows = []
     (args.out / "images").mkdir(parents=True, exist_ok=True)
-    image_grid(m.generate(prompts, n=6, seed=0), cols=6).save(args.out / "images" / "perfusion_two_objects.png")
+    for i, method in enumerate(args.two_object_methods):
+        m = Museum.init(work / f"two-objects-{method}", base=args.two_object_base)
+        if i == 0:  # no concept named: the base model's own drawing
+            image_grid(m.generate(list(TWO_OBJECT_BASE_PROMPTS), n=6, seed=0), cols=6).save(
+                args.out / "images" / "two_objects_base.png")
+        for name in names:
+            learn(m, name, concepts[name], work / "images", method=method)
+        settings = [{}] + ([{"tau": t} for t in args.two_object_gate_temps] if method == "perfusion" else [])
+        for gate in settings:
+            print(f"{method}, generation gate {gate or 'as stored'}:", flush=True)
+            with perfusion.gate(**gate):
+                rows += [{**row, "gate": gate} for row in composition_table(
+                    m, pairs, concepts, evaluator, echo=lambda line: print(line, flush=True), layout="side-by-side")]
+        prompts = []
+        for a, b in pairs:
+            pa, pb = m.concept(a).phrase, m.concept(b).phrase
+            for left, right in ((pa, pb), (concepts[a].class_word, pb), (pa, concepts[b].class_word)):
+                prompts.append(f"a small {left} on the left and a small {right} on the right on a sky background")
+        image_grid(m.generate(prompts, n=6, seed=0), cols=6).save(args.out / "images" / f"two_objects_{method}.png")
+        for tau in args.two_object_gate_temps if method == "perfusion" else ():
+            with perfusion.gate(tau=tau):
+                image_grid(m.generate(prompts, n=6, seed=0), cols=6).save(
+                    args.out / "images" / f"two_objects_{method}_tau{tau:g}.png")
     return {"base": str(args.two_object_base), "rows": rows}
 
 
