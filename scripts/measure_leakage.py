@@ -1,6 +1,7 @@
 """Measure content leakage with MuseumMaker's style distillation on and off (museum/evaluation/leakage.py).
 
     OMP_NUM_THREADS=1 python scripts/measure_leakage.py --styles sepia thermal crt --grid docs/images --out docs/leakage.json
+    OMP_NUM_THREADS=1 python scripts/measure_leakage.py --styles sepia thermal crt --lr 1e-2 --grid docs/images --out docs/leakage-lr0.01.json
 
 For each style: learn it from 5 star images with `museummaker` (defaults; on: style_weight 1, off:
 style_weight 0), draw 8 circle prompts x 2 seeds in the style, and let the evaluator read each
@@ -24,6 +25,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--styles", nargs="+", default=["sepia", "thermal", "crt"])
     parser.add_argument("--steps", type=int, default=None, help="override the method's default steps")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="override the method's learning rate (the slow test learns at 1e-2); grids get an -lr suffix")
     parser.add_argument("--out", type=Path, default=Path("docs/leakage.json"))
     parser.add_argument("--grid", type=Path, default=None, help="also save the drawn circles as a PNG grid per run")
     args = parser.parse_args()
@@ -33,19 +36,19 @@ def main() -> None:
     evaluator = load_evaluator()
     results = {"base": base_reading(evaluator, load_pipeline()), "styles": {},
                "machine": f"{platform.platform()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"),
-               "steps": args.steps}
+               "steps": args.steps, "lr": args.lr}
     print("base", {k: v for k, v in results["base"].items() if k != "reads"}, flush=True)
     for style in args.styles:
         rows = {}
         for cond, weight in (("on", 1.0), ("off", 0.0)):
             with tempfile.TemporaryDirectory() as tmp:
-                kw = {"steps": args.steps} if args.steps else {}
+                kw = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v}
                 r = content_leakage(evaluator, Path(tmp) / "museum", style=style, style_weight=weight, **kw)
             if args.grid:
                 from museum.generation.sampling import image_grid
 
                 args.grid.mkdir(parents=True, exist_ok=True)
-                image_grid(r["images"], cols=8).save(args.grid / f"leakage-{style}-{cond}.png")
+                image_grid(r["images"], cols=8).save(args.grid / f"leakage-{style}-{cond}{f'-lr{args.lr:g}' if args.lr else ''}.png")
             rows[cond] = {k: v for k, v in r.items() if k != "images"}
             print(style, cond, {k: v for k, v in rows[cond].items() if k != "reads"}, flush=True)
         results["styles"][style] = rows
