@@ -68,7 +68,8 @@ def generate(
     steps: int = typer.Option(25, help="denoising steps"),
     guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
     out: Path = typer.Option(Path("museum-samples.png"), help="where to write the image grid (PNG)"),
-    base: str = typer.Option("embedded", help="base model without a museum: 'embedded' or a pipeline folder"),
+    base: str = typer.Option("embedded", help="base model without a museum: 'embedded', "
+                               "'embedded-two-objects' or a pipeline folder"),
     gate_bias: Optional[float] = typer.Option(None, help="Perfusion gate bias beta (default: each concept's, 0.7)"),
     gate_temp: Optional[float] = typer.Option(None, help="Perfusion gate temperature tau (default: each "
                                               "concept's, 0.05; 0.15 on Stable Diffusion)"),
@@ -125,7 +126,8 @@ def generate(
 
 @app.command()
 def init(folder: Path = typer.Argument(..., metavar="DIR"),
-         base: str = typer.Option("embedded", help="'embedded', a diffusers pipeline folder, a single-file checkpoint "
+         base: str = typer.Option("embedded", help="'embedded', 'embedded-two-objects' (for "
+                                  "two objects side by side), a diffusers pipeline folder, a single-file checkpoint "
                                   "(.safetensors; .ckpt with --allow-pickle) or a hub id (cache, or online)"),
          config: Optional[Path] = typer.Option(None, help="for a single-file --base: a diffusers pipeline folder of "
                                                "the same architecture (configs + tokenizer; nothing is downloaded)"),
@@ -344,7 +346,7 @@ def bench(
     out: Path = typer.Option(Path("museum-bench"), help="output folder (a rerun continues what is there)"),
     steps: Optional[int] = typer.Option(None, help="training steps per concept (default: each method's)"),
     upper_bound: bool = typer.Option(False, "--upper-bound", help="also learn each concept alone from the base model"),
-    base: str = typer.Option("embedded", help="'embedded' or a diffusers pipeline folder"),
+    base: str = typer.Option("embedded", help="'embedded', 'embedded-two-objects' or a diffusers pipeline folder"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps; under `accelerate launch`, cuda is each "
                                            "process's own GPU"),
 ) -> None:

@@ -29,7 +29,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from museum.base.loading import (
-    EMBEDDED, base_hash, hub_snapshot, is_hub_id, is_single_file, load_pipeline, load_single_file, resolve_base,
+    EMBEDDED, base_hash, hub_snapshot, is_embedded, is_hub_id, is_single_file, load_pipeline, load_single_file,
+    resolve_base,
 )
 from museum.generation.sampling import generate_images, image_grid
 from museum.methods import kv, tokens
@@ -104,7 +105,7 @@ class Museum:
                 with atomic_dir(folder / BASE_FOLDER) as tmp:
                     single.save_pretrained(tmp)
                 base = folder / BASE_FOLDER
-            base_str = EMBEDDED if str(base) == EMBEDDED else str(Path(base).resolve())
+            base_str = str(base) if is_embedded(base) else str(Path(base).resolve())
             manifest = Manifest(base_path=base_str, base_hash=base_hash(base))
             manifest.write(folder)
         return cls(folder, manifest, allow_pickle=allow_pickle)

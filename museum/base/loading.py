@@ -2,7 +2,9 @@
 
 One code path serves both: ``StableDiffusionPipeline.from_pretrained(path)``. The embedded
 model ships inside the package (``museum/embedded/pipeline``), as does the evaluator
-(``museum/embedded/evaluator``).
+(``museum/embedded/evaluator``). A second embedded model, ``embedded-two-objects``
+(``museum/embedded/pipeline-two-objects``), is the first one pretrained further with two-object
+scenes, for prompts that place two objects side by side (docs/two-objects/); it is opt-in.
 
 A museum can also start from a single-file checkpoint (``.safetensors``, or a pickle ``.ckpt``
 with ``allow_pickle``): :func:`load_single_file` reads it with diffusers' ``from_single_file``
@@ -30,21 +32,30 @@ EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
 EMBEDDED_PIPELINE = EMBEDDED_DIR / "pipeline"
 EMBEDDED_EVALUATOR = EMBEDDED_DIR / "evaluator"
 EMBEDDED = "embedded"
+EMBEDDED_TWO_OBJECTS = "embedded-two-objects"
+EMBEDDED_MODELS = {EMBEDDED: EMBEDDED_PIPELINE, EMBEDDED_TWO_OBJECTS: EMBEDDED_DIR / "pipeline-two-objects"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 PICKLE_SINGLE_FILE = (".ckpt",)
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 WHAT_BASE = ("pass a diffusers pipeline folder (written by `save_pretrained`), a single-file checkpoint "
-             "(.safetensors, or .ckpt with --allow-pickle), a Hugging Face hub id while online, or `embedded`")
+             "(.safetensors, or .ckpt with --allow-pickle), a Hugging Face hub id while online, or `embedded` / "
+             "`embedded-two-objects`")
+
+
+def is_embedded(base: str | Path) -> bool:
+    """Is ``base`` the name of a shipped model (:data:`EMBEDDED_MODELS`) rather than a path?"""
+    return str(base) in EMBEDDED_MODELS
 
 
 def resolve_base(base: str | Path) -> Path:
-    """``"embedded"`` or a path to a diffusers pipeline directory -> the directory."""
-    path = EMBEDDED_PIPELINE if str(base) == EMBEDDED else Path(base).expanduser()
+    """A shipped model's name (``"embedded"``, ``"embedded-two-objects"``) or a path to a diffusers pipeline
+    directory -> the directory."""
+    path = EMBEDDED_MODELS[str(base)] if is_embedded(base) else Path(base).expanduser()
     if not (path / "model_index.json").is_file():
-        if str(base) == EMBEDDED:
+        if is_embedded(base):
             raise BaseModelError(
-                f"the embedded model is missing at {path}; reinstall museum or run `museum pretrain --out {EMBEDDED_DIR}`"
-            )
+                f"the embedded model {base!r} is missing at {path}; reinstall museum (docs/BASE_MODEL.md says how "
+                "it was pretrained)")
         if not path.exists():
             raise BaseModelError(f"base model {path} does not exist (Museum never downloads a model by itself); "
                                  + WHAT_BASE)
@@ -57,12 +68,12 @@ def resolve_base(base: str | Path) -> Path:
 
 
 def is_single_file(base: str | Path) -> bool:
-    return str(base) != EMBEDDED and Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES and not Path(base).is_dir()
+    return not is_embedded(base) and Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES and not Path(base).is_dir()
 
 
 def is_hub_id(base: str | Path) -> bool:
     """An ``owner/name`` that is not a local path (a relative path that exists is a path)."""
-    return (str(base) != EMBEDDED and bool(HUB_ID_RE.match(str(base))) and not Path(base).expanduser().exists()
+    return (not is_embedded(base) and bool(HUB_ID_RE.match(str(base))) and not Path(base).expanduser().exists()
             and not is_single_file(base))
 
 

@@ -18,7 +18,9 @@ Run ``museum pretrain --out museum/embedded`` (or ``python scripts/pretrain.py``
 result is a Stable Diffusion pipeline directory plus ``evaluator/``. ``--continue-from DIR``
 trains such a folder further instead of starting from scratch (the VAE's decoder only).
 The shipped ``museum/embedded`` comes from this module and ``components`` (docs/logs/pretrain.log);
-the first model (8x8 latent) came from this module at commit d2bc5dc.
+the first model (8x8 latent) came from this module at commit d2bc5dc. ``pipeline-two-objects``
+(``embedded-two-objects``) is ``pipeline`` continued for 2000 UNet steps on a set in which half the
+scenes show two objects (``pair_fraction=0.5``; docs/logs/pretrain-two-objects.log, docs/two-objects/).
 """
 
 from __future__ import annotations

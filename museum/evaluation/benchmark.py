@@ -522,7 +522,7 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
     the units of work (see the module docstring); each returns once all of them are done."""
     from tqdm.auto import tqdm
 
-    from museum.base.loading import EMBEDDED, base_hash, load_evaluator
+    from museum.base.loading import base_hash, is_embedded, load_evaluator
     from museum.methods.base import method_names
     from museum.training.trainer import get_accelerator
     from museum.world.concepts import BENCHMARK_CONCEPTS, concept_names
@@ -542,7 +542,7 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
     if evaluator is None:
         evaluator = load_evaluator()
     evaluator.eval()
-    base = EMBEDDED if str(base) == EMBEDDED else str(Path(base).resolve())
+    base = str(base) if is_embedded(base) else str(Path(base).resolve())
     settings = Settings(n_prompts=n_prompts or default_prompts, n_seeds=n_seeds or default_seeds, gen_steps=gen_steps,
                         guidance=guidance, steps=steps, seed=seed, n_train=n_train, n_ref=n_ref, base=base,
                         base_hash=base_hash(base), evaluator=evaluator_fingerprint(evaluator),
