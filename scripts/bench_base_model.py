@@ -17,10 +17,13 @@ What it does:
    ``evaluator.classify`` picks the prompt's own value. The same reading on real renders
    of the same scenes is the evaluator's own accuracy: an upper bound that separates
    generator errors from evaluator errors.
-4. Times a batch of 16 images at ``--steps`` steps (median of ``--timing-runs`` runs after
+4. Reads ``--two-objects`` held-out two-object prompts for placement: is each object's colour
+   in its own half of the image (``museum.evaluation.placement``)?
+5. Times a batch of 16 images at ``--steps`` steps (median of ``--timing-runs`` runs after
    one warm-up).
-5. Writes ``BASE_MODEL.md``, ``base_model.json`` and ``images/base_samples.png`` /
-   ``images/base_renders.png`` (8 prompts x 4 seeds, nearest-neighbour upscaled x4) under
+6. Writes ``BASE_MODEL.md``, ``base_model.json`` and ``images/base_samples.png`` /
+   ``images/base_renders.png`` (8 prompts x 4 seeds) / ``images/base_two_objects.png`` (4 x 4),
+   nearest-neighbour upscaled x4, under
    ``--out``, and prints the table. Exits 0 whether or not the target is met.
 """
 
@@ -46,6 +49,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from museum.base.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline, resolution  # noqa: E402
+from museum.evaluation.placement import COLOUR_GAP, MIN_PIXELS, NEAR, read_placement, readable_pairs  # noqa: E402
 from museum.world import render as world  # noqa: E402
 
 HELD_OUT_SEED = 12345  # pretraining draws its scenes from seeds 0 (base set) and 1 (evaluator set)
@@ -245,6 +249,29 @@ def write_markdown(path: Path, r: dict) -> None:
                    f"{', '.join(f'{x:.2f}' for x in t['runs_s'])} s) on {a['device']} with "
                    f"torch.get_num_threads() = {m['torch_num_threads']}.") if t["runs_s"] else \
         f"**Timing**: not measured (`--timing-runs 0`); torch.get_num_threads() = {m['torch_num_threads']}."
+    two = r.get("two_objects")
+    pair_captions = "" if not two else "\n".join(
+        f"{i + 1}. {p['caption']}" for i, p in enumerate(two["per_prompt"][:GRID_PROMPTS // 2]))
+    two_objects = "" if not two else f"""
+## Two objects side by side
+
+{two['n']} held-out two-object prompts ("{two['per_prompt'][0]['caption']}":
+`render.random_pair_scene` from `random.Random({HELD_OUT_SEED + 1})`, plain
+objects, kept when the two colours and the background's are at least {COLOUR_GAP:g} apart in RGB), one
+image each. Placement is read from colour (the evaluator scores whole single-object scenes): right when
+each object's colour ({NEAR:g} RGB) is in its own half, at least {MIN_PIXELS} pixels and twice as many
+as in the other half. Renders of the same scenes are read right {two['placed_renders']}/{two['n']}.
+
+| generated | both objects placed right | both colours drawn |
+|---|---|---|
+| {two['n']} | {pct(two['placed'] / two['n'])} ({two['placed']}/{two['n']}) | {pct(two['both_drawn'] / two['n'])} ({two['both_drawn']}/{two['n']}) |
+
+The first {min(GRID_PROMPTS // 2, two['n'])} prompts x {GRID_SEEDS} seeds (column 1 is the image that was read):
+
+![two objects](images/base_two_objects.png)
+
+{pair_captions}
+"""
     text = f"""# Base model quality (Foundation benchmark)
 
 Does the base model draw what the prompt says? {a['prompts']} held-out prompts (random base scenes
@@ -266,7 +293,7 @@ Pipeline: `{a['pipeline']}`; evaluator: `{a['evaluator']}`.
 Where the misses come from:
 
 {error_budget(r['generated'], r['vae_round_trip'], r['renders'])}
-{sweep}
+{sweep}{two_objects}
 {timing_line}
 
 ## Samples
@@ -297,6 +324,33 @@ torch {m['torch']}, diffusers {m['diffusers']}. Per-prompt readings are in `base
     path.write_text(text)
 
 
+def read_two_objects(pipe, args, size: int, out: Path) -> dict:
+    """Placement readings of ``args.two_objects`` held-out two-object prompts (one image each) and of their
+    renders, and the grid ``images/base_two_objects.png`` (the first 4 prompts x 4 seeds)."""
+    pairs = readable_pairs(args.two_objects, seed=HELD_OUT_SEED + 1)
+    captions = [world.caption(s) for s in pairs]
+
+    def draw(indices_seeds):
+        return generate(pipe, [captions[i] for i, _ in indices_seeds],
+                        [image_seed(args.seed, i, j) for i, j in indices_seeds], steps=args.steps,
+                        guidance=args.guidance, size=size, device=args.device)
+
+    images = draw([(i, 0) for i in range(len(pairs))])
+    readings = [read_placement(img, s) for img, s in zip(images, pairs)]
+    renders = [read_placement(np.asarray(world.render(s, i)), s) for i, s in enumerate(pairs)]
+    rows = min(GRID_PROMPTS // 2, len(pairs))
+    more = draw([(i, j) for i in range(rows) for j in range(1, GRID_SEEDS)])
+    grid([[images[i], *more[i * (GRID_SEEDS - 1):(i + 1) * (GRID_SEEDS - 1)]] for i in range(rows)]).save(
+        out / "images" / "base_two_objects.png")
+    result = {"n": len(pairs), "placed": sum(r["placed"] for r in readings),
+              "both_drawn": sum(r["objects_drawn"] == 2 for r in readings),
+              "placed_renders": sum(r["placed"] for r in renders),
+              "per_prompt": [{"caption": c, **r} for c, r in zip(captions, readings)]}
+    print(f"two objects: placed {result['placed']}/{len(pairs)}, both drawn {result['both_drawn']}, "
+          f"renders placed {result['placed_renders']}", flush=True)
+    return result
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -310,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--sweep", type=float, nargs="*", default=None, metavar="G",
                         help="also read generated accuracy at these guidance scales (e.g. --sweep 1 3 5 7.5 10)")
+    parser.add_argument("--two-objects", type=int, default=100,
+                        help="two-object prompts whose placement is read (default 100; 0 skips)")
     parser.add_argument("--timing-runs", type=int, default=5, help="timed batches of 16 after one warm-up (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--device", default="cpu")
@@ -366,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                    for i in range(k)]
     grid(render_rows).save(out / "images" / "base_renders.png")
 
+    two_objects = read_two_objects(pipe, args, size, out) if args.two_objects > 0 else None
+
     times = time_batch(pipe, prompts[:BATCH], steps=args.steps, guidance=args.guidance, size=size,
                        device=args.device, runs=args.timing_runs) if args.timing_runs > 0 else []
     timing = {"batch": BATCH, "steps": args.steps, "runs_s": times,
@@ -384,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         "renders": ren_acc,
         "vae_round_trip": vae_acc,
         "sweep": sweep,
+        "two_objects": two_objects,
         "timing": timing,
         "grid_captions": prompts[:k],
         "per_prompt": [
