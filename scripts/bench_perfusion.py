@@ -12,9 +12,9 @@
    tau) and a table: how far the knobs move between the two without retraining (paper, Fig. 8).
 3. Many concepts: a museum with 20 Perfusion concepts loaded against one with 1, generating a
    prompt that names 1 (and 2) of them: the median time ratio over alternating runs.
-4. Two-object composition (``--parts two_object_composition --two-object-base DIR``): composition
-   on a base model that can draw two objects side by side (the shipped one cannot; DIR from
-   ``python scripts/pretrain.py --continue-from museum/embedded --stages unet --pair-fraction 0.5``):
+4. Two-object composition (``--parts two_object_composition``): composition on a base model that
+   can draw two objects side by side (``--two-object-base``, default the shipped ``embedded-two-objects``;
+   the default ``embedded`` cannot):
    "a small <a> circle on the left and a small <b> square on the right on a {bg} background"
    against the same prompt with the concept's class word in its place; ``--two-object-methods``
    adds other methods' concepts on the same prompts, for comparison.
@@ -41,7 +41,7 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from museum.base.loading import load_evaluator
+from museum.base.loading import EMBEDDED_TWO_OBJECTS, load_evaluator
 from museum.evaluation.protocol import composition_table, score_concept
 from museum.generation.sampling import image_grid
 from museum.methods import perfusion
@@ -86,8 +86,9 @@ def main() -> int:
     parser.add_argument("--gate-concepts", nargs="+", default=["sunburst", "rainbow"], choices=list(INSTANCES),
                         help="concepts of the gate sweep (one plot each)")
     parser.add_argument("--parts", nargs="+", default=list(PARTS[:3]), choices=PARTS)
-    parser.add_argument("--two-object-base", type=Path,
-                        help="part two_object_composition: a pipeline folder of a model pretrained with two-object scenes")
+    parser.add_argument("--two-object-base", default=EMBEDDED_TWO_OBJECTS,
+                        help="part two_object_composition: a model pretrained with two-object scenes, a pipeline "
+                             f"folder or {EMBEDDED_TWO_OBJECTS} (default)")
     parser.add_argument("--two-object-pairs", nargs="+", default=list(TWO_OBJECT_PAIRS),
                         help="part two_object_composition: object pairs A:B (A drawn on the left)")
     parser.add_argument("--two-object-methods", nargs="+", default=["perfusion"],
@@ -95,8 +96,6 @@ def main() -> int:
     parser.add_argument("--two-object-gate-temps", nargs="*", type=float, default=[0.15],
                         help="part two_object_composition: Perfusion's table again at each of these gate temperatures")
     args = parser.parse_args()
-    if "two_object_composition" in args.parts and args.two_object_base is None:
-        parser.error("part two_object_composition needs --two-object-base DIR (see this script's help)")
     import diffusers
 
     diffusers.utils.logging.disable_progress_bar()
