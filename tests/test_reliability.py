@@ -54,6 +54,7 @@ def spawn(fn, *, env: dict | None = None, log: Path | None = None) -> int:
             import torch
 
             torch.set_num_threads(1)  # the parent's thread pool is not inherited; 1 thread is also faster here
+            own_progress_bar_lock()
             os.environ.update(env or {})
             code = fn() or 0
         except SystemExit as err:
@@ -67,6 +68,22 @@ def spawn(fn, *, env: dict | None = None, log: Path | None = None) -> int:
                 sys.stderr.flush()
             os._exit(code)
     return pid
+
+
+def own_progress_bar_lock() -> None:
+    """Give a forked child its own tqdm write lock. tqdm's default lock includes a multiprocessing semaphore
+    that forked processes share: a child SIGKILLed while it held it (a progress bar being created) left the
+    parent waiting for it forever at its next progress bar."""
+    import threading
+
+    from tqdm import std
+
+    pending = [std.tqdm]
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        if "_lock" in vars(cls) or cls is std.tqdm:
+            cls.set_lock(threading.RLock())
 
 
 def wait(pid: int, *, kill_after: float | None = None, timeout: float = 300) -> tuple[int, float]:
@@ -414,6 +431,34 @@ def run_fault_loop(tmp: Path, base: Path, images: dict, *, kills: int, seed: int
 
 def report(title: str, counts: dict) -> None:
     print(f"\n{title}: {json.dumps(counts, indent=1)}")
+
+
+def test_a_child_killed_inside_a_progress_bar_does_not_block_the_parent(tmp_path):
+    """The harness itself: a child SIGKILLed while it holds tqdm's write lock (as a random kill can land)
+    leaves the parent's next progress bar free (``own_progress_bar_lock``)."""
+    import threading
+
+    from tqdm.auto import tqdm
+
+    tqdm(disable=True).close()  # the parent's lock exists before the fork, as after any earlier progress bar
+    holding = tmp_path / "holding"
+
+    def hold_the_lock():
+        tqdm.get_lock().acquire()
+        holding.touch()
+        time.sleep(60)
+
+    pid = spawn(hold_the_lock)
+    deadline = time.time() + 60
+    while not holding.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert holding.exists(), "the child never took the lock"
+    bar = threading.Thread(target=lambda: tqdm(disable=True).close(), daemon=True)
+    bar.start()
+    bar.join(timeout=10)
+    assert not bar.is_alive(), "the parent's progress bar waits for a lock held by a dead child"
 
 
 @pytest.mark.parametrize("kills, seed", [(10, 9)])
