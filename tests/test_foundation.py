@@ -17,6 +17,8 @@ from museum.world import render as world
 needs_embedded = pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file(),
                                     reason="embedded model not built")
 needs_evaluator = pytest.mark.skipif(not (EMBEDDED_EVALUATOR / "config.json").is_file(), reason="evaluator not built")
+needs_two_object_model = pytest.mark.skipif(not (EMBEDDED_MODELS[EMBEDDED_TWO_OBJECTS] / "model_index.json").is_file(),
+                                            reason="two-object model not shipped")
 
 
 @needs_embedded
@@ -40,8 +42,7 @@ def test_shipped_model_loads_with_plain_diffusers():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (EMBEDDED_MODELS[EMBEDDED_TWO_OBJECTS] / "model_index.json").is_file(),
-                    reason="two-object model not shipped")
+@needs_two_object_model
 def test_two_object_model_draws_each_object_on_its_side():
     """``embedded-two-objects`` draws "a small A ... on the left and a small B ... on the right": each object's
     colour in its own half (docs/two-objects/BASE_MODEL.md: 96 of 100 held-out prompts; the default
@@ -53,8 +54,7 @@ def test_two_object_model_draws_each_object_on_its_side():
     assert sum(placed) >= 6, [world.caption(s) for s, ok in zip(scenes, placed) if not ok]
 
 
-@pytest.mark.skipif(not (EMBEDDED_MODELS[EMBEDDED_TWO_OBJECTS] / "model_index.json").is_file(),
-                    reason="two-object model not shipped")
+@needs_two_object_model
 def test_a_museum_on_the_two_object_model_records_its_name(tmp_path):
     """A shipped model is recorded by name (the museum moves with the package, not with a path)."""
     import json

@@ -54,8 +54,8 @@ def resolve_base(base: str | Path) -> Path:
     if not (path / "model_index.json").is_file():
         if is_embedded(base):
             raise BaseModelError(
-                f"the embedded model {base!r} is missing at {path}; reinstall museum (docs/BASE_MODEL.md says how "
-                "it was pretrained)")
+                f"the embedded model {base!r} is missing at {path}; reinstall museum (docs/BASE_MODEL.md and "
+                "docs/two-objects/ say how the shipped models were pretrained)")
         if not path.exists():
             raise BaseModelError(f"base model {path} does not exist (Museum never downloads a model by itself); "
                                  + WHAT_BASE)

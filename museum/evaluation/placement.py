@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -20,8 +21,10 @@ COLOUR_GAP = 110.0  # readable scenes: the two colours and the background's are 
 MIN_PIXELS = 8  # an object is drawn when at least this many pixels have its colour
 
 
-def background_colour(name: str) -> np.ndarray:
-    return world.background(name, np.random.default_rng(0)).reshape(-1, 3).mean(0)
+@lru_cache(maxsize=None)
+def background_colour(name: str) -> tuple[float, float, float]:
+    """The mean RGB of a background (rendered once per name)."""
+    return tuple(world.background(name, np.random.default_rng(0)).reshape(-1, 3).mean(0))
 
 
 def readable_pairs(n: int, seed: int) -> list[world.Scene]:
@@ -32,8 +35,9 @@ def readable_pairs(n: int, seed: int) -> list[world.Scene]:
         scene = world.random_pair_scene(rng)
         scene = replace(scene, pattern="plain", companion=replace(scene.companion, pattern="plain"))
         colours = [np.array(world.COLOURS[s.colour]) for s in (scene, scene.companion)]
+        ground = np.array(background_colour(scene.background))
         if np.linalg.norm(colours[0] - colours[1]) >= COLOUR_GAP and all(
-                np.linalg.norm(c - background_colour(scene.background)) >= COLOUR_GAP for c in colours):
+                np.linalg.norm(c - ground) >= COLOUR_GAP for c in colours):
             out.append(scene)
     return out
 
