@@ -32,30 +32,36 @@ IMAGE_SIZE = 32
 
 
 class ImageEncoder(nn.Module):
-    """(B, 3, 32, 32) in [0, 1] -> (B, EMBED_DIM) features. Keeps a 4x4 spatial map so position words matter."""
+    """(B, 3, S, S) in [0, 1] -> (B, EMBED_DIM) features, S = ``image_size`` (32 or 64). Keeps a 4x4 spatial map
+    so position words matter; at 64 a narrow full-resolution layer comes first, so stripes and dots a few
+    pixels wide are seen before the first downsampling."""
 
-    def __init__(self, width: int = 64, embed_dim: int = EMBED_DIM):
+    def __init__(self, width: int = 64, embed_dim: int = EMBED_DIM, image_size: int = IMAGE_SIZE):
         super().__init__()
 
         def block(cin, cout, stride):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
 
+        if image_size not in (32, 64):
+            raise ValueError(f"image_size must be 32 or 64, got {image_size}")
+        stem = [block(3, width, 1)] if image_size == 32 else [block(3, width // 2, 1), block(width // 2, width, 2)]
         self.features = nn.Sequential(
-            block(3, width, 1),          # 32x32
-            block(width, width, 2),      # 16x16
-            block(width, 2 * width, 2),  # 8x8
+            *stem,                           # 32x32
+            block(width, width, 2),          # 16x16
+            block(width, 2 * width, 2),      # 8x8
             block(2 * width, 2 * width, 2),  # 4x4
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, 2 * embed_dim), nn.SiLU(),
                                   nn.Linear(2 * embed_dim, embed_dim))
-        self.config = {"width": width, "embed_dim": embed_dim}
+        self.image_size = image_size
+        self.config = {"width": width, "embed_dim": embed_dim, "image_size": image_size}
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(pixels * 2 - 1))
 
 
-def to_pixels(images) -> torch.Tensor:
-    """PIL images, uint8 arrays (N, H, W, 3) or float tensors (N, 3, H, W) in [0, 1] -> (N, 3, 32, 32) in [0, 1]."""
+def to_pixels(images, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """PIL images, uint8 arrays (N, H, W, 3) or float tensors (N, 3, H, W) in [0, 1] -> (N, 3, size, size) in [0, 1]."""
     if isinstance(images, torch.Tensor):
         x = images.float()
         if x.dtype == torch.uint8 or x.max() > 1.5:
@@ -64,11 +70,11 @@ def to_pixels(images) -> torch.Tensor:
         if isinstance(images, np.ndarray) and images.ndim == 4:
             arrays = images
         else:
-            arrays = np.stack([np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)) if isinstance(im, Image.Image)
+            arrays = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BOX)) if isinstance(im, Image.Image)
                                else np.asarray(im) for im in images])
         x = torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2).float() / 255.0
-    if x.shape[-1] != IMAGE_SIZE:
-        x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="area")
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="area")
     return x
 
 
@@ -83,21 +89,25 @@ class Evaluator(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
 
     @classmethod
-    def create(cls, tokenizer: CLIPTokenizer) -> "Evaluator":
+    def create(cls, tokenizer: CLIPTokenizer, image_size: int = IMAGE_SIZE) -> "Evaluator":
         config = CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=96, intermediate_size=384, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=EMBED_DIM,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
-        return cls(tokenizer, CLIPTextModelWithProjection(config), ImageEncoder())
+        return cls(tokenizer, CLIPTextModelWithProjection(config), ImageEncoder(image_size=image_size))
 
     # ------------------------------------------------------------------ embeddings
     def image_features(self, images) -> torch.Tensor:
         """Unnormalised features (the KID feature space)."""
-        return self.image_encoder(to_pixels(images).to(self.logit_scale.device))
+        return self.image_encoder(self.pixels(images).to(self.logit_scale.device))
+
+    def pixels(self, images) -> torch.Tensor:
+        """``images`` as the image tower reads them (:func:`to_pixels` at its size)."""
+        return to_pixels(images, self.image_encoder.image_size)
 
     def embed_images(self, images, batch_size: int = 256) -> torch.Tensor:
-        x = to_pixels(images)
+        x = self.pixels(images)
         out = [self.image_encoder(x[i:i + batch_size].to(self.logit_scale.device)) for i in range(0, len(x), batch_size)]
         return F.normalize(torch.cat(out), dim=-1)
 

@@ -1,0 +1,70 @@
+"""Configurations of the World v2 embedded model, all stock diffusers/transformers classes.
+
+64x64 RGB images; AutoencoderKL with three levels (factor 4) to a 16x16x8 latent: eight latent
+channels instead of Stable Diffusion's four, because the world's patterns (stripes 4-6 pixels
+wide, dots, checks, halftone) must survive the round trip at a quarter of SD's compression
+(64*64*3 / (16*16*8) = 6, SD 1.x: 48). No attention in the VAE, so it is fully convolutional and
+can be trained on crops (:func:`museum.base.v2.pretrain.train_vae`). The scheduler is Stable
+Diffusion 1.x's (:mod:`museum.base.components`).
+"""
+
+from __future__ import annotations
+
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+IMAGE_SIZE = 64
+LATENT_CHANNELS = 8
+LATENT_SIZE = 16
+
+
+def make_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,
+    )
+
+
+TEXT_WIDTH = 128
+MODEL_MAX_LENGTH = 48  # the longest two-object caption with a style is ~42 tokens
+
+
+def make_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),  # must equal len(tokenizer), or load_textual_inversion shrinks the table
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=4 * TEXT_WIDTH,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=TEXT_WIDTH,
+    )
+    return CLIPTextModel(config)
+
+
+def make_unet() -> UNet2DConditionModel:
+    """Three levels (16x16, 8x8, 4x4), two ResNet layers each, cross-attention at 8x8 and 4x4 (none at the
+    highest resolution, as SDXL): about twice the old model's cost per step for four times its parameters."""
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(64, 128, 192),
+        layers_per_block=2,
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=32,
+        norm_num_groups=16,
+    )

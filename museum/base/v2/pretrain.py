@@ -1,0 +1,376 @@
+"""Resumable pretraining of the World v2 embedded model, in chunks that fit a session.
+
+Each stage keeps its state under ``work`` (outside git) with accelerate's ``save_state`` /
+``load_state`` (``checkpoint-N`` folders, the diffusers training scripts' convention: model,
+optimizer, learning-rate schedule, RNG states and the data sampler), so a later session picks up
+where the last one stopped: ``--minutes`` bounds one call, and a call on a finished stage does
+nothing. Stages:
+
+1. ``render``: the pretraining set (:func:`museum.world.v2.render.base_samples`, no pooled concept),
+   rendered in chunks of ``CHUNK`` images, each an .npz written once.
+2. ``vae``: AutoencoderKL, L1 + MSE + image-gradient L1 + a small KL (Stable Diffusion's objective
+   with an edge term in place of the GAN and LPIPS, which need a network this world has no weights
+   for); first on 32x32 crops (the VAE is fully convolutional; four crops cost one image), then on
+   whole images. The latent scaling factor is set to 1/std at the end.
+3. ``evaluator``: the CLIP-style evaluator at 64x64 (:func:`train_evaluator`).
+4. ``unet``: UNet + CLIP text encoder from scratch on the VAE's cached latents (:func:`train_unet`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import replace
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel, compute_snr
+
+from museum.base import components as old_components
+from museum.base.tokenizer import write_clip_tokenizer
+from museum.base.v2 import components
+from museum.evaluation.evaluator import Evaluator
+from museum.world.v2 import concepts, render
+
+CHUNK = 5000
+N_BASE = 150_000
+N_VAE = 40_000  # the VAE trains on the first chunks only
+VAE_STEPS = 6000
+VAE_CROP_STEPS = 5000  # the first steps train on crops
+VAE_CROP = 32
+VAE_LR = 1e-3
+EVALUATOR_STEPS = 4000
+EVALUATOR_BATCH = 256
+EVALUATOR_LR = 1e-3
+UNET_STEPS = 12_000
+UNET_BATCH = 64
+UNET_LR = 4e-4
+CFG_DROPOUT = 0.1
+MIN_SNR_GAMMA = 5.0
+CHECKPOINT_EVERY = 250
+
+
+def log(msg: str, logfile: Path | None = None) -> None:
+    line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    if logfile is not None:
+        with open(logfile, "a") as f:
+            f.write(line + "\n")
+
+
+# --------------------------------------------------------------------------- render
+
+
+def _render_chunk(args) -> np.ndarray:
+    index, seed, size = args
+    return render.render_batch(render.base_samples(size, seed * 10_000 + index, reserved=concepts.reserved_signatures()))
+
+
+def render_chunks(work: Path, n: int, seed: int, *, workers: int = 2, chunk: int = CHUNK, minutes: float | None = None,
+                  logfile: Path | None = None) -> list[Path]:
+    """Render the first ``n`` images of the pretraining set into ``work/render/chunk-XXX.npz`` (their scenes
+    are drawn again from the seeds: :func:`chunk_scenes`); chunks already on disk are kept. Stops starting
+    chunks after ``minutes``: the paths of all chunks are returned, those not yet rendered do not exist."""
+    folder = work / "render"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"chunk-{i:03d}.npz" for i in range(-(-n // chunk))]
+    todo = [i for i, p in enumerate(paths) if not p.exists()]
+    deadline = time.time() + 60 * minutes if minutes is not None else float("inf")
+    with Pool(workers) as pool:
+        for i, images in zip(todo, pool.imap(_render_chunk, [(i, seed, chunk) for i in todo])):
+            tmp = paths[i].with_suffix(".tmp.npz")
+            np.savez(tmp, images=images)
+            tmp.rename(paths[i])
+            log(f"render chunk {i + 1}/{len(paths)}", logfile)
+            if time.time() > deadline:
+                pool.terminate()
+                break
+    return paths
+
+
+def load_images(paths: list[Path]) -> np.ndarray:
+    return np.concatenate([np.load(p)["images"] for p in paths])
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# --------------------------------------------------------------------------- resumable training
+
+
+class SamplerState:
+    """The data sampler's generator, checkpointed with the model (``accelerator.register_for_checkpointing``)."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def _accelerator(folder: Path) -> Accelerator:
+    return Accelerator(project_config=ProjectConfiguration(
+        project_dir=str(folder), automatic_checkpoint_naming=True, total_limit=2))
+
+
+def _resume(accelerator: Accelerator, folder: Path) -> int:
+    """Load the latest ``checkpoint-N`` under ``folder/checkpoints``; the step it was saved at (0 if none)."""
+    checkpoints = sorted((folder / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
+    if not checkpoints:
+        return 0
+    accelerator.load_state(str(checkpoints[-1]))
+    accelerator.project_configuration.iteration = int(checkpoints[-1].name.split("_")[-1]) + 1
+    return json.loads((checkpoints[-1] / "step.json").read_text())["step"]
+
+
+def _save(accelerator: Accelerator, step: int) -> None:
+    path = Path(accelerator.save_state())
+    (path / "step.json").write_text(json.dumps({"step": step}))
+
+
+def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 between image gradients: keeps thin outlines, stripes and dots sharp."""
+    return F.l1_loss(rec.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(rec.diff(dim=-2), x.diff(dim=-2))
+
+
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    posterior = vae.encode(x).latent_dist
+    rec = vae.decode(posterior.sample(generator=generator)).sample
+    return F.l1_loss(rec, x) + F.mse_loss(rec, x) + edge_loss(rec, x) + 1e-6 * posterior.kl().mean()
+
+
+def _vae_batch(data: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
+    """64 random 32x32 crops for the first ``VAE_CROP_STEPS`` steps, then 32 whole images."""
+    if step <= VAE_CROP_STEPS:
+        x = data[torch.randint(0, len(data), (64,), generator=generator)]
+        i, j = torch.randint(0, components.IMAGE_SIZE - VAE_CROP + 1, (2,), generator=generator).tolist()
+        return x[:, :, i:i + VAE_CROP, j:j + VAE_CROP]
+    return data[torch.randint(0, len(data), (32,), generator=generator)]
+
+
+def run_stage(name: str, folder: Path, models: list[torch.nn.Module], optimizer, scheduler, loss_fn, *,
+              steps: int, minutes: float, seed: int, extra_state=(), after_step=None,
+              max_grad_norm: float | None = None, max_new_steps: int | None = None, logfile: Path | None = None) -> bool:
+    """Run (or resume) a training stage for at most ``minutes``: ``loss_fn(step, generator)`` gives the loss
+    of one step; ``extra_state`` (objects with state_dict / load_state_dict, e.g. an EMA) is checkpointed
+    with the models, optimizer, schedule and data sampler; ``after_step()`` runs after each optimizer step.
+    One process: ``loss_fn`` uses the models as given. ``max_new_steps`` bounds the call in steps as
+    ``minutes`` does in time. True once all ``steps`` are done."""
+    accelerator = _accelerator(folder)
+    sampler = SamplerState(seed)
+    *models, optimizer, scheduler = accelerator.prepare(*models, optimizer, scheduler)
+    for state in (sampler, *extra_state):
+        accelerator.register_for_checkpointing(state)
+    start = _resume(accelerator, folder)
+    log(f"{name}: {'resumed at step ' + str(start) if start else 'from scratch'} of {steps}", logfile)
+    params = [p for m in models for p in m.parameters() if p.requires_grad]
+    deadline = time.time() + 60 * minutes
+    step = start
+    last = steps if max_new_steps is None else min(steps, start + max_new_steps)
+    while step < last and time.time() < deadline:
+        step += 1
+        loss = loss_fn(step, sampler.generator)
+        accelerator.backward(loss)
+        if max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step(), scheduler.step(), optimizer.zero_grad()
+        if after_step is not None:
+            after_step()
+        if step % 100 == 0 or step == start + 1:
+            log(f"{name} step {step}/{steps} loss {loss.item():.4f}", logfile)
+        if step % CHECKPOINT_EVERY == 0 and step < steps:
+            _save(accelerator, step)
+    if step < steps:
+        _save(accelerator, step)
+        log(f"{name}: stopped at step {step}/{steps} (time budget); the same command resumes it", logfile)
+        return False
+    return True
+
+
+def train_vae(work: Path, images: np.ndarray, *, steps: int = VAE_STEPS, minutes: float, seed: int = 0,
+              max_new_steps: int | None = None, logfile: Path | None = None) -> AutoencoderKL | None:
+    """Train (or resume) the VAE for at most ``minutes``; the finished VAE (saved to ``work/vae``) once all
+    ``steps`` are done, else None."""
+    if (work / "vae" / "config.json").exists():
+        return AutoencoderKL.from_pretrained(work / "vae")
+    torch.manual_seed(seed)
+    vae = components.make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, 200, steps)
+    data = to_tensor(images)
+    done = run_stage("vae", work / "vae-run", [vae], opt, sched,
+                     lambda step, gen: vae_loss(vae, _vae_batch(data, step, gen), gen),
+                     steps=steps, minutes=minutes, seed=seed, max_new_steps=max_new_steps, logfile=logfile)
+    if not done:
+        return None
+    vae = vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(data[i:i + 256]).latent_dist.mean for i in range(0, 4096, 256)])
+        rec = vae.decode(z[:256]).sample
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    log(f"vae done: reconstruction L1 {F.l1_loss(rec, data[:256]).item():.4f} on 256 training images, "
+        f"scaling factor {vae.config.scaling_factor:.4f}", logfile)
+    vae.save_pretrained(work / "vae")
+    return vae
+
+
+# --------------------------------------------------------------------------- captions of the cached set
+
+
+def chunk_scenes(index: int, seed: int, size: int = CHUNK) -> list[render.Scene]:
+    """The scenes of chunk ``index``, drawn again from its seed (cheap; nothing but the pixels is stored)."""
+    return [scene for scene, _ in render.base_samples(size, seed * 10_000 + index, reserved=concepts.reserved_signatures())]
+
+
+def batch_rng(generator: torch.Generator) -> random.Random:
+    """A Python RNG for one batch's caption choices, drawn from the checkpointed sampler."""
+    return random.Random(int(torch.randint(0, 2 ** 31, (1,), generator=generator)))
+
+
+def perturb(scene: render.Scene, rng: random.Random) -> render.Scene:
+    """``scene`` with one captioned attribute changed (shape, main colour, pattern, background, style or
+    position): the hard negative of its caption (NegCLIP, Yuksekgonul et al. 2023)."""
+    look = scene.look
+    kind = rng.choices(("shape", "colour", "pattern", "background", "style", "position"), (3, 2, 2, 1, 1, 1))[0]
+    if kind == "shape":
+        return replace(scene, look=replace(look, shape=rng.choice([s for s in render.SHAPES if s != look.shape])))
+    if kind == "colour":
+        colour = rng.choice([c for c in render.COLOURS if c not in look.palette])
+        return replace(scene, look=replace(look, palette=(colour,) + look.palette[1:]))
+    if kind == "pattern":
+        other = render.random_look(rng, shape=look.shape)
+        while other.pattern == look.pattern:
+            other = render.random_look(rng, shape=look.shape)
+        return replace(scene, look=replace(other, palette=(look.palette + other.palette)[:len(other.palette)]))
+    if kind == "background":
+        return replace(scene, background=rng.choice([b for b in render.BACKGROUNDS if b != scene.background]))
+    if kind == "style":
+        families = [None] + [f for f in render.STYLES if scene.style is None or f != scene.style.family]
+        family = rng.choice([f for f in families if f is not None] if scene.style is None else families)
+        return replace(scene, style=render.random_style(rng, family) if family else None)
+    return replace(scene, position=rng.choice([p for p in render.POSITIONS if p != scene.position]))
+
+
+# --------------------------------------------------------------------------- evaluator
+
+
+def train_evaluator(work: Path, images: np.ndarray, scenes: list[render.Scene], *, steps: int = EVALUATOR_STEPS,
+                    minutes: float, seed: int = 0, max_new_steps: int | None = None,
+                    logfile: Path | None = None) -> Evaluator | None:
+    """The CLIP-style evaluator v2 on the pretraining set (no pooled concept: the zero-shot pool checks it
+    on combinations it never saw), partial captions, one hard negative per caption; None until done."""
+    if (work / "evaluator" / "config.json").exists():
+        return Evaluator.from_pretrained(work / "evaluator")
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(render.vocabulary(), work / "evaluator-tokenizer", components.MODEL_MAX_LENGTH)
+    evaluator = Evaluator.create(tokenizer, image_size=components.IMAGE_SIZE).train().requires_grad_(True)
+    opt = torch.optim.AdamW(evaluator.parameters(), lr=EVALUATOR_LR, weight_decay=0.01)
+    sched = get_cosine_schedule_with_warmup(opt, 200, steps)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
+
+    def loss_fn(step, gen):
+        idx = torch.randint(0, len(pixels), (EVALUATOR_BATCH,), generator=gen).tolist()
+        rng = batch_rng(gen)
+        drops = [render.caption_drop(rng) for _ in idx]
+        texts = [render.caption(scenes[i], drop=d) for i, d in zip(idx, drops)]
+        negatives = [render.caption(perturb(scenes[i], rng), drop=d) for i, d in zip(idx, drops)]
+        return evaluator.contrastive_loss(pixels[idx].float() / 255.0, texts, negatives=negatives)
+
+    if not run_stage("evaluator", work / "evaluator-run", [evaluator], opt, sched, loss_fn, steps=steps,
+                     minutes=minutes, seed=seed, max_new_steps=max_new_steps, logfile=logfile):
+        return None
+    evaluator = evaluator.eval().requires_grad_(False)
+    evaluator.save_pretrained(work / "evaluator")
+    log("evaluator done", logfile)
+    return evaluator
+
+
+# --------------------------------------------------------------------------- UNet + text encoder
+
+
+def encode_latents(work: Path, vae: AutoencoderKL, paths: list[Path], logfile: Path | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and std of every image, cached per chunk in ``work/latents``."""
+    folder = work / "latents"
+    folder.mkdir(exist_ok=True)
+    means, stds = [], []
+    for path in paths:
+        cached = folder / path.name
+        if not cached.exists():
+            with torch.no_grad():
+                data = to_tensor(np.load(path)["images"])
+                dists = [vae.encode(data[i:i + 500]).latent_dist for i in range(0, len(data), 500)]
+            tmp = cached.with_suffix(".tmp.npz")
+            np.savez(tmp, mean=torch.cat([d.mean for d in dists]).numpy(), std=torch.cat([d.std for d in dists]).numpy())
+            tmp.rename(cached)
+            log(f"latents of {path.name}", logfile)
+        arrays = np.load(cached)
+        means.append(torch.from_numpy(arrays["mean"]))
+        stds.append(torch.from_numpy(arrays["std"]))
+    return torch.cat(means), torch.cat(stds)
+
+
+def unet_loss(unet, text_encoder, scheduler, latents, ids) -> torch.Tensor:
+    """Epsilon prediction with Min-SNR-gamma weights (Hang et al. 2023, eq. 8)."""
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),))
+    pred = unet(scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
+    snr = compute_snr(scheduler, t)
+    weights = snr.clamp(max=MIN_SNR_GAMMA) / snr
+    return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+
+
+def train_unet(work: Path, vae: AutoencoderKL, paths: list[Path], scenes: list[render.Scene], *,
+               steps: int = UNET_STEPS, minutes: float, seed: int = 0, max_new_steps: int | None = None,
+               logfile: Path | None = None):
+    """UNet + text encoder from scratch on cached latents, partial and class-only captions
+    (:func:`museum.world.v2.render.caption_drop`), 10% empty captions for classifier-free guidance, EMA
+    weights (diffusers' ``EMAModel``); the pipeline folder ``work/pipeline`` once done, else None."""
+    if (work / "pipeline" / "model_index.json").exists():
+        return StableDiffusionPipeline.from_pretrained(work / "pipeline", safety_checker=None)
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(render.vocabulary(), work / "tokenizer", components.MODEL_MAX_LENGTH)
+    unet, text_encoder = components.make_unet(), components.make_text_encoder(tokenizer)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=1e-2)
+    sched = get_cosine_schedule_with_warmup(opt, 500, steps)
+    ema = EMAModel(params, decay=0.9995, use_ema_warmup=True, power=0.75)
+    means, stds = encode_latents(work, vae, paths, logfile)
+    scale = vae.config.scaling_factor
+    noise_scheduler = old_components.make_train_scheduler()
+
+    def loss_fn(step, gen):
+        idx = torch.randint(0, len(means), (UNET_BATCH,), generator=gen)
+        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
+        rng = batch_rng(gen)
+        texts = ["" if rng.random() < CFG_DROPOUT else render.caption(scenes[i], drop=render.caption_drop(rng))
+                 for i in idx.tolist()]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        return unet_loss(unet, text_encoder, noise_scheduler, latents, ids)
+
+    if not run_stage("unet", work / "unet-run", [unet, text_encoder], opt, sched, loss_fn, steps=steps,
+                     minutes=minutes, seed=seed, extra_state=[ema], after_step=lambda: ema.step(params),
+                     max_grad_norm=1.0, max_new_steps=max_new_steps, logfile=logfile):
+        return None
+    ema.copy_to(params)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=old_components.make_sample_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(work / "pipeline", safe_serialization=True)
+    log("unet done: pipeline saved", logfile)
+    return pipe

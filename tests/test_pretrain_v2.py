@@ -1,0 +1,111 @@
+"""World v2 pretraining in resumable chunks: a stage stopped and resumed ends bit for bit where an
+uninterrupted run ends (tiny components, a few steps each)."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from museum.base.v2 import components
+from museum.base.v2 import pretrain as P
+from museum.world.v2 import render
+
+
+def _tiny_vae():
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(4, 8, 8), layers_per_block=1,
+                         latent_channels=components.LATENT_CHANNELS, norm_num_groups=4, sample_size=64,
+                         mid_block_add_attention=False)
+
+
+def _tiny_unet():
+    return UNet2DConditionModel(sample_size=16, in_channels=components.LATENT_CHANNELS,
+                                out_channels=components.LATENT_CHANNELS, block_out_channels=(8, 16),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)
+
+
+def _tiny_text_encoder(tokenizer):
+    return CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        max_position_embeddings=tokenizer.model_max_length))
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    work = tmp_path_factory.mktemp("render")
+    paths = P.render_chunks(work, 40, seed=0, workers=1, chunk=20)
+    scenes = [s for i in range(len(paths)) for s in P.chunk_scenes(i, 0, size=20)]
+    return paths, P.load_images(paths), scenes
+
+
+@pytest.fixture
+def tiny_components(monkeypatch):
+    monkeypatch.setattr(components, "make_vae", _tiny_vae)
+    monkeypatch.setattr(components, "make_unet", _tiny_unet)
+    monkeypatch.setattr(components, "make_text_encoder", _tiny_text_encoder)
+    monkeypatch.setattr(P, "VAE_CROP_STEPS", 2)
+    monkeypatch.setattr(P, "UNET_BATCH", 4)
+    monkeypatch.setattr(P, "EVALUATOR_BATCH", 8)
+    monkeypatch.setattr(P, "CHECKPOINT_EVERY", 2)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_rendered_chunks_are_kept_and_their_scenes_redrawn(tiny_set, tmp_path):
+    paths, images, scenes = tiny_set
+    assert images.shape == (40, 64, 64, 3) and len(scenes) == 40
+    for index in (0, 1):  # chunk i holds base_samples(20, seed * 10_000 + i); image k renders with seed i * 1_000_003 + k
+        assert (np.asarray(render.render(scenes[20 * index], index * 1_000_003)) == images[20 * index]).all()
+    stamp = paths[0].stat().st_mtime_ns
+    assert P.render_chunks(paths[0].parent.parent, 40, seed=0, workers=1, chunk=20) == paths
+    assert paths[0].stat().st_mtime_ns == stamp  # not rendered again
+
+
+def test_vae_resumed_equals_uninterrupted(tiny_set, tiny_components, tmp_path):
+    _, images, _ = tiny_set
+    assert P.train_vae(tmp_path / "a", images, steps=4, minutes=5, max_new_steps=3) is None
+    assert (tmp_path / "a" / "vae-run" / "checkpoints").is_dir()
+    resumed = P.train_vae(tmp_path / "a", images, steps=4, minutes=5)
+    straight = P.train_vae(tmp_path / "b", images, steps=4, minutes=5)
+    assert resumed is not None and _same_weights(resumed, straight)
+    assert resumed.config.scaling_factor == straight.config.scaling_factor != 1.0
+    again = P.train_vae(tmp_path / "a", images, steps=4, minutes=5)  # finished: loaded, not retrained
+    assert _same_weights(again, resumed)
+
+
+def test_unet_resumed_equals_uninterrupted(tiny_set, tiny_components, tmp_path):
+    paths, images, scenes = tiny_set
+    vae = P.train_vae(tmp_path / "vae", images, steps=2, minutes=5)
+    for work in ("a", "b"):
+        (tmp_path / work).mkdir()
+        (tmp_path / work / "vae").symlink_to(tmp_path / "vae" / "vae")
+    assert P.train_unet(tmp_path / "a", vae, paths, scenes, steps=4, minutes=5, max_new_steps=1) is None
+    resumed = P.train_unet(tmp_path / "a", vae, paths, scenes, steps=4, minutes=5)
+    straight = P.train_unet(tmp_path / "b", vae, paths, scenes, steps=4, minutes=5)
+    assert _same_weights(resumed.unet, straight.unet) and _same_weights(resumed.text_encoder, straight.text_encoder)
+    image = resumed(render.caption(scenes[0]), num_inference_steps=2, output_type="pil",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_evaluator_trains_on_partial_captions_with_hard_negatives(tiny_set, tiny_components, tmp_path):
+    _, images, scenes = tiny_set
+    evaluator = P.train_evaluator(tmp_path, images, scenes, steps=2, minutes=5)
+    assert evaluator.image_encoder.image_size == 64
+    assert evaluator.embed_images(images[:3]).shape == (3, 128)
+    assert (tmp_path / "evaluator" / "config.json").exists()
+
+
+def test_perturb_changes_the_caption():
+    rng = random.Random(0)
+    for scene, _ in render.base_samples(200, seed=7, pair_fraction=0.0):
+        negative = P.perturb(scene, rng)
+        assert render.caption(negative) != render.caption(scene)
