@@ -4,7 +4,8 @@
 channels instead of Stable Diffusion's four, because the world's patterns (stripes 4-6 pixels
 wide, dots, checks, halftone) must survive the round trip at a quarter of SD's compression
 (64*64*3 / (16*16*8) = 6, SD 1.x: 48). No attention in the VAE, so it is fully convolutional and
-can be trained on crops (:func:`museum.base.v2.pretrain.train_vae`). The scheduler is Stable
+can be trained on crops (:func:`museum.base.v2.pretrain.train_vae`). Widths 24/48/96: 32/64/128
+cost 1.4x as much a step (docs/logs/pretrain-v2.log), too much for this machine's budget. The scheduler is Stable
 Diffusion 1.x's (:mod:`museum.base.components`).
 """
 
@@ -24,10 +25,10 @@ def make_vae() -> AutoencoderKL:
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 128),
+        block_out_channels=(24, 48, 96),
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
-        norm_num_groups=16,
+        norm_num_groups=8,
         sample_size=IMAGE_SIZE,
         mid_block_add_attention=False,
     )

@@ -43,9 +43,10 @@ from museum.world.v2 import concepts, render
 CHUNK = 5000
 N_BASE = 150_000
 N_VAE = 40_000  # the VAE trains on the first chunks only
-VAE_STEPS = 6000
-VAE_CROP_STEPS = 5000  # the first steps train on crops
+VAE_STEPS = 4000
+VAE_CROP_STEPS = 3500  # the first steps train on crops
 VAE_CROP = 32
+VAE_BATCH = 32  # crops, or whole images for the last steps (half as many)
 VAE_LR = 1e-3
 EVALUATOR_STEPS = 4000
 EVALUATOR_BATCH = 256
@@ -152,12 +153,12 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator) ->
 
 
 def _vae_batch(data: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
-    """64 random 32x32 crops for the first ``VAE_CROP_STEPS`` steps, then 32 whole images."""
+    """``VAE_BATCH`` random 32x32 crops for the first ``VAE_CROP_STEPS`` steps, then half as many whole images."""
     if step <= VAE_CROP_STEPS:
-        x = data[torch.randint(0, len(data), (64,), generator=generator)]
+        x = data[torch.randint(0, len(data), (VAE_BATCH,), generator=generator)]
         i, j = torch.randint(0, components.IMAGE_SIZE - VAE_CROP + 1, (2,), generator=generator).tolist()
         return x[:, :, i:i + VAE_CROP, j:j + VAE_CROP]
-    return data[torch.randint(0, len(data), (32,), generator=generator)]
+    return data[torch.randint(0, len(data), (VAE_BATCH // 2,), generator=generator)]
 
 
 def run_stage(name: str, folder: Path, models: list[torch.nn.Module], optimizer, scheduler, loss_fn, *,

@@ -1,0 +1,107 @@
+"""Does a World v2 base model draw what the prompt says? Readings for the Foundation benchmark.
+
+* **Attributes** (:func:`attribute_candidates`, :func:`read_attributes`): for each captioned attribute
+  (shape, colour, pattern, background, style) the candidates are the prompt's caption with that
+  attribute set to every value of its vocabulary, the rest kept; the evaluator's zero-shot choice is
+  right when it picks the prompt's own value.
+* **Two objects** (:func:`readable_pairs`, :func:`read_placement`): plain objects whose colours are far
+  apart from each other and from the background; placed right when each colour is mostly in its own
+  half. Read from pixels: the evaluator is not needed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from functools import lru_cache
+
+import numpy as np
+
+from museum.world.v2 import concepts, render
+
+ATTRIBUTES = ("shape", "colour", "pattern", "background", "style")
+NEAR = 60.0  # RGB distance within which a pixel has an object's colour
+COLOUR_GAP = 110.0  # readable pairs: the two colours and the background's are at least this far apart
+MIN_PIXELS = 16  # an object is drawn when at least this many pixels (of 64x64) have its colour
+
+
+def held_out_scenes(n: int, seed: int, *, style_p: float = 0.3) -> list[render.Scene]:
+    """``n`` one-object scenes from a seed pretraining does not use (no pooled concept)."""
+    rng, reserved, out = random.Random(f"held-out:{seed}"), concepts.reserved_signatures(), []
+    while len(out) < n:
+        scene = render.random_scene(rng, style_p=style_p)
+        if not render.scene_signatures(scene) & reserved:
+            out.append(scene)
+    return out
+
+
+def _with(scene: render.Scene, attribute: str, value) -> render.Scene:
+    look = scene.look
+    if attribute == "shape":
+        return replace(scene, look=replace(look, shape=value))
+    if attribute == "colour":
+        return replace(scene, look=replace(look, palette=(value,) + tuple(c for c in look.palette[1:] if c != value)))
+    if attribute == "pattern":
+        oriented = render.PATTERNS[value].oriented
+        return replace(scene, look=replace(look, pattern=value, orientation=(look.orientation or "diagonal") if oriented else None))
+    if attribute == "background":
+        return replace(scene, background=value)
+    return replace(scene, style=render.StyleLook(value) if value else None)
+
+
+def attribute_values(attribute: str) -> tuple:
+    return {"shape": render.SHAPES, "colour": tuple(render.COLOURS), "pattern": tuple(render.PATTERNS),
+            "background": render.BACKGROUNDS, "style": (None,) + tuple(render.STYLES)}[attribute]
+
+
+def attribute_candidates(scene: render.Scene, attribute: str) -> tuple[list[str], int]:
+    """The captions of ``scene`` with ``attribute`` set to each value, and the index of its own value."""
+    own = {"shape": scene.look.shape, "colour": scene.look.palette[0], "pattern": scene.look.pattern,
+           "background": scene.background, "style": scene.style.family if scene.style else None}[attribute]
+    values = attribute_values(attribute)
+    return [render.caption(_with(scene, attribute, v)) for v in values], values.index(own)
+
+
+def read_attributes(evaluator, images, scenes: list[render.Scene]) -> dict[str, list[bool]]:
+    """attribute -> for each image, whether the evaluator picked the prompt's own value."""
+    out = {}
+    for attribute in ATTRIBUTES:
+        pairs = [attribute_candidates(s, attribute) for s in scenes]
+        picks = evaluator.classify(images, [c for c, _ in pairs])
+        out[attribute] = [p == own for p, (_, own) in zip(picks, pairs)]
+    return out
+
+
+@lru_cache(maxsize=None)
+def background_colour(name: str) -> tuple[float, float, float]:
+    """The mean RGB of a background (rendered once per name)."""
+    return tuple(render.background(name, np.random.default_rng(0)).reshape(-1, 3).mean(0))
+
+
+def readable_pairs(n: int, seed: int) -> list[render.Scene]:
+    """``n`` two-object scenes of plain objects whose placement can be read from colour alone."""
+    rng, out = random.Random(f"pairs:{seed}"), []
+    while len(out) < n:
+        scene = render.random_pair_scene(rng)
+        plain = [render.Look(s.look.shape, s.look.palette[:1]) for s in (scene, scene.companion)]
+        scene = replace(scene, look=plain[0], companion=replace(scene.companion, look=plain[1]))
+        colours = [np.array(render.COLOURS[look.palette[0]]) for look in plain]
+        ground = np.array(background_colour(scene.background))
+        if np.linalg.norm(colours[0] - colours[1]) >= COLOUR_GAP and all(
+                np.linalg.norm(c - ground) >= COLOUR_GAP for c in colours):
+            out.append(scene)
+    return out
+
+
+def read_placement(image, scene: render.Scene) -> dict:
+    """``placed``: each object's colour is mostly in its own half (at least ``MIN_PIXELS`` and twice as many
+    as in the other half); ``objects_drawn``: how many of the two colours appear at all."""
+    px = np.asarray(image, dtype=float)
+    half = px.shape[1] // 2
+    counts = []
+    for s in (scene, scene.companion):
+        near = np.linalg.norm(px - np.array(render.COLOURS[s.look.palette[0]]), axis=-1) < NEAR
+        left, right = int(near[:, :half].sum()), int(near[:, half:].sum())
+        counts.append((left, right) if s.position == "left" else (right, left))
+    return {"placed": all(own >= MIN_PIXELS and own >= 2 * other for own, other in counts),
+            "objects_drawn": sum(own + other >= MIN_PIXELS for own, other in counts)}

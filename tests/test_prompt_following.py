@@ -1,0 +1,30 @@
+"""World v2's prompt-following readings, on renders (no model needed)."""
+
+from dataclasses import replace
+
+from museum.evaluation import prompt_following as PF
+from museum.world.v2 import render
+
+
+def test_candidates_hold_the_prompt_at_its_own_index_and_differ_in_one_attribute():
+    for scene in PF.held_out_scenes(40, seed=0):
+        prompt = render.caption(scene)
+        for attribute in PF.ATTRIBUTES:
+            candidates, own = PF.attribute_candidates(scene, attribute)
+            assert candidates[own] == prompt
+            assert len(set(candidates)) == len(candidates) == len(PF.attribute_values(attribute))
+
+
+def test_held_out_scenes_show_no_pooled_concept_and_every_attribute_varies():
+    scenes = PF.held_out_scenes(300, seed=1)
+    assert len({s.look.pattern for s in scenes}) == len(render.PATTERNS)
+    assert len({s.style.family for s in scenes if s.style}) == len(render.STYLES)
+
+
+def test_placement_reads_renders_right_and_rejects_swapped_and_single_objects():
+    scenes = PF.readable_pairs(30, seed=0)
+    assert all(PF.read_placement(render.render(s, i), s)["placed"] for i, s in enumerate(scenes))
+    swapped = [replace(s, position=s.companion.position, companion=replace(s.companion, position=s.position)) for s in scenes]
+    assert not any(PF.read_placement(render.render(s, i), t)["placed"] for i, (s, t) in enumerate(zip(swapped, scenes)))
+    alone = [replace(s, companion=None) for s in scenes]
+    assert all(PF.read_placement(render.render(a, i), s)["objects_drawn"] <= 1 for i, (a, s) in enumerate(zip(alone, scenes)))
