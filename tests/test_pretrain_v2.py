@@ -32,7 +32,9 @@ def _tiny_unet():
 def _tiny_text_encoder(tokenizer):
     return CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                                         num_hidden_layers=1, num_attention_heads=2,
-                                        max_position_embeddings=tokenizer.model_max_length))
+                                        max_position_embeddings=tokenizer.model_max_length,
+                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                        pad_token_id=tokenizer.pad_token_id))
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +111,15 @@ def test_perturb_changes_the_caption():
     for scene, _ in render.base_samples(200, seed=7, pair_fraction=0.0):
         negative = P.perturb(scene, rng)
         assert render.caption(negative) != render.caption(scene)
+
+
+def test_pretrain_runs_the_stages_in_order_across_calls(tiny_components, monkeypatch, tmp_path):
+    for name, value in (("N_VAE", 20), ("N_BASE", 40), ("CHUNK", 20), ("VAE_STEPS", 2), ("UNET_STEPS", 2),
+                        ("EVALUATOR_STEPS", 2)):
+        monkeypatch.setattr(P, name, value)
+    assert not P.pretrain(tmp_path, minutes=0)  # renders the VAE's set, then its time is up
+    assert len(list((tmp_path / "render").glob("chunk-*.npz"))) == 1 and not (tmp_path / "vae").exists()
+    assert P.pretrain(tmp_path, minutes=10)
+    assert (tmp_path / "pipeline" / "model_index.json").exists() and (tmp_path / "evaluator" / "config.json").exists()
+    assert len(list((tmp_path / "render").glob("chunk-*.npz"))) == 2
+    assert P.pretrain(tmp_path, minutes=0)  # all done: loads, trains nothing

@@ -75,11 +75,12 @@ def _render_chunk(args) -> np.ndarray:
     return render.render_batch(render.base_samples(size, seed * 10_000 + index, reserved=concepts.reserved_signatures()))
 
 
-def render_chunks(work: Path, n: int, seed: int, *, workers: int = 2, chunk: int = CHUNK, minutes: float | None = None,
+def render_chunks(work: Path, n: int, seed: int, *, workers: int = 2, chunk: int | None = None, minutes: float | None = None,
                   logfile: Path | None = None) -> list[Path]:
     """Render the first ``n`` images of the pretraining set into ``work/render/chunk-XXX.npz`` (their scenes
     are drawn again from the seeds: :func:`chunk_scenes`); chunks already on disk are kept. Stops starting
     chunks after ``minutes``: the paths of all chunks are returned, those not yet rendered do not exist."""
+    chunk = chunk or CHUNK
     folder = work / "render"
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"chunk-{i:03d}.npz" for i in range(-(-n // chunk))]
@@ -230,9 +231,10 @@ def train_vae(work: Path, images: np.ndarray, *, steps: int = VAE_STEPS, minutes
 # --------------------------------------------------------------------------- captions of the cached set
 
 
-def chunk_scenes(index: int, seed: int, size: int = CHUNK) -> list[render.Scene]:
+def chunk_scenes(index: int, seed: int, size: int | None = None) -> list[render.Scene]:
     """The scenes of chunk ``index``, drawn again from its seed (cheap; nothing but the pixels is stored)."""
-    return [scene for scene, _ in render.base_samples(size, seed * 10_000 + index, reserved=concepts.reserved_signatures())]
+    samples = render.base_samples(size or CHUNK, seed * 10_000 + index, reserved=concepts.reserved_signatures())
+    return [scene for scene, _ in samples]
 
 
 def batch_rng(generator: torch.Generator) -> random.Random:
@@ -375,3 +377,27 @@ def train_unet(work: Path, vae: AutoencoderKL, paths: list[Path], scenes: list[r
     pipe.save_pretrained(work / "pipeline", safe_serialization=True)
     log("unet done: pipeline saved", logfile)
     return pipe
+
+
+# --------------------------------------------------------------------------- all stages
+
+
+def pretrain(work: Path, *, minutes: float, seed: int = 0, logfile: Path | None = None) -> bool:
+    """Run the stages in order, each resumed where the last call stopped, for at most ``minutes`` in all:
+    render the VAE's set, vae, render the rest, unet (whose samples can be looked at without the
+    evaluator), evaluator. True once every stage is done."""
+    deadline = time.time() + 60 * minutes
+    left = lambda: max(0.0, (deadline - time.time()) / 60)  # noqa: E731
+    work.mkdir(parents=True, exist_ok=True)
+    images = load_images(render_chunks(work, N_VAE, seed, logfile=logfile))
+    vae = train_vae(work, images, steps=VAE_STEPS, minutes=left(), seed=seed, logfile=logfile)
+    if vae is None:
+        return False
+    paths = render_chunks(work, N_BASE, seed, minutes=left(), logfile=logfile)
+    if not all(p.exists() for p in paths):
+        return False
+    scenes = [s for i in range(len(paths)) for s in chunk_scenes(i, seed)]
+    if train_unet(work, vae, paths, scenes, steps=UNET_STEPS, minutes=left(), seed=seed, logfile=logfile) is None:
+        return False
+    return train_evaluator(work, images, scenes[:len(images)], steps=EVALUATOR_STEPS, minutes=left(), seed=seed,
+                           logfile=logfile) is not None

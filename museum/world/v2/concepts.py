@@ -20,7 +20,8 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass, field, replace
-from typing import Union
+from pathlib import Path
+from typing import Optional, Union
 
 from PIL import Image
 
@@ -211,6 +212,14 @@ class Concept:
         return self.spec.name
 
     @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def class_word(self) -> str:
+        return self.spec.class_word
+
+    @property
     def is_style(self) -> bool:
         return self.spec.kind == "style"
 
@@ -228,6 +237,22 @@ class Concept:
         if self.is_style:
             return [strip_style_slot(t) for t in templates]
         return [format_prompt(t, self.spec.class_word) for t in templates]
+
+    def train_captions(self, token: Optional[str] = None) -> list[str]:
+        """Captions of the training images with the concept written as :meth:`phrase` (``token`` None: the
+        class word alone, or no style part for styles)."""
+        if self.is_style:
+            return [caption(replace(s, style=None), style_phrase=token) for s in self.train_scenes]
+        return [caption(s, object_phrase=self.phrase(token) if token else self.class_word) for s in self.train_scenes]
+
+    def save(self, folder: Union[str, Path]) -> list[Path]:
+        """Write the training images as ``00.png``, ``01.png``, ... into ``folder``; return the paths."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [folder / f"{i:02d}.png" for i in range(len(self.train_images))]
+        for path, image in zip(paths, self.train_images):
+            image.save(path)
+        return paths
 
 
 def concept_scenes(name: str, rng: random.Random, n: int) -> list[Scene]:
