@@ -33,8 +33,8 @@ IMAGE_SIZE = 32
 
 class ImageEncoder(nn.Module):
     """(B, 3, S, S) in [0, 1] -> (B, EMBED_DIM) features, S = ``image_size`` (32 or 64). Keeps a 4x4 spatial map
-    so position words matter; at 64 a narrow full-resolution layer comes first, so stripes and dots a few
-    pixels wide are seen before the first downsampling."""
+    so position words matter. At 64 the first convolution has stride 2 (its 3x3 kernels still see every
+    pixel, as a ViT's patch embedding does): a full-resolution first layer cost 2.5x as much a step."""
 
     def __init__(self, width: int = 64, embed_dim: int = EMBED_DIM, image_size: int = IMAGE_SIZE):
         super().__init__()
@@ -44,7 +44,7 @@ class ImageEncoder(nn.Module):
 
         if image_size not in (32, 64):
             raise ValueError(f"image_size must be 32 or 64, got {image_size}")
-        stem = [block(3, width, 1)] if image_size == 32 else [block(3, width // 2, 1), block(width // 2, width, 2)]
+        stem = [block(3, width, 1 if image_size == 32 else 2)]
         self.features = nn.Sequential(
             *stem,                           # 32x32
             block(width, width, 2),          # 16x16
