@@ -2,7 +2,11 @@
 family (SD-1.x with epsilon prediction, SD-2.x with v-prediction, SDXL with two text encoders;
 ``museum.base.tiny``): learn a few steps, save, reload, generate, compose with a second concept,
 export and load the export with plain diffusers (running the export's own load snippet), remove.
-Methods that do not support two text encoders are refused on SDXL with a clear error (tested)."""
+Methods that do not support two text encoders are refused on SDXL with a clear error (tested).
+
+Adding a method is one module in ``museum/methods/`` plus its row here: ``ValueDelta`` below is the smallest
+method, written as that one file would be, registered while this module's tests run and passed through the
+whole matrix like the shipped ones."""
 
 import json
 
@@ -14,6 +18,8 @@ from diffusers import StableDiffusionPipeline
 from museum.base.tiny import FAMILIES
 from museum.generation.sampling import generate_images
 from museum.methods import METHODS, method_names
+from museum.methods.base import ConceptInfo, Method, TrainContext, register
+from museum.methods.kv import kv_modules
 from museum.museum import Museum
 from museum.store.manifest import MuseumError
 
@@ -26,11 +32,44 @@ def pixels(image):
     return np.asarray(image, dtype=np.int16)
 
 
-COMBINATIONS = [(f, m) for f in FAMILIES for m in method_names() if f != "sdxl" or METHODS[m].two_text_encoders]
+class ValueDelta(Method):
+    """A toy method: each concept trains its own dense delta of every cross-attention V projection."""
+
+    name = "toy-value-delta"
+    export_format = "lora"
+
+    def setup(self, ctx: TrainContext) -> list[dict]:
+        self.values = {n: m for n, m in kv_modules(ctx.pipe.unet).items() if n.endswith("to_v")}
+        self.start = {n: m.weight.detach().clone() for n, m in self.values.items()}
+        return [{"params": [m.weight.requires_grad_(True) for m in self.values.values()], "lr": self.config.lr}]
+
+    def finish(self, ctx: TrainContext):  # the trainer restores the K/V weights after this
+        return {f"delta.{n}": (m.weight - self.start[n]).detach().clone() for n, m in self.values.items()}, {}
+
+    def kv_deltas(self, concepts: list[ConceptInfo], active: list[ConceptInfo], state, pipe):
+        deltas = {}
+        for concept in active:
+            for key, delta in concept.tensors.items():
+                if key.startswith("delta."):
+                    name = key.removeprefix("delta.")
+                    deltas[name] = deltas.get(name, 0) + delta
+        return deltas
+
+
+COMBINATIONS = [(f, m) for f in FAMILIES for m in [*method_names(), ValueDelta.name]
+                if m == ValueDelta.name or f != "sdxl" or METHODS[m].two_text_encoders]
+
+
+@pytest.fixture(scope="module")
+def toy_registered():
+    """``ValueDelta`` registered as any method module registers itself, for this module's tests only."""
+    register(ValueDelta)
+    yield
+    METHODS.pop(ValueDelta.name)
 
 
 @pytest.fixture(scope="module", params=COMBINATIONS, ids=lambda p: f"{p[0]}-{p[1]}")
-def learned(request, tiny_family, concept_images, tmp_path_factory):
+def learned(request, toy_registered, tiny_family, concept_images, tmp_path_factory):
     family, method = request.param
     folder = tmp_path_factory.mktemp(f"{family}-{method}") / "museum"
     m = Museum.init(folder, base=tiny_family(family))

@@ -7,10 +7,12 @@ the loop; a method only says
 * how a concept is named in a prompt (:meth:`Method.phrase`),
 * which loss terms it adds to the denoising loss (:meth:`Method.loss_terms`), optionally against
   a frozen copy of the model from before the task (:meth:`Method.wants_teacher`),
+* what it updates outside the optimizer after each step (:meth:`Method.after_optimizer_step`),
 * what it stores per concept and across tasks (:meth:`Method.finish`),
 * how its stored tensors change the UNet at generation time (:meth:`Method.kv_deltas`).
 
-Add a method by writing one module in this folder with a ``@register`` class.
+Add a method by writing one module in this folder with a ``@register`` class: ``museum.methods`` imports
+every module of the folder, so nothing else lists it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def register(cls: type["Method"]) -> type["Method"]:
 
 
 def method_names() -> list[str]:
-    import museum.methods  # noqa: F401  (imports every method module, which registers it)
+    import museum.methods  # noqa: F401  (imports every module of the package: each method registers itself)
 
     return sorted(METHODS)
 
@@ -178,6 +180,10 @@ class Method:
         """Extra weighted loss terms added to the denoising loss (name -> scalar). The trainer logs
         each term's value per step (``LearnResult.terms``); leave a term out when its weight is 0."""
         return {}
+
+    def after_optimizer_step(self, ctx: TrainContext, batch: dict) -> None:
+        """Called after every optimizer step with the step's ``batch`` (as :meth:`loss_terms` saw it): for state a
+        method updates without gradients (Perfusion's moving average of i*)."""
 
     def finish(self, ctx: TrainContext) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """After training: (tensors stored with the concept, the method's new shared state).

@@ -15,7 +15,7 @@ concept's "target input":
 * i* is the text-encoder output at the concept token's position. It starts at the concept's
   initial encoding (= i_super with token_init="class") and follows it as an exponential moving
   average, i* <- ema * i* + (1 - ema) * enc, updated once per step without gradient from the
-  encoding the step used (the paper's "input decay").
+  encoding the step used (the paper's "input decay"; :meth:`Perfusion.after_optimizer_step`).
 * Gate: training beta 0.75, tau 0.1; generation beta 0.7, tau 0.05 (the paper's 0.15 on Stable
   Diffusion bases; ``PerfusionConfig.beta``, ``.tau``; override at generation time with :func:`gate`).
 * Several concepts in one prompt (all active ones at once):
@@ -68,7 +68,7 @@ Export: ``export_format = "museum"``; ``museum export`` writes the concept tenso
 
 Deviations from the paper: no gradient accumulation (the paper's batch 4 x 4); the corpus is
 2000 world captions rather than 100k LAION captions; the EMA update uses the encoding of the
-current step after its forward pass (one step of lag); loss masking uses the trainer's
+current step, after its optimizer step (one step of lag); loss masking uses the trainer's
 valid-region mask, not an object mask.
 """
 
@@ -501,9 +501,8 @@ class Perfusion(Method):
         new = ema * self.edit.i_star + (1 - ema) * encoding.detach().float().cpu()
         self.edit.set_i_star(new, self.cinv)
 
-    def loss_terms(self, ctx: TrainContext, batch: dict) -> dict[str, torch.Tensor]:
+    def after_optimizer_step(self, ctx: TrainContext, batch: dict) -> None:
         self.update_i_star(batch["text"][0, self.position])
-        return {}
 
     def trainable_state(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
         out = {f"o_v.{layer}": p.detach().clone() for layer, p in self.edit.o_v.items()}

@@ -331,6 +331,7 @@ def train_concept(
                         p.grad = accelerator.reduce(p.grad, reduction="mean")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            method.after_optimizer_step(ctx, batch)
             losses.append(loss.item())
             watch.check(step + 1, float(loss_diff.detach()))
             fault_point("train.step")
