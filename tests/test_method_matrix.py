@@ -18,8 +18,9 @@ from diffusers import StableDiffusionPipeline
 from museum.base.tiny import FAMILIES
 from museum.generation.sampling import generate_images
 from museum.methods import METHODS, method_names
-from museum.methods.base import ConceptInfo, Method, TrainContext, register
+from museum.methods.base import ConceptCost, ConceptInfo, Method, TrainContext, register
 from museum.methods.kv import kv_modules
+from museum.methods.tokens import text_pairs
 from museum.museum import Museum
 from museum.store.manifest import MuseumError
 
@@ -37,6 +38,11 @@ class ValueDelta(Method):
 
     name = "toy-value-delta"
     export_format = "lora"
+
+    @classmethod
+    def cost(cls, kv, width, config) -> ConceptCost:
+        values = sum(out * inp for name, (out, inp) in kv.items() if name.endswith("to_v")) + width
+        return ConceptCost(values, 0, values, config["batch_size"], 0)
 
     def setup(self, ctx: TrainContext) -> list[dict]:
         self.values = {n: m for n, m in kv_modules(ctx.pipe.unet).items() if n.endswith("to_v")}
@@ -140,6 +146,19 @@ def test_compose_two_concepts(learned):
     composed = m.generate(both, n=1, steps=3)[0]
     only_object = m.generate(f"a {obj} on a night background", n=1, steps=3)[0]
     assert not np.array_equal(pixels(composed), pixels(only_object))
+
+
+def test_cost_model_counts_what_is_stored(learned):
+    """``Method.cost`` (scripts/gpu_estimates.py applies it to Stable Diffusion 1.5 for docs/GPU.md) counts exactly
+    the values a run stores, per concept and in the method's museum state."""
+    method, _, m = learned
+    kv = {n: tuple(mod.weight.shape) for n, mod in kv_modules(m.pipe.unet).items()}
+    width = sum(encoder.get_input_embeddings().weight.shape[1] for _, encoder in text_pairs(m.pipe))  # SDXL: both
+    for entry in m.manifest.concepts:
+        info = m.concept_info(entry)
+        cost = METHODS[method].cost(kv, width, info.config)
+        assert cost.concept_values == sum(t.numel() for t in info.tensors.values()), entry.name
+        assert cost.state_values == sum(t.numel() for t in m.method_state(method).values())
 
 
 def test_unknown_token_lists_concepts(learned):

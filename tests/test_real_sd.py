@@ -301,29 +301,6 @@ def test_sd_size_bases_get_the_papers_defaults(tiny_base, concept_images, tmp_pa
     assert "perfusion:" in shown and "(not on SDXL yet)" not in shown  # every method runs on SDXL
 
 
-# --------------------------------------------------------------------------- sizes (docs/GPU.md)
-
-
-def test_storage_formulas_match_what_methods_store(tiny_base, concept_images, tmp_path):
-    """museum.sizing (used by scripts/gpu_estimates.py for SD-1.5) counts exactly the values real runs store."""
-    from museum.methods import method_names
-    from museum.methods.kv import kv_modules
-    from museum.museum import Museum
-    from museum.sizing import concept_cost
-
-    for method in method_names():
-        m = Museum.init(tmp_path / method, base=tiny_base)
-        extra = dict(num_class_images=2) if method == "custom-diffusion" else {}
-        c = m.learn("sunburst", concept_images["sunburst"][0], method=method, class_word="circle", steps=1,
-                    progress=False, **extra)
-        kv = {n: tuple(mod.weight.shape) for n, mod in kv_modules(m.pipe.unet).items()}
-        width = m.pipe.text_encoder.get_input_embeddings().weight.shape[1]
-        cost = concept_cost(method, kv, width, c.info["config"])
-        stored = sum(t.numel() for t in m._concept_tensors["sunburst"].values())
-        state = sum(t.numel() for t in m.method_state(method).values())
-        assert (cost.concept_values, cost.state_values) == (stored, state), method
-
-
 # --------------------------------------------------------------------------- several processes
 
 

@@ -9,7 +9,9 @@ the loop; a method only says
   a frozen copy of the model from before the task (:meth:`Method.wants_teacher`),
 * what it updates outside the optimizer after each step (:meth:`Method.after_optimizer_step`),
 * what it stores per concept and across tasks (:meth:`Method.finish`),
-* how its stored tensors change the UNet at generation time (:meth:`Method.kv_deltas`).
+* how its stored tensors change the UNet at generation time (:meth:`Method.kv_deltas`),
+* what a concept costs at a given model size (:meth:`Method.cost`; ``scripts/gpu_estimates.py`` applies it to
+  Stable Diffusion 1.5's layer shapes for docs/GPU.md, tests/test_real_sd.py checks it against real runs).
 
 Add a method by writing one module in this folder with a ``@register`` class: ``museum.methods`` imports
 every module of the folder, so nothing else lists it.
@@ -108,6 +110,22 @@ class MethodConfig:
 
 
 @dataclass
+class ConceptCost:
+    """What one concept costs at a model size (:meth:`Method.cost`)."""
+
+    concept_values: int  # float32 values stored with each concept (token included)
+    state_values: int  # float32 values the museum keeps for the method as a whole (shared LoRA, Fisher)
+    trained_values: int  # values the optimizer updates (the token's row counted once, not the table)
+    passes_per_step: float  # UNet sample passes (forward + backward of one sample) per training step
+    once_forward_passes: float  # UNet forward-only sample passes done once per concept (class images, Fisher)
+
+
+def lora_values(kv: dict[str, tuple[int, int]], rank: int) -> int:
+    """Values of a rank-``rank`` LoRA on every K/V projection of ``kv`` (``{module: (out, in)}``)."""
+    return sum(rank * (out + inp) for out, inp in kv.values())
+
+
+@dataclass
 class ConceptInfo:
     """What a method knows about the concept being learned or generated."""
 
@@ -203,6 +221,14 @@ class Method:
 
     def load_trainable_state(self, ctx: TrainContext, tensors: dict[str, torch.Tensor]) -> None:
         pass
+
+    # ---------------------------------------------------------------- cost
+    @classmethod
+    def cost(cls, kv: dict[str, tuple[int, int]], width: int, config: dict) -> ConceptCost:
+        """What a concept costs with ``config`` (``MethodConfig.to_dict()``) on a model whose cross-attention K/V
+        projections are ``kv`` (``{module: (out, in)}``) and whose text embeddings are ``width`` wide. The formulas
+        follow what :meth:`finish` returns and the museum keeps. The default: the token alone (textual inversion)."""
+        return ConceptCost(width, 0, width, config.get("batch_size", 1), 0)
 
     # ---------------------------------------------------------------- generation
     def activate(self, pipe, concepts: list[ConceptInfo], active: list[ConceptInfo],

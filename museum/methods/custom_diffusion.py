@@ -27,7 +27,7 @@ import torch
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 
 from museum.methods import kv
-from museum.methods.base import ConceptInfo, Method, MethodConfig, TrainContext, register
+from museum.methods.base import ConceptCost, ConceptInfo, Method, MethodConfig, TrainContext, register
 from museum.training.objectives import concept_prompt, denoising_loss, diffusion_target, encode_prompts
 
 RIDGE = 1e-3
@@ -56,6 +56,12 @@ class CustomDiffusion(Method):
     name = "custom-diffusion"
     config_class = CustomDiffusionConfig
     export_format = "lora"
+
+    @classmethod
+    def cost(cls, kv, width, config) -> ConceptCost:  # dense K/V deltas; the prior batch doubles the passes
+        b, dense = config.get("batch_size", 1), sum(out * inp for out, inp in kv.values())
+        classes = config.get("num_class_images", 0) * 25 * 2  # 25 DDIM steps with classifier-free guidance
+        return ConceptCost(dense + width, 0, dense + width, 2 * b if config.get("prior_weight", 1) else b, classes)
 
     # ---------------------------------------------------------------- training
     def setup(self, ctx: TrainContext) -> list[dict]:

@@ -42,7 +42,7 @@ import torch
 
 from museum import icgen
 from museum.errors import MuseumError
-from museum.methods.base import TrainContext, register
+from museum.methods.base import ConceptCost, TrainContext, lora_values, register
 from museum.methods.continual import class_prompts, earlier_concepts, encode_fixed, varied_prompts
 from museum.methods.lora import LoRAConfig, SharedLoRAMethod
 from museum.training.distill import DataFreeDistillation
@@ -74,6 +74,16 @@ class LFSConfig(LoRAConfig):
 class LFS(SharedLoRAMethod):
     name = "lfs"
     config_class = LFSConfig
+
+    @classmethod
+    def cost(cls, kv, width, config) -> ConceptCost:
+        # the shared LoRA (+ N x 128 ICGen context values per concept on the embedded model, not counted: bases
+        # without a fitting adapter store none); the distillation adds a student and a teacher pass
+        n = config.get("distill_batch", 0) if config.get("distill_weight", 0) else 0
+        # the noise bank: teacher DDIM steps for each class prompt (and as many per earlier concept, not counted here)
+        once = config.get("num_prompts", 0) * config.get("teacher_steps", 0) if n else 0
+        lora = lora_values(kv, config.get("rank", 0))
+        return ConceptCost(width, lora, lora + width, config.get("batch_size", 1) + n * (1 + 1 / 3), once)
 
     def __init__(self, config: LFSConfig | None = None):
         super().__init__(config)

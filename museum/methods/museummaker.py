@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from museum.methods import kv
-from museum.methods.base import ConceptInfo, TrainContext, register
+from museum.methods.base import ConceptCost, ConceptInfo, TrainContext, lora_values, register
 from museum.methods.continual import earlier_concepts, encode_fixed, varied_prompts
 from museum.methods.lora import LoRAConfig, LoRAMethod, SharedLoRAMethod
 from museum.training.distill import cross_attention_outputs
@@ -138,6 +138,12 @@ def task_update(concept: ConceptInfo) -> dict[str, torch.Tensor]:
 class MuseumMaker(SharedLoRAMethod):
     name = "museummaker"
     config_class = MuseumMakerConfig
+
+    @classmethod
+    def cost(cls, kv, width, config) -> ConceptCost:  # its rank-2r task update per concept
+        shared, n = super().cost(kv, width, config), config.get("distill_batch", 0)
+        return ConceptCost(width + lora_values(kv, 2 * config.get("rank", 0)), shared.state_values,
+                           shared.trained_values, config.get("batch_size", 1) + 2 * n + n / 3, 0)
 
     def _style_on(self, ctx: TrainContext) -> bool:
         return ctx.concept.is_style and self.config.style_weight > 0

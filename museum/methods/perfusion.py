@@ -88,7 +88,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from museum.methods import tokens
-from museum.methods.base import ConceptInfo, Method, MethodConfig, TrainContext, register
+from museum.methods.base import ConceptCost, ConceptInfo, Method, MethodConfig, TrainContext, register
 from museum.training.objectives import concept_prompt
 
 PREFIX = "perfusion."
@@ -459,6 +459,11 @@ class Perfusion(Method):
     config_class = PerfusionConfig
     export_format = "museum"
     removable = True
+
+    @classmethod
+    def cost(cls, kv, width, config) -> ConceptCost:  # o*_K, o*_V per K/V output + i* and C^-1 i* + the token
+        outs = sum(out for out, _ in kv.values())
+        return ConceptCost(outs + 3 * width, 0, outs // 2 + width, config.get("batch_size", 1), 0)
 
     # ---------------------------------------------------------------- training
     def setup(self, ctx: TrainContext) -> list[dict]:
