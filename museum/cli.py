@@ -60,6 +60,18 @@ def _quiet() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _by_name(flag: str, items: List[str]) -> dict[str, float] | None:
+    """Repeated ``NAME=NUMBER`` values of ``flag`` as {name: number} (None when none is given)."""
+    values = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            values[name.strip()] = float(value)
+        except ValueError:
+            fail(f"{flag} takes NAME=NUMBER, e.g. {flag} sunburst=0.8 (got {item!r})")
+    return values or None
+
+
 @app.command()
 def generate(
     args: List[str] = typer.Argument(..., metavar="[DIR] PROMPT", help="a museum folder (optional) and the prompt"),
@@ -87,30 +99,18 @@ def generate(
     _quiet()
     from museum.generation.sampling import generate_images, image_grid
 
-    if gate_temp is not None and gate_temp <= 0:
-        fail(f"--gate-temp must be > 0 (got {gate_temp})")
-    if context_scale is not None and context_scale < 0:
-        fail(f"--context-scale must be >= 0 (got {context_scale})")
-    strengths = {}
-    for item in strength:
-        name, _, value = item.partition("=")
-        try:
-            strengths[name.strip()] = float(value)
-        except ValueError:
-            fail(f"--strength takes NAME=NUMBER, e.g. --strength sunburst=0.8 (got {item!r})")
+    # the methods' generation options (``Method.generation_options``), passed on by name
+    options = {"gate_bias": gate_bias, "gate_temp": gate_temp, "strength": _by_name("--strength", strength),
+               "context_scale": context_scale}
+    given = [name for name, value in options.items() if value is not None]
     if folder is not None:
-        from museum.methods import perfusion
         from museum.museum import Museum
 
-        from museum.icgen import DEFAULT_SCALE, context_scale as icgen_scale
-
-        with perfusion.gate(beta=gate_bias, tau=gate_temp, strength=strengths or None), \
-                icgen_scale(DEFAULT_SCALE if context_scale is None else context_scale):
-            images = Museum.open(folder, allow_pickle=allow_pickle).generate(prompt, n=n, seed=seed, steps=steps,
-                                                                             guidance=guidance)
+        images = Museum.open(folder, allow_pickle=allow_pickle).generate(prompt, n=n, seed=seed, steps=steps,
+                                                                         guidance=guidance, options=options)
     else:
-        if context_scale is not None:
-            fail("--context-scale applies to a museum's lfs concepts that keep image context; give the museum DIR")
+        if given:
+            fail(f"--{given[0].replace('_', '-')} applies to a museum's concepts; give the museum DIR")
         from museum.base.loading import load_pipeline, resolve_base
         from museum.museum import warn_if_truncated
         from museum.store.manifest import check_pipeline_files

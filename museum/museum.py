@@ -35,7 +35,7 @@ from museum.base.loading import (
 from museum.generation.sampling import generate_images, image_grid
 from museum.methods import kv, tokens
 from museum.errors import MuseumUserError, TrainingDivergedError
-from museum.methods.base import ConceptInfo, Method, family_of, get_method, method_names
+from museum.methods.base import ConceptInfo, Method, family_of, generation_settings, get_method, method_names
 from museum.store.atomic import atomic_dir, atomic_write_bytes, remove_leftovers
 from museum.store.faults import fault_point
 from museum.store.lock import writer_lock
@@ -457,12 +457,14 @@ class Museum:
             yield
 
     def generate(self, prompt: str | Sequence[str], *, n: int = 4, seed: int = 0, steps: int = 25,
-                 guidance: float = 7.5) -> list[Image.Image]:
-        """``n`` images per prompt (seeds ``seed .. seed+n-1``), with the named concepts active."""
+                 guidance: float = 7.5, options: dict | None = None) -> list[Image.Image]:
+        """``n`` images per prompt (seeds ``seed .. seed+n-1``), with the named concepts active. ``options``: the
+        methods' generation options by name (``Method.generation_options``, e.g. ``{"gate_bias": 0.6}``)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         all_prompts = [p for p in prompts for _ in range(n)]
         all_seeds = [seed + k for _ in prompts for k in range(n)]
-        return self._generate(all_prompts, all_seeds, steps=steps, guidance=guidance)
+        with generation_settings(options or {}):
+            return self._generate(all_prompts, all_seeds, steps=steps, guidance=guidance)
 
     def _generate(self, prompts: list[str], seeds: list[int], *, entries=None, steps: int = 25,
                   guidance: float = 7.5) -> list[Image.Image]:

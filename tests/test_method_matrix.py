@@ -209,3 +209,21 @@ def test_remove(learned, tmp_path):
         with pytest.raises(MuseumError, match="cannot remove"):
             m.remove("sunburst")
         assert (copy / "museum.json").read_bytes() == before
+
+
+def test_generation_options_reach_the_cli_and_the_api(tiny_base, tmp_path):
+    """Every generation option a method declares is a ``museum generate`` flag, passed on by name; the API refuses
+    an option no method declares, naming those that exist, and a value below an option's minimum."""
+    import typer.main
+
+    from museum.cli import app
+
+    command = typer.main.get_command(app).commands["generate"]
+    flags = {flag for param in command.params for flag in param.opts}
+    declared = {o.flag for cls in METHODS.values() for o in cls.generation_options}
+    assert "--gate-bias" in declared and declared <= flags
+    m = Museum.init(tmp_path / "museum", base=tiny_base)
+    with pytest.raises(MuseumError, match=r"gate_bias_typo.*options: context_scale, gate_bias"):
+        m.generate("a circle", n=1, steps=1, options={"gate_bias_typo": 0.5})
+    with pytest.raises(MuseumError, match=r"--gate-temp must be > 0 \(got 0.0\)"):
+        m.generate("a circle", n=1, steps=1, options={"gate_temp": 0.0})

@@ -29,9 +29,10 @@ Layout of ``out_dir``::
     <method>/upper/grids/<concept>.png                              the upper bound (optional)
     base/progress.json, base/grids/<concept>.png                    the untrained base model
 
-For a method with a generation gate (Perfusion), the method's progress file also holds the
-gate curve: after the last task, every concept drawn again with the same prompts and seeds at
-each gate bias beta of ``gate_betas`` (the temperature stays each concept's own) and scored.
+For a method with a generation gate (one of its ``generation_options`` is ``swept``: Perfusion's gate
+bias), the method's progress file also holds the gate curve: after the last task, every concept drawn
+again with the same prompts and seeds at each gate bias beta of ``gate_betas`` (its other settings, e.g.
+the temperature, stay each concept's own) and scored.
 Where beta is the concepts' own, the point is the last row of R (no images are drawn again).
 
 A rerun with the same settings skips whatever is done: learned concepts are read back from
@@ -62,6 +63,7 @@ from torch import nn
 from museum.errors import MuseumUserError
 from museum.evaluation.metrics import backward_transfer, forgetting, image_alignment, text_alignment
 from museum.evaluation.protocol import evaluation_prompts
+from museum.methods import METHODS, method_names
 from museum.store.atomic import atomic_write_json
 from museum.store.lock import claim
 
@@ -76,10 +78,8 @@ QUICK = (8, 4)
 FULL = (20, 8)
 GRID_IMAGES = 4  # samples per concept (row) in a task's grid: the first template's first seeds
 SHAPE_PROTOTYPE_RENDERS = 16
-#: gate biases of the gate curve (methods in GATED_METHODS); Perfusion's own generation default is 0.7
+#: gate biases of the gate curve (methods with a swept generation option); Perfusion's own default is 0.7
 GATE_BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
-#: methods with a generation gate: name -> the module whose ``gate(beta=...)`` context overrides it
-GATED_METHODS = {"perfusion": "museum.methods.perfusion"}
 
 
 class BenchmarkError(MuseumUserError):
@@ -396,8 +396,6 @@ class _Run:
     # ------------------------------------------------------------------ the gate curve
     def run_gate_curve(self, method: str, betas: Sequence[float]) -> dict:
         """Score every concept of the finished run at each gate bias (see the module docstring)."""
-        import importlib
-
         folder = self.out_dir / method
         path = folder / PROGRESS
         settings = {**self.settings.to_dict(), "overrides": self.settings.overrides.get(method, {})}
@@ -413,13 +411,16 @@ class _Run:
                 self.advance()
             return progress
         final = tasks[T - 1]["scores"]
-        gate = importlib.import_module(GATED_METHODS[method]).gate
+        cls = METHODS[method]
+        swept = cls.swept_option()
         configs = [m.concept(n).info.get("config", {}) for n in self.names]
-        own = {c.get("beta") for c in configs}
+        own = {c.get(swept.config_key) for c in configs}
         if (progress.get("gate_curve") or {}).get("concepts") != self.names:  # none yet, or after another task
             progress["gate_curve"] = {"concepts": list(self.names)}
         curve = progress["gate_curve"]
-        curve["tau"] = sorted({c.get("tau") for c in configs}, key=str)
+        for option in cls.generation_options:  # the settings that stay each concept's own (Perfusion: tau)
+            if option.config_key and option is not swept:
+                curve[option.config_key] = sorted({c.get(option.config_key) for c in configs}, key=str)
         points = curve.setdefault("points", {})
         for beta in betas:
             key = f"{float(beta):g}"
@@ -431,7 +432,7 @@ class _Run:
             else:
                 self.step(f"{method}: gate beta {key}")
                 scores = {}
-                with gate(beta=float(beta)):
+                with cls.generation_settings(**{swept.name: float(beta)}):
                     for name in self.names:
                         scores[name] = self.score(name, self.generate(m, name))
                 points[key] = {"beta": float(beta), "scores": scores, "from_final_row": False}
@@ -523,7 +524,6 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
     from tqdm.auto import tqdm
 
     from museum.base.loading import base_hash, is_embedded, load_evaluator
-    from museum.methods.base import method_names
     from museum.training.trainer import get_accelerator
     from museum.world.concepts import BENCHMARK_CONCEPTS, concept_names
 
@@ -553,7 +553,7 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
     out_dir.mkdir(parents=True, exist_ok=True)
     T = len(concepts)
     total = (len(methods) * T * (2 if upper_bound else 1) + (T if base_row else 0)
-             + len(gate_betas) * sum(m in GATED_METHODS for m in methods))
+             + len(gate_betas) * sum(METHODS[m].swept_option() is not None for m in methods))
     accelerator = get_accelerator()
     procs, rank = accelerator.num_processes, accelerator.process_index
     if device == "cuda" and procs > 1:
@@ -564,7 +564,7 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
 
         def continual(method: str) -> None:
             run.run_method(method)
-            if method in GATED_METHODS and gate_betas:
+            if METHODS[method].swept_option() is not None and gate_betas:
                 run.run_gate_curve(method, gate_betas)
             write_results(out_dir, methods, concepts, settings)
 
@@ -709,5 +709,5 @@ def read_results(out_dir: str | Path) -> dict:
 __all__ = [
     "run_benchmark", "collect_results", "write_results", "read_results", "kid", "build_prototypes", "Prototypes",
     "score_images", "summarize", "curves", "shape_renders", "EvaluatorFeatures", "BenchmarkError", "METRICS",
-    "HIGHER_IS_BETTER", "RESULTS_VERSION", "QUICK", "FULL", "GATE_BETAS", "GATED_METHODS", "gate_curve_results",
+    "HIGHER_IS_BETTER", "RESULTS_VERSION", "QUICK", "FULL", "GATE_BETAS", "gate_curve_results",
 ]

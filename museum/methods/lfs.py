@@ -39,15 +39,23 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors.torch import save_file
 
 from museum import icgen
 from museum.errors import MuseumError
-from museum.methods.base import ConceptCost, TrainContext, lora_values, register
+from museum.methods.base import ConceptCost, ConceptInfo, GenerationOption, TrainContext, lora_values, register
 from museum.methods.continual import class_prompts, earlier_concepts, encode_fixed, varied_prompts
 from museum.methods.lora import LoRAConfig, SharedLoRAMethod
 from museum.training.distill import DataFreeDistillation
 
 PROMPT_SEED = 6006  # the scenes the distillation prompts describe
+CONTEXT_FILE = "ip_adapter_image_embeds.safetensors"  # an export's image context
+#: ICGen context in an export: the adapter, then the embeddings for one prompt with guidance (zeros: unconditional)
+CONTEXT_LOADS = """pipe.load_ip_adapter("{folder}", subfolder="", weight_name="{weight}", image_encoder_folder=None)
+pipe.set_ip_adapter_scale({scale})
+import torch; from safetensors.torch import load_file; context = load_file("{file}")["image_embeds"][None]
+ip_adapter_image_embeds = [torch.cat([torch.zeros_like(context), context])]  # one prompt, guidance > 1"""
+CONTEXT_CALL = "pipe(prompt, ip_adapter_image_embeds=ip_adapter_image_embeds)"
 
 
 @dataclass
@@ -74,6 +82,33 @@ class LFSConfig(LoRAConfig):
 class LFS(SharedLoRAMethod):
     name = "lfs"
     config_class = LFSConfig
+    generation_options = (
+        GenerationOption("context_scale", "ICGen context scale of lfs concepts that keep image context (default 1; 0 "
+                         "draws without the context)", minimum=0.0),
+    )
+
+    @classmethod
+    def generation_settings(cls, context_scale: float = icgen.DEFAULT_SCALE):
+        return icgen.context_scale(context_scale)
+
+    @classmethod
+    def export_extras(cls, concepts: list[ConceptInfo], folder: Path, out: Path) -> tuple[list[str], dict]:
+        """Concepts that keep image context: ``ip_adapter_image_embeds.safetensors`` holds ``image_embeds`` (K, D),
+        the one context embedding per such concept Museum draws with (``icgen.image_embeds``), and each concept's
+        stored per-image embeddings (``context.{name}``); the lines load the adapter the concept was learned with
+        (``pipe.load_ip_adapter``; the folder is referenced, not copied) and build ``ip_adapter_image_embeds`` for
+        ``pipe(prompt, ip_adapter_image_embeds=ip_adapter_image_embeds)``."""
+        context = drawing_context(concepts)
+        if context is None:
+            return [], {"ip_adapter": None}
+        adapter = str(context.folder or icgen.EMBEDDED_ICGEN)
+        save_file({"image_embeds": icgen.image_embeds(context.contexts, context.folder),
+                   **{f"context.{n}": c.float().contiguous() for n, c in zip(context.names, context.contexts)}},
+                  folder / CONTEXT_FILE)
+        loads = CONTEXT_LOADS.format(folder=adapter, weight=context.weight, scale=icgen.DEFAULT_SCALE,
+                                     file=out / CONTEXT_FILE)
+        return [loads], {"ip_adapter": {"folder": adapter, "weight_name": context.weight, "scale": icgen.DEFAULT_SCALE,
+                                        "file": CONTEXT_FILE, "concepts": context.names, "call": CONTEXT_CALL}}
 
     @classmethod
     def cost(cls, kv, width, config) -> ConceptCost:

@@ -88,7 +88,9 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from museum.methods import tokens
-from museum.methods.base import ConceptCost, ConceptInfo, Method, MethodConfig, TrainContext, register
+from museum.methods.base import (
+    ConceptCost, ConceptInfo, GenerationOption, Method, MethodConfig, TrainContext, register,
+)
 from museum.training.objectives import concept_prompt
 
 PREFIX = "perfusion."
@@ -459,6 +461,17 @@ class Perfusion(Method):
     config_class = PerfusionConfig
     export_format = "museum"
     removable = True
+    generation_options = (
+        GenerationOption("gate_bias", "Perfusion gate bias beta (default: each concept's, 0.7)", config_key="beta",
+                         swept=True),
+        GenerationOption("gate_temp", "Perfusion gate temperature tau (default: each concept's, 0.05; 0.15 on Stable "
+                         "Diffusion)", config_key="tau", minimum=0.0, inclusive=False),
+        GenerationOption("strength", "Perfusion per-concept strength, NAME=X (repeatable)", per_concept=True),
+    )
+
+    @classmethod
+    def generation_settings(cls, gate_bias=None, gate_temp=None, strength=None):
+        return gate(beta=gate_bias, tau=gate_temp, strength=strength)
 
     @classmethod
     def cost(cls, kv, width, config) -> ConceptCost:  # o*_K, o*_V per K/V output + i* and C^-1 i* + the token
