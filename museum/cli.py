@@ -111,7 +111,7 @@ def generate(
     else:
         if given:
             fail(f"--{given[0].replace('_', '-')} applies to a museum's concepts; give the museum DIR")
-        from museum.base.loading import load_pipeline, resolve_base
+        from museum.models.loading import load_pipeline, resolve_base
         from museum.museum import warn_if_truncated
         from museum.store.manifest import check_pipeline_files
 
@@ -331,7 +331,7 @@ def pretrain(out: Path = typer.Option(Path("museum/embedded")), work: Path = typ
                                                   "the left and a small blue star on the right ...\") in the "
                                                   "pretraining set; the shipped model: 0")) -> None:
     """Train the embedded model and evaluator from scratch (at most ~90 minutes on 2 CPU cores), or continue one."""
-    from museum.base.pretrain import pretrain as run
+    from museum.models.pretrain import pretrain as run
 
     if not 0.0 <= pair_fraction <= 1.0:
         raise typer.BadParameter(f"--pair-fraction is a fraction of scenes, 0 to 1; got {pair_fraction}")

@@ -6,7 +6,8 @@ A concept becomes
   (SDXL: ``{"clip_l": (1, D1), "clip_g": (1, D2)}``, loaded into each text encoder);
 * ``pytorch_lora_weights.safetensors`` (methods that change K/V): the exact K/V deltas the
   museum applies for a prompt naming the concept(s), written as one LoRA with its adapter
-  metadata (ECOSYSTEM.md pitfall 4), for ``pipe.load_lora_weights``. Dense deltas (Custom
+  metadata (``unet_lora_adapter_metadata``: without it diffusers does not know the LoRA's alpha when it
+  reloads it, and its scale is lost), for ``pipe.load_lora_weights``. Dense deltas (Custom
   Diffusion, a C-LoRA stack, a closed-form merge) are factored exactly by SVD, keeping
   every singular value above 1e-6 of the largest;
 * ``museum-{name}.safetensors`` (methods with ``export_format = "museum"``, e.g. Perfusion, whose
@@ -30,8 +31,8 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from museum.base.loading import resolve_base
-from museum.methods.kv import KV_PATTERN
+from museum.models.loading import resolve_base
+from museum.plumbing.kv import KV_PATTERN
 from museum.store.atomic import atomic_dir
 from museum.store.faults import fault_point
 
@@ -63,7 +64,7 @@ def deltas_to_lora(deltas: dict[str, torch.Tensor], rel_tol: float = 1e-6) -> tu
 def export_concepts(museum, names: list[str], out: Path) -> Path:
     """Export one concept, or several composed (their deltas as the museum combines them), to ``out``."""
     from museum.methods.base import METHODS, get_method
-    from museum.methods.tokens import SECOND, is_sdxl
+    from museum.plumbing.tokens import SECOND, is_sdxl
 
     entries = [museum.manifest.concept(n) for n in names]
     pipe = museum.pipe  # loads and verifies every concept

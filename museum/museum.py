@@ -28,12 +28,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from museum.base.loading import (
+from museum.models.loading import (
     EMBEDDED, base_hash, hub_snapshot, is_embedded, is_hub_id, is_single_file, load_pipeline, load_single_file,
     resolve_base,
 )
 from museum.generation.sampling import generate_images, image_grid
-from museum.methods import kv, tokens
+from museum.plumbing import kv, tokens
 from museum.errors import MuseumUserError, TrainingDivergedError
 from museum.methods.base import ConceptInfo, Method, family_of, generation_settings, get_method, method_names
 from museum.store.atomic import atomic_dir, atomic_write_bytes, remove_leftovers
@@ -43,7 +43,7 @@ from museum.store.manifest import (
     MANIFEST, ConceptEntry, Manifest, MuseumError, check_name, check_pipeline_files, sha256_file, verify_files,
 )
 from museum.training.data import read_image_folder
-from museum.training.objectives import concept_prompt
+from museum.plumbing.objectives import concept_prompt
 from museum.training.trainer import Checkpointer, TrainOptions, get_accelerator, train_concept
 
 TOKEN_RE = re.compile(r"<[^<>\s]+>")
@@ -82,7 +82,7 @@ class Museum:
              config: str | Path | None = None) -> "Museum":
         """A new museum on ``base``: ``"embedded"``, a diffusers pipeline folder, a single-file checkpoint
         (saved once as the museum's own pipeline folder ``DIR/base``; ``config``: a pipeline folder of the same
-        architecture whose configs and tokenizer diffusers needs, see ``museum.base.loading.load_single_file``)
+        architecture whose configs and tokenizer diffusers needs, see ``museum.models.loading.load_single_file``)
         or a Hugging Face hub id (from the local cache, or downloaded when online)."""
         folder = Path(folder)
         if (folder / MANIFEST).exists():

@@ -48,7 +48,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from museum.base.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline, resolution  # noqa: E402
+from museum.models.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline, resolution  # noqa: E402
 from museum.evaluation.placement import COLOUR_GAP, MIN_PIXELS, NEAR, read_placement, readable_pairs  # noqa: E402
 from museum.world import render as world  # noqa: E402
 

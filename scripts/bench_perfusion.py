@@ -41,7 +41,7 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from museum.base.loading import EMBEDDED_TWO_OBJECTS, load_evaluator
+from museum.models.loading import EMBEDDED_TWO_OBJECTS, load_evaluator
 from museum.evaluation.protocol import composition_table, score_concept
 from museum.generation.sampling import image_grid
 from museum.methods import perfusion

@@ -22,7 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from museum.methods import METHODS, method_names
 from museum.methods.base import get_method
-from museum.methods.kv import kv_modules
+from museum.plumbing.kv import kv_modules
 from museum.training.memory import activation_values
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,

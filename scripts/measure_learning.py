@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from museum.base.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline
+from museum.models.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline
 from museum.evaluation.protocol import score_base, score_concept
 from museum.methods import method_names
 from museum.methods.base import parse_setting

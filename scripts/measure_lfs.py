@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from museum.base.loading import load_evaluator, load_pipeline
+from museum.models.loading import load_evaluator, load_pipeline
 from museum.evaluation.relevant import CIRCLE_CONCEPTS, base_images, compare_to_base, relevant_forgetting
 from museum.methods.base import parse_setting
 from museum.world.concepts import build_concept

@@ -1,6 +1,6 @@
 """The shared matrix every registered method passes through, on tiny random pipelines of each base
 family (SD-1.x with epsilon prediction, SD-2.x with v-prediction, SDXL with two text encoders;
-``museum.base.tiny``): learn a few steps, save, reload, generate, compose with a second concept,
+``tests/tiny_models.py``): learn a few steps, save, reload, generate, compose with a second concept,
 export and load the export with plain diffusers (running the export's own load snippet), remove.
 Methods that do not support two text encoders are refused on SDXL with a clear error (tested).
 
@@ -15,12 +15,12 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from museum.base.tiny import FAMILIES
+from tiny_models import FAMILIES
 from museum.generation.sampling import generate_images
 from museum.methods import METHODS, method_names
 from museum.methods.base import ConceptCost, ConceptInfo, Method, TrainContext, register
-from museum.methods.kv import kv_modules
-from museum.methods.tokens import text_pairs
+from museum.plumbing.kv import kv_modules
+from museum.plumbing.tokens import text_pairs
 from museum.museum import Museum
 from museum.store.manifest import MuseumError
 
@@ -89,7 +89,7 @@ def learned(request, toy_registered, tiny_family, concept_images, tmp_path_facto
 def test_families_differ_as_their_checkpoints_do(tiny_family, family):
     """SD-2.x is v-prediction with linear projections; SD-1.x epsilon with convolutions; SDXL has two text
     encoders whose states the UNet attends to together, and pooled text + time ids as added conditioning."""
-    from museum.base.loading import load_pipeline
+    from museum.models.loading import load_pipeline
 
     pipe = load_pipeline(tiny_family(family))
     assert pipe.scheduler.config.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from museum.base.loading import load_pipeline
+from museum.models.loading import load_pipeline
 from museum.methods.base import ConceptInfo, get_method
-from museum.training import objectives, trainer
+from museum.plumbing import objectives
+from museum.training import trainer
 from museum.training.trainer import train_concept
 
 
@@ -373,7 +374,7 @@ def test_perfusion_on_sdxl_reads_both_encoders(tiny_family, concept_images, tmp_
 def test_sdxl_token_trains_in_both_text_encoders(tiny_family, concept_images, tmp_path):
     """On SDXL a concept's token is added to both tokenizers; both embeddings train and are stored, reload
     into both encoders, and the UNet gets SDXL's added conditioning (pooled text, time ids) in training."""
-    from museum.methods import tokens
+    from museum.plumbing import tokens
     from museum.museum import Museum
 
     base = tiny_family("sdxl")

@@ -169,9 +169,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def bench(tiny_base, tmp_path_factory):
-    from museum.base.tokenizer import write_clip_tokenizer
+    from museum.models.tokenizer import write_clip_tokenizer
     from museum.evaluation.benchmark import run_benchmark
-    from museum.evaluation.evaluator import Evaluator
+    from museum.models.evaluator import Evaluator
     from museum.world.render import base_vocabulary, held_out_vocabulary
 
     tokenizer = write_clip_tokenizer(base_vocabulary() + held_out_vocabulary(), tmp_path_factory.mktemp("evaluator"))

@@ -110,7 +110,7 @@ def kid(evaluator, generated, references, *, subsets: int = 100, seed: int = 0) 
     estimator is not 0 for two identical finite sets: it is (2/m) * (mean off-diagonal kernel
     - mean diagonal kernel), slightly negative. Never synchronised across processes (torchmetrics would
     gather every process's features under ``accelerate launch``, where processes score different units)."""
-    from museum.evaluation.evaluator import to_pixels
+    from museum.models.evaluator import to_pixels
     from torchmetrics.image.kid import KernelInceptionDistance
 
     m = min(len(generated), len(references))
@@ -473,7 +473,7 @@ class _Run:
 
     # ------------------------------------------------------------------ the untrained base model
     def run_base(self) -> dict:
-        from museum.base.loading import load_pipeline
+        from museum.models.loading import load_pipeline
         from museum.generation.sampling import generate_images, image_grid
 
         folder = self.out_dir / "base"
@@ -523,7 +523,7 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
     the units of work (see the module docstring); each returns once all of them are done."""
     from tqdm.auto import tqdm
 
-    from museum.base.loading import base_hash, is_embedded, load_evaluator
+    from museum.models.loading import base_hash, is_embedded, load_evaluator
     from museum.training.trainer import get_accelerator
     from museum.world.concepts import BENCHMARK_CONCEPTS, concept_names
 

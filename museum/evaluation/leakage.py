@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from museum.base.loading import EMBEDDED
+from museum.models.loading import EMBEDDED
 from museum.evaluation.metrics import image_alignment
 from museum.world.render import BACKGROUNDS, COLOURS, SHAPES, random_scene, render
 

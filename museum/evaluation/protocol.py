@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from museum.evaluation.metrics import image_alignment, text_alignment
 from museum.generation.sampling import generate_images
+from museum.models import icgen
 from museum.world.concepts import N_QUICK_PROMPTS, Concept, format_prompt
 
 
@@ -121,3 +122,20 @@ def composition_table(museum, pairs, concepts: dict[str, Concept], evaluator, ec
             rows.append({"pair": [a, b], "concept": name, "method": methods[name], **s.to_dict()})
             echo(f"| {a} + {b} | {name} | {methods[name]} | {s.with_both:.3f} | {s.with_other_only:.3f} |")
     return rows
+
+
+def zero_shot_alignment(pipe, evaluator, concept, *, scale: float = 1.0, n_prompts: int = 8, n_seeds: int = 2,
+                        steps: int = 25, guidance: float = 7.5) -> float:
+    """Image alignment to ``concept``'s held-out references of its class prompts ("a hexagon on a sand background")
+    drawn with the concept's TRAINING images as context and no training; ``pipe`` holds an adapter
+    (``icgen.load_adapter``). Same prompts and seeds as :func:`score_base`."""
+    pipe.set_ip_adapter_scale(scale)
+    context = icgen.context_embeddings(evaluator, concept.train_images)
+    prompts = [p for p in concept.class_prompts()[:n_prompts] for _ in range(n_seeds)]
+    seeds = [s for _ in range(n_prompts) for s in range(n_seeds)]
+    images = []
+    for i in range(0, len(prompts), 16):
+        batch = prompts[i:i + 16]
+        images += generate_images(pipe, batch, seeds=seeds[i:i + 16], steps=steps, guidance=guidance,
+                                  **icgen.context_kwargs(context, len(batch), guidance > 1))
+    return image_alignment(evaluator, images, concept.reference_images)

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from museum import icgen
+from museum.models import icgen
 from museum.evaluation.metrics import text_alignment
 from museum.evaluation.protocol import score_concept
 from museum.generation.sampling import generate_images

@@ -261,7 +261,7 @@ class Method:
         """After training: (tensors stored with the concept, the method's new shared state).
         The end-of-task hook: the trained parameters are still installed and ``ctx.latents`` holds the
         task's data, so a method may make passes over it here (e.g. EWC's Fisher estimate,
-        with ``museum.training.objectives.noisy_batch``).
+        with ``museum.plumbing.objectives.noisy_batch``).
         Must leave ``ctx.pipe.unet`` as it found it (the trainer checks)."""
         return {}, dict(ctx.state)
 
@@ -301,7 +301,7 @@ class Method:
         """Install this method's effect on ``pipe`` for a prompt naming ``active`` of its ``concepts``,
         undone on exit. The default applies :meth:`kv_deltas`; methods that change the attention
         computation itself (e.g. Perfusion's gated edit) override this."""
-        from museum.methods.kv import applied_deltas
+        from museum.plumbing.kv import applied_deltas
 
         return applied_deltas(pipe.unet, self.kv_deltas(concepts, active, state, pipe))
 

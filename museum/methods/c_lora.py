@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from museum.methods import kv
+from museum.plumbing import kv
 from museum.methods.base import ConceptCost, ConceptInfo, TrainContext, lora_values, register
 from museum.methods.lora import LoRAConfig, LoRAMethod
 

@@ -1,7 +1,7 @@
 """Pieces the continual methods share (``ewc``, ``lwf``, ``museummaker``; METHODS.md sec. 5 and
 "Classic baselines"; ``lfs``): which earlier concepts a task must protect, prompts that name them, and
 prompts of a concept's class word. Distillation against the frozen model from before the task
-(``TrainContext.teacher``) lives in ``museum.training.distill``.
+(``TrainContext.teacher``) lives in ``museum.methods.distill``.
 
 All of them continue one shared LoRA (:class:`~museum.methods.lora.SharedLoRAMethod`), so the
 concepts a task can damage are the earlier concepts of the same method: concepts of other methods
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from museum.methods.base import ConceptInfo, Method, TrainContext
-from museum.training.objectives import encode_prompts
+from museum.plumbing.objectives import encode_prompts
 
 
 def earlier_concepts(method: Method, ctx: TrainContext) -> list[ConceptInfo]:

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 
-from museum.methods import kv
+from museum.plumbing import kv
 from museum.methods.base import ConceptCost, ConceptInfo, Method, MethodConfig, TrainContext, register
-from museum.training.objectives import concept_prompt, denoising_loss, diffusion_target, encode_prompts
+from museum.plumbing.objectives import concept_prompt, denoising_loss, diffusion_target, encode_prompts
 
 RIDGE = 1e-3
 
@@ -92,7 +92,7 @@ class CustomDiffusion(Method):
 
     def _class_data(self, ctx: TrainContext) -> tuple[torch.Tensor, list[str]]:
         """Class images (as latents) from the base model, generated once per (class, count) and cached."""
-        from museum.training.prior import generated_latents, generic_captions
+        from museum.methods.prior import generated_latents, generic_captions
 
         n = self.config.num_class_images
         if ctx.concept.is_style:  # a style's "class" is generic content

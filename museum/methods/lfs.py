@@ -17,9 +17,9 @@ concept's class word ("a large red circle on a sand background") and ``num_promp
 per earlier concept of this method, named by its token ("a <sunburst> circle on a grass background";
 tokens are kept, images are not). B: inputs made from noise only, x_T ~ N(0, I) and the x_t the
 teacher reaches from it in its first ``teacher_steps`` DDIM steps of an ``inference_steps`` schedule
-(``museum.training.distill.DataFreeDistillation``). No earlier image and no extra real image is read.
+(``museum.methods.distill.DataFreeDistillation``). No earlier image and no extra real image is read.
 
-ICGen (the paper's in-context generation, ``museum/icgen.py``): each concept keeps the image-encoder embeddings
+ICGen (the paper's in-context generation, ``museum/models/icgen.py``): each concept keeps the image-encoder embeddings
 of its training images (``context``, not the images) and is drawn with them as context (``icgen.context_scale``,
 ``museum generate --context-scale``). The adapter is the embedded model's shipped one, or for a user's Stable
 Diffusion model an existing IP-Adapter from a local folder (``ip_adapter``, ``museum learn --ip-adapter DIR``;
@@ -41,12 +41,12 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import save_file
 
-from museum import icgen
+from museum.models import icgen
 from museum.errors import MuseumError
 from museum.methods.base import ConceptCost, ConceptInfo, GenerationOption, TrainContext, lora_values, register
 from museum.methods.continual import class_prompts, earlier_concepts, encode_fixed, varied_prompts
 from museum.methods.lora import LoRAConfig, SharedLoRAMethod
-from museum.training.distill import DataFreeDistillation
+from museum.methods.distill import DataFreeDistillation
 
 PROMPT_SEED = 6006  # the scenes the distillation prompts describe
 CONTEXT_FILE = "ip_adapter_image_embeds.safetensors"  # an export's image context
@@ -162,7 +162,7 @@ class LFS(SharedLoRAMethod):
             if cfg.context and cfg.ip_adapter is not None:
                 self.context = icgen.encoder_embeddings(cfg.ip_adapter, ctx.images)
             elif cfg.context and icgen.compatible(ctx.pipe.unet):
-                from museum.base.loading import load_evaluator
+                from museum.models.loading import load_evaluator
 
                 self.context = icgen.context_embeddings(load_evaluator(), ctx.images)
             elif cfg.context:

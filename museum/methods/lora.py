@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from museum.methods import kv
+from museum.plumbing import kv
 from museum.methods.base import ConceptCost, ConceptInfo, Method, MethodConfig, TrainContext, lora_values
 
 

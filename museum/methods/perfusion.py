@@ -87,11 +87,11 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from museum.methods import tokens
+from museum.plumbing import tokens
 from museum.methods.base import (
     ConceptCost, ConceptInfo, GenerationOption, Method, MethodConfig, TrainContext, register,
 )
-from museum.training.objectives import concept_prompt
+from museum.plumbing.objectives import concept_prompt
 
 PREFIX = "perfusion."
 GRAM_RIDGE = 1e-6  # relative to mean diag(G), only with several concepts
@@ -389,7 +389,7 @@ def text_covariance(pipe, captions: list[str], cache_dir: Path | None = None, ba
     """Uncentred covariance (d, d, float64) of the cross-attention input (the text-encoder outputs; on SDXL
     both encoders' outputs concatenated, d = 2048) at every non-padding position of ``captions``; cached in
     ``cache_dir/perfusion/`` and in memory per text encoder."""
-    from museum.training.objectives import encode_prompts
+    from museum.plumbing.objectives import encode_prompts
 
     encoder = pipe.text_encoder
     fingerprint = hashlib.sha256()
@@ -448,7 +448,7 @@ def _token_position(pipe, prompt: str, token: str) -> int:
 
 @torch.no_grad()
 def _encoding_at(pipe, prompt: str, position: int) -> torch.Tensor:
-    from museum.training.objectives import encode_prompts
+    from museum.plumbing.objectives import encode_prompts
 
     return encode_prompts(pipe, [prompt])[0, position].detach().float().cpu()
 

@@ -8,7 +8,8 @@ minimises the denoising loss of Stable Diffusion (Rombach et al. 2022, eq. 2)
 plus whatever terms the method adds (prior preservation, regularisers, distillation).
 Latents of the augmented images are encoded once; the text conditioning is recomputed
 each step only when the concept token is being trained. One ``Accelerator`` per process is
-reused across tasks (ECOSYSTEM.md pitfall 6); under ``accelerate launch`` with several processes each
+reused across tasks (accelerate keeps one global state per process, ``AcceleratorState``, that every
+``Accelerator`` shares); under ``accelerate launch`` with several processes each
 draws the same global batch, trains on its share of the rows and averages gradients with the others
 (``accelerator.reduce``), so N processes train what one does with the same global batch. Checkpoints (safetensors + JSON, no pickle)
 are written every ``checkpoint_every`` steps; ``resume=True`` continues from the latest
@@ -35,11 +36,11 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from museum.base.loading import resolution
-from museum.methods import kv, tokens
+from museum.models.loading import resolution
+from museum.plumbing import kv, tokens
 from museum.methods.base import ConceptInfo, Method, TrainContext
 from museum.training.data import encode_variants
-from museum.training.objectives import (
+from museum.plumbing.objectives import (
     SDXLConditioning, concept_prompt, denoising_loss, diffusion_target, encode_prompts, noisy_batch,
 )
 from museum.errors import MuseumError, TrainingDivergedError

@@ -225,7 +225,7 @@ def load_pipeline(base: str | Path = EMBEDDED, *, device: str | torch.device = "
 
 
 def load_evaluator(path: str | Path = EMBEDDED_EVALUATOR):
-    from museum.evaluation.evaluator import Evaluator
+    from museum.models.evaluator import Evaluator
 
     if not (Path(path) / "config.json").is_file():
         raise BaseModelError(f"no evaluator at {path}; reinstall museum or run `museum pretrain`")
