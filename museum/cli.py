@@ -1,4 +1,7 @@
-"""The ``museum`` command line (typer). Every user error prints one ``error: ...`` line and exits 2."""
+"""The ``museum`` command line (typer). Every user error prints one ``error: ...`` line and exits 2.
+
+Each command imports what it uses inside its function: torch and diffusers take seconds to import, and a usage
+error or ``--help`` should answer at once."""
 
 from __future__ import annotations
 
@@ -369,7 +372,6 @@ def bench(
     _quiet()
     from museum.evaluation.benchmark import RESULTS, run_benchmark
     from museum.report.benchmark_report import write_report
-
     from museum.training.trainer import get_accelerator
 
     run_benchmark(chosen, BENCHMARK_CONCEPTS[:tasks], out, quick=quick, base=base, steps=steps,

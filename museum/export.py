@@ -31,8 +31,10 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
+from museum.methods.base import METHODS, get_method
 from museum.models.loading import resolve_base
 from museum.plumbing.kv import KV_PATTERN
+from museum.plumbing.tokens import SECOND, is_sdxl
 from museum.store.atomic import atomic_dir
 from museum.store.faults import fault_point
 
@@ -63,9 +65,6 @@ def deltas_to_lora(deltas: dict[str, torch.Tensor], rel_tol: float = 1e-6) -> tu
 
 def export_concepts(museum, names: list[str], out: Path) -> Path:
     """Export one concept, or several composed (their deltas as the museum combines them), to ``out``."""
-    from museum.methods.base import METHODS, get_method
-    from museum.plumbing.tokens import SECOND, is_sdxl
-
     entries = [museum.manifest.concept(n) for n in names]
     pipe = museum.pipe  # loads and verifies every concept
     sdxl = is_sdxl(pipe)

@@ -14,36 +14,40 @@ the base model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from contextlib import ExitStack, contextmanager, nullcontext
 import shutil
 import time
 import warnings
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
+from safetensors.torch import save_file
 
+from museum.errors import MuseumError, MuseumUserError, TrainingDivergedError
+from museum.export import export_concepts
+from museum.generation.sampling import generate_images, image_grid
+from museum.methods.base import ConceptInfo, Method, family_of, generation_settings, get_method, method_names
 from museum.models.loading import (
     EMBEDDED, base_hash, hub_snapshot, is_embedded, is_hub_id, is_single_file, load_pipeline, load_single_file,
     resolve_base,
 )
-from museum.generation.sampling import generate_images, image_grid
 from museum.plumbing import kv, tokens
-from museum.errors import MuseumUserError, TrainingDivergedError
-from museum.methods.base import ConceptInfo, Method, family_of, generation_settings, get_method, method_names
+from museum.plumbing.objectives import concept_prompt
 from museum.store.atomic import atomic_dir, atomic_write_bytes, remove_leftovers
 from museum.store.faults import fault_point
 from museum.store.lock import writer_lock
 from museum.store.manifest import (
-    MANIFEST, ConceptEntry, Manifest, MuseumError, check_name, check_pipeline_files, sha256_file, verify_files,
+    MANIFEST, ConceptEntry, Manifest, check_name, check_pipeline_files, sha256_file, verify_files,
 )
 from museum.training.data import read_image_folder
-from museum.plumbing.objectives import concept_prompt
 from museum.training.trainer import Checkpointer, TrainOptions, get_accelerator, train_concept
 
 TOKEN_RE = re.compile(r"<[^<>\s]+>")
@@ -369,7 +373,6 @@ class Museum:
         if result.state:
             state_file = f"state/{m.name}-{info.task_index:03d}.safetensors"
             (self.folder / "state").mkdir(exist_ok=True)
-            from safetensors.torch import save as save_bytes
 
             atomic_write_bytes(self.folder / state_file,
                                save_bytes({k: v.detach().cpu().contiguous() for k, v in result.state.items()}))
@@ -494,8 +497,6 @@ class Museum:
     # ------------------------------------------------------------------ export
     def export(self, names: str | Sequence[str], out: str | Path) -> Path:
         """Write one concept, or several composed, in diffusers' formats (see ``museum.export``)."""
-        from museum.export import export_concepts
-
         return export_concepts(self, [names] if isinstance(names, str) else list(names), Path(out))
 
 
@@ -591,6 +592,4 @@ def _check_tensors(tensors: dict[str, torch.Tensor], shapes: dict, what: str, to
 
 
 def _image_hash(image: Image.Image) -> str:
-    import hashlib
-
     return hashlib.sha256(image.tobytes()).hexdigest()

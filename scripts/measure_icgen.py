@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from museum.evaluation.protocol import score_base, zero_shot_alignment
 from museum.models import icgen
 from museum.models.loading import load_evaluator, load_pipeline
-from museum.evaluation.protocol import score_base, zero_shot_alignment
 from museum.world.concepts import ZERO_SHOT_CONCEPTS, build_concept
 
 

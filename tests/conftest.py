@@ -154,15 +154,14 @@ def warm_imports(tiny_base):
     """Import everything a command imports lazily once, so forked children (``reliability_support.fork``) start at
     once; one torch thread (the same as the children, so images compare bit for bit, and far faster on a busy
     2-core machine). Modules that fork use it: ``pytestmark = pytest.mark.usefixtures("warm_imports")``."""
+    import rich.console  # noqa: F401  (for `museum list`)
+    import rich.table  # noqa: F401
     import torch
 
     import museum.cli  # noqa: F401
-    from museum.models.loading import load_pipeline
     from museum.export import export_concepts  # noqa: F401
-
-    import rich.console  # noqa: F401  (for `museum list`)
-    import rich.table  # noqa: F401
     from museum.generation.sampling import generate_images
+    from museum.models.loading import load_pipeline
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

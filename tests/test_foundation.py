@@ -7,13 +7,12 @@ from PIL import Image
 from transformers import CLIPTextModel
 
 from conftest import needs_embedded, needs_evaluator, needs_two_object_model, run_cli
+from museum.evaluation.placement import read_placement, readable_pairs
+from museum.generation.sampling import generate_images
 from museum.models.loading import (
     EMBEDDED_EVALUATOR, EMBEDDED_MODELS, EMBEDDED_PIPELINE, EMBEDDED_TWO_OBJECTS, load_evaluator, load_pipeline,
 )
-from museum.evaluation.placement import read_placement, readable_pairs
-from museum.generation.sampling import generate_images
 from museum.world import render as world
-
 
 
 @needs_embedded
@@ -183,8 +182,8 @@ def test_hard_negative_swaps_one_attribute_word():
 def test_contrastive_loss_lets_hard_negatives_compete(tmp_path):
     import torch
 
-    from museum.models.tokenizer import write_clip_tokenizer
     from museum.models.evaluator import Evaluator
+    from museum.models.tokenizer import write_clip_tokenizer
 
     torch.manual_seed(0)
     evaluator = Evaluator.create(write_clip_tokenizer(world.base_vocabulary(), tmp_path / "tokenizer"))

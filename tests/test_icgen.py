@@ -5,10 +5,10 @@ zero-shot test on the embedded model with the shipped adapter is marked slow."""
 import pytest
 import torch
 
-from museum.models import icgen
 from conftest import needs_icgen
-from museum.models.loading import load_evaluator, load_pipeline
 from museum.evaluation.protocol import score_base, zero_shot_alignment
+from museum.models import icgen
+from museum.models.loading import load_evaluator, load_pipeline
 from museum.plumbing.objectives import encode_prompts
 from museum.world.concepts import ZERO_SHOT_CONCEPTS, build_concept
 
@@ -95,8 +95,8 @@ def test_lfs_concept_keeps_context_embeddings_and_draws_with_them(tmp_path):
     same image in plain diffusers (about 25 s)."""
     import numpy as np
 
-    from museum.museum import Museum
     from conftest import run_cli
+    from museum.museum import Museum
 
     concept = build_concept("sunburst")
     m = Museum.init(tmp_path / "museum")

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import needs_embedded
-from museum.models.loading import load_evaluator, load_pipeline
 from museum.evaluation.protocol import score_base, score_concept
 from museum.methods import method_names
+from museum.models.loading import load_evaluator, load_pipeline
 from museum.museum import Museum
 from museum.world.concepts import build_concept
-
 
 LEARNED = "rainbow"  # every method learns it alone
 SEQUENCE = ("sunburst", "checker")  # the sequential methods learn these one after the other

@@ -10,13 +10,13 @@ import torch
 from diffusers import DDIMScheduler
 
 from conftest import needs_embedded, stop_at
-from museum.models.loading import load_evaluator, load_pipeline
 from museum.evaluation.relevant import CIRCLE_CONCEPTS, base_images, relevant_forgetting
 from museum.methods import get_method
 from museum.methods.base import ConceptInfo, TrainContext
-from museum.methods.lfs import LFS
-from museum.museum import Museum
 from museum.methods.distill import DataFreeDistillation, noise_bank
+from museum.methods.lfs import LFS
+from museum.models.loading import load_evaluator, load_pipeline
+from museum.museum import Museum
 from museum.plumbing.objectives import encode_prompts
 from museum.training.trainer import Checkpointer, train_concept
 from museum.world.concepts import build_concept
@@ -289,7 +289,7 @@ BAD = {"missing": lambda good, tmp: (tmp / "nowhere", {}, r"no IP-Adapter folder
 @pytest.mark.parametrize("case", BAD)
 def test_bad_ip_adapters_are_explained_and_change_nothing(case, tiny_base, ip_adapter_dir, concept_images, tmp_path):
     from conftest import museum_snapshot
-    from museum.store.manifest import MuseumError
+    from museum.errors import MuseumError
 
     folder = tmp_path / "museum"
     Museum.init(folder, base=tiny_base)
@@ -330,7 +330,7 @@ def test_cli_ip_adapter_options(tiny_base, ip_adapter_dir, concept_images, tmp_p
 
 
 def test_a_moved_ip_adapter_is_named_when_drawing(tiny_base, ip_adapter_dir, concept_images, tmp_path):
-    from museum.store.manifest import MuseumError
+    from museum.errors import MuseumError
 
     adapter = tmp_path / "adapter"
     shutil.copytree(ip_adapter_dir, adapter)

@@ -15,14 +15,14 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from tiny_models import FAMILIES
+from museum.errors import MuseumError
 from museum.generation.sampling import generate_images
 from museum.methods import METHODS, method_names
 from museum.methods.base import ConceptCost, ConceptInfo, Method, TrainContext, register
+from museum.museum import Museum
 from museum.plumbing.kv import kv_modules
 from museum.plumbing.tokens import text_pairs
-from museum.museum import Museum
-from museum.store.manifest import MuseumError
+from tiny_models import FAMILIES
 
 # large learning rates so that four steps visibly change a random tiny model
 FAST = dict(steps=4, lr=2e-2, token_lr=0.5)

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from conftest import needs_embedded, stop_at
-from museum.models.loading import load_evaluator, load_pipeline
 from museum.methods import get_method
-from museum.plumbing import kv, tokens
 from museum.methods.base import ConceptInfo, TrainContext
 from museum.methods.ewc import FISHER
 from museum.methods.lora import SharedLoRAMethod
-from museum.methods.museummaker import style_statistics, self_similarity, task_update
+from museum.methods.museummaker import self_similarity, style_statistics, task_update
+from museum.models.loading import load_evaluator, load_pipeline
 from museum.museum import Museum
+from museum.plumbing import kv, tokens
+from museum.plumbing.objectives import noisy_batch
 from museum.training import trainer
 from museum.training.data import encode_variants
-from museum.plumbing.objectives import noisy_batch
 from museum.training.trainer import Checkpointer, train_concept
 from museum.world.concepts import build_concept
 

@@ -8,16 +8,16 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from conftest import needs_two_object_model
-from museum.models.loading import EMBEDDED_TWO_OBJECTS, load_evaluator, load_pipeline
+from museum.evaluation.protocol import score_composition
 from museum.generation.sampling import generate_images
 from museum.methods import get_method, perfusion
-from museum.methods.perfusion import ConceptEdit, EditSet, PerfusionAttnProcessor, orthonormal_basis
-from museum.museum import Museum
-from museum.training.data import read_image_folder
-from museum.plumbing.objectives import encode_prompts
-from museum.training.trainer import train_concept
 from museum.methods.base import ConceptInfo
-from museum.evaluation.protocol import score_composition
+from museum.methods.perfusion import ConceptEdit, EditSet, PerfusionAttnProcessor, orthonormal_basis
+from museum.models.loading import EMBEDDED_TWO_OBJECTS, load_evaluator, load_pipeline
+from museum.museum import Museum
+from museum.plumbing.objectives import encode_prompts
+from museum.training.data import read_image_folder
+from museum.training.trainer import train_concept
 from museum.world.concepts import build_concept
 
 FAST = dict(steps=4, lr=2e-2, token_lr=0.5)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from museum.models.loading import load_pipeline
 from museum.methods.base import ConceptInfo, get_method
+from museum.models.loading import load_pipeline
 from museum.plumbing import objectives
 from museum.training import trainer
 from museum.training.trainer import train_concept
@@ -80,10 +80,9 @@ def test_init_from_a_single_file_checkpoint(single_file, tiny_family, concept_im
     base keeps the family's scheduler and pipeline class, and a concept learns on it. SD-1 goes through the CLI."""
     import json
 
+    from conftest import run_cli
     from museum.generation.sampling import generate_images
     from museum.museum import Museum
-
-    from conftest import run_cli
 
     folder, config = tmp_path / "museum", tiny_family(family)
     if family == "sd1":
@@ -374,8 +373,8 @@ def test_perfusion_on_sdxl_reads_both_encoders(tiny_family, concept_images, tmp_
 def test_sdxl_token_trains_in_both_text_encoders(tiny_family, concept_images, tmp_path):
     """On SDXL a concept's token is added to both tokenizers; both embeddings train and are stored, reload
     into both encoders, and the UNet gets SDXL's added conditioning (pooled text, time ids) in training."""
-    from museum.plumbing import tokens
     from museum.museum import Museum
+    from museum.plumbing import tokens
 
     base = tiny_family("sdxl")
     m = Museum.init(tmp_path / "m", base=base)

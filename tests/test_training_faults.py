@@ -4,7 +4,6 @@ checkpoint made by another run."""
 
 from __future__ import annotations
 
-
 import pytest
 
 from conftest import interrupted_learning, museum_snapshot

@@ -49,6 +49,7 @@ process left. Every unit has its own seeds, so the results do not depend on who 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import time
 import warnings
@@ -58,14 +59,25 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm.auto import tqdm
 
 from museum.errors import MuseumUserError
 from museum.evaluation.metrics import backward_transfer, forgetting, image_alignment, text_alignment
 from museum.evaluation.protocol import evaluation_prompts
+from museum.generation.sampling import generate_images, image_grid
 from museum.methods import METHODS, method_names
+from museum.models.evaluator import to_pixels
+from museum.models.loading import base_hash, is_embedded, load_evaluator, load_pipeline
+from museum.museum import Museum
 from museum.store.atomic import atomic_write_json
 from museum.store.lock import claim
+from museum.store.manifest import MANIFEST
+from museum.training.trainer import TrainOptions, get_accelerator
+from museum.world.concepts import BENCHMARK_CONCEPTS, build_concept, concept_names
+from museum.world.render import SHAPES, random_scene, render, replace
 
 RESULTS_VERSION = 1
 CLAIMS = ".claims"  # one lock file per unit of work (see the module docstring)
@@ -110,9 +122,6 @@ def kid(evaluator, generated, references, *, subsets: int = 100, seed: int = 0) 
     estimator is not 0 for two identical finite sets: it is (2/m) * (mean off-diagonal kernel
     - mean diagonal kernel), slightly negative. Never synchronised across processes (torchmetrics would
     gather every process's features under ``accelerate launch``, where processes score different units)."""
-    from museum.models.evaluator import to_pixels
-    from torchmetrics.image.kid import KernelInceptionDistance
-
     m = min(len(generated), len(references))
     if m < 2:
         return None
@@ -149,8 +158,6 @@ class Prototypes:
 
 def shape_renders(shape: str, n: int = SHAPE_PROTOTYPE_RENDERS) -> list:
     """``n`` renders of plain base scenes of ``shape`` (random colour, background, size, position)."""
-    from museum.world.render import random_scene, render, replace
-
     rng = random.Random(f"shape-prototype:{shape}")
     scenes = [replace(random_scene(rng, base_styles=False), shape=shape, pattern="plain") for _ in range(n)]
     base = int(hashlib.sha256(shape.encode()).hexdigest()[:6], 16) * 1000
@@ -161,8 +168,6 @@ def shape_renders(shape: str, n: int = SHAPE_PROTOTYPE_RENDERS) -> list:
 def build_prototypes(evaluator, concepts: dict[str, Sequence], shapes: Sequence[str] | None = None) -> Prototypes:
     """Prototypes: each concept's mean reference embedding (``concepts``: name -> reference images), and
     ``shape:<s>`` for every base shape (mean embedding of :func:`shape_renders`)."""
-    from museum.world.render import SHAPES
-
     shapes = SHAPES if shapes is None else shapes
     labels, vectors = [], []
     for name, refs in concepts.items():
@@ -239,8 +244,6 @@ class Settings:
 
 def grid_row(images: Sequence, n: int = GRID_IMAGES) -> list:
     """The first ``n`` of a concept's images, padded with white ones so the concept fills exactly one grid row."""
-    from PIL import Image
-
     row = list(images[:n])
     return row + [Image.new("RGB", row[0].size, "white") for _ in range(n - len(row))]
 
@@ -275,8 +278,6 @@ class _Run:
     """One benchmark run: shared data (concepts, prototypes, prompts) and the scoring of images."""
 
     def __init__(self, concepts, evaluator, settings: Settings, out_dir: Path, bar, device: str = "cpu"):
-        from museum.world.concepts import BENCHMARK_CONCEPTS, build_concept
-
         self.device = device
         self.worked = False
         self.names = list(concepts)
@@ -303,8 +304,6 @@ class _Run:
         return m.generate(prompts, n=s.n_seeds, seed=0, steps=s.gen_steps, guidance=s.guidance)
 
     def learn(self, m, name: str, method: str) -> float:
-        from museum.training.trainer import TrainOptions
-
         c = self.data[name]
         s = self.settings
         start = time.time()
@@ -322,15 +321,10 @@ class _Run:
             self.bar.update(1)
 
     def open_museum(self, folder: Path, base: str):
-        from museum.museum import Museum
-        from museum.store.manifest import MANIFEST
-
         m = Museum.open(folder) if (folder / MANIFEST).is_file() else Museum.init(folder, base=base)
         return m.to(self.device) if self.device != "cpu" else m
 
     def progress_of(self, path: Path, kind: str, settings: dict) -> dict:
-        import json
-
         if path.is_file():
             progress = json.loads(path.read_text())
             _check_settings(path, progress.get("settings", {}), settings)
@@ -339,8 +333,6 @@ class _Run:
 
     # ------------------------------------------------------------------ a method, task after task
     def run_method(self, method: str) -> dict:
-        from museum.generation.sampling import image_grid
-
         folder = self.out_dir / method
         path = folder / PROGRESS
         settings = {**self.settings.to_dict(), "overrides": self.settings.overrides.get(method, {})}
@@ -442,8 +434,6 @@ class _Run:
 
     # ------------------------------------------------------------------ each concept alone
     def run_upper_bound(self, method: str) -> dict:
-        from museum.generation.sampling import image_grid
-
         folder = self.out_dir / method / "upper"
         path = folder / PROGRESS
         settings = {**self.settings.to_dict(), "overrides": self.settings.overrides.get(method, {})}
@@ -473,9 +463,6 @@ class _Run:
 
     # ------------------------------------------------------------------ the untrained base model
     def run_base(self) -> dict:
-        from museum.models.loading import load_pipeline
-        from museum.generation.sampling import generate_images, image_grid
-
         folder = self.out_dir / "base"
         path = folder / PROGRESS
         settings = {k: v for k, v in self.settings.to_dict().items() if k not in ("steps", "overrides")}
@@ -521,12 +508,6 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
 
     Under ``accelerate launch`` (or with other runs on the same ``out_dir``) the processes share
     the units of work (see the module docstring); each returns once all of them are done."""
-    from tqdm.auto import tqdm
-
-    from museum.models.loading import base_hash, is_embedded, load_evaluator
-    from museum.training.trainer import get_accelerator
-    from museum.world.concepts import BENCHMARK_CONCEPTS, concept_names
-
     out_dir = Path(out_dir)
     known = method_names()
     methods = known if methods == "all" else list(dict.fromkeys(methods))
@@ -593,8 +574,6 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
 
 
 def _read(path: Path) -> dict | None:
-    import json
-
     return json.loads(path.read_text()) if path.is_file() else None
 
 

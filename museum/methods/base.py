@@ -31,6 +31,7 @@ from typing import Any, ClassVar, ContextManager, Iterator
 import torch
 
 from museum.errors import MuseumError
+from museum.plumbing.kv import applied_deltas
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -301,8 +302,6 @@ class Method:
         """Install this method's effect on ``pipe`` for a prompt naming ``active`` of its ``concepts``,
         undone on exit. The default applies :meth:`kv_deltas`; methods that change the attention
         computation itself (e.g. Perfusion's gated edit) override this."""
-        from museum.plumbing.kv import applied_deltas
-
         return applied_deltas(pipe.unet, self.kv_deltas(concepts, active, state, pipe))
 
     def kv_deltas(self, concepts: list[ConceptInfo], active: list[ConceptInfo], state: dict[str, torch.Tensor],

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from museum.plumbing import kv
 from museum.methods.base import ConceptCost, ConceptInfo, TrainContext, lora_values, register
 from museum.methods.lora import LoRAConfig, LoRAMethod
+from museum.plumbing import kv
 
 
 @dataclass

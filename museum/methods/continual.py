@@ -14,6 +14,7 @@ import torch
 
 from museum.methods.base import ConceptInfo, Method, TrainContext
 from museum.plumbing.objectives import encode_prompts
+from museum.world.render import SHAPES, base_samples, caption, replace
 
 
 def earlier_concepts(method: Method, ctx: TrainContext) -> list[ConceptInfo]:
@@ -24,8 +25,6 @@ def earlier_concepts(method: Method, ctx: TrainContext) -> list[ConceptInfo]:
 def varied_prompts(method: Method, concept: ConceptInfo, n: int, seed: int) -> list[str]:
     """``n`` prompts naming ``concept`` with varied content: generic captions of the world with the style
     added ("a blue circle on a grass background, <s> style") or the object put in ("a <v> on a sand background")."""
-    from museum.world.render import base_samples, caption
-
     phrase = method.phrase(concept)
     scenes = [s for s, _ in base_samples(n, seed=seed)]
     if concept.is_style:
@@ -37,8 +36,6 @@ def class_prompts(concept: ConceptInfo, n: int, seed: int) -> list[str]:
     """``n`` prompts of the concept's class without the concept: world captions whose object is the class word
     ("a large red circle on the left on a sand background"); for a word that is not a shape of the world,
     "a red dog on a sand background"; for a style, generic captions without a style part."""
-    from museum.world.render import SHAPES, base_samples, caption, replace
-
     scenes = [s for s, _ in base_samples(n, seed=seed)]
     plain = frozenset({"style"})
     if concept.is_style:

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 
-from museum.plumbing import kv
 from museum.methods.base import ConceptCost, ConceptInfo, Method, MethodConfig, TrainContext, register
+from museum.methods.prior import generated_latents, generic_captions
+from museum.plumbing import kv
 from museum.plumbing.objectives import concept_prompt, denoising_loss, diffusion_target, encode_prompts
+from museum.world.render import base_samples, caption
 
 RIDGE = 1e-3
 
@@ -92,8 +94,6 @@ class CustomDiffusion(Method):
 
     def _class_data(self, ctx: TrainContext) -> tuple[torch.Tensor, list[str]]:
         """Class images (as latents) from the base model, generated once per (class, count) and cached."""
-        from museum.methods.prior import generated_latents, generic_captions
-
         n = self.config.num_class_images
         if ctx.concept.is_style:  # a style's "class" is generic content
             prompts = generic_captions(n)
@@ -180,8 +180,6 @@ def _generic_features(pipe, n: int = 200) -> torch.Tensor:
     """C_reg: features of generic captions (the base world's), cached on the text encoder."""
     encoder = pipe.text_encoder
     if getattr(encoder, "_museum_generic_features", None) is None:
-        from museum.world.render import base_samples, caption
-
         prompts = [caption(s) for s, _ in base_samples(n, seed=777)]
         encoder._museum_generic_features = _token_features(pipe, prompts)
     return encoder._museum_generic_features

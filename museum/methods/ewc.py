@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from museum.plumbing import kv
 from museum.methods.base import ConceptCost, TrainContext, register
 from museum.methods.lora import LoRAConfig, SharedLoRAMethod
+from museum.plumbing import kv
 from museum.plumbing.objectives import denoising_loss, diffusion_target, encode_prompts, noisy_batch
 
 FISHER = "fisher/"

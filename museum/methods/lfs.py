@@ -41,12 +41,13 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import save_file
 
-from museum.models import icgen
 from museum.errors import MuseumError
 from museum.methods.base import ConceptCost, ConceptInfo, GenerationOption, TrainContext, lora_values, register
 from museum.methods.continual import class_prompts, earlier_concepts, encode_fixed, varied_prompts
-from museum.methods.lora import LoRAConfig, SharedLoRAMethod
 from museum.methods.distill import DataFreeDistillation
+from museum.methods.lora import LoRAConfig, SharedLoRAMethod
+from museum.models import icgen
+from museum.models.loading import load_evaluator
 
 PROMPT_SEED = 6006  # the scenes the distillation prompts describe
 CONTEXT_FILE = "ip_adapter_image_embeds.safetensors"  # an export's image context
@@ -162,8 +163,6 @@ class LFS(SharedLoRAMethod):
             if cfg.context and cfg.ip_adapter is not None:
                 self.context = icgen.encoder_embeddings(cfg.ip_adapter, ctx.images)
             elif cfg.context and icgen.compatible(ctx.pipe.unet):
-                from museum.models.loading import load_evaluator
-
                 self.context = icgen.context_embeddings(load_evaluator(), ctx.images)
             elif cfg.context:
                 warnings.warn("no IP-Adapter given: this lfs concept keeps no image context (pass --ip-adapter DIR, "

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from museum.plumbing import kv
 from museum.methods.base import ConceptCost, ConceptInfo, Method, MethodConfig, TrainContext, lora_values
+from museum.plumbing import kv
 
 
 @dataclass

@@ -24,8 +24,8 @@ import torch
 
 from museum.methods.base import ConceptCost, TrainContext, register
 from museum.methods.continual import earlier_concepts, encode_fixed
-from museum.methods.lora import LoRAConfig, SharedLoRAMethod
 from museum.methods.distill import output_distillation
+from museum.methods.lora import LoRAConfig, SharedLoRAMethod
 from museum.plumbing.objectives import concept_prompt
 
 

@@ -70,13 +70,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from museum.plumbing import kv
 from museum.methods.base import ConceptCost, ConceptInfo, TrainContext, lora_values, register
 from museum.methods.continual import earlier_concepts, encode_fixed, varied_prompts
-from museum.methods.lora import LoRAConfig, LoRAMethod, SharedLoRAMethod
 from museum.methods.distill import cross_attention_outputs
-from museum.plumbing.objectives import encode_prompts, predicted_x0
+from museum.methods.lora import LoRAConfig, LoRAMethod, SharedLoRAMethod
 from museum.methods.prior import GENERIC_SEED, generated_latents, generic_captions
+from museum.plumbing import kv
+from museum.plumbing.objectives import encode_prompts, predicted_x0
 
 UPDATE = "update/"
 MAX_CONTENT_SIDE = 16

@@ -86,12 +86,14 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 
+from museum.methods.base import ConceptCost, ConceptInfo, GenerationOption, Method, MethodConfig, TrainContext, register
 from museum.plumbing import tokens
-from museum.methods.base import (
-    ConceptCost, ConceptInfo, GenerationOption, Method, MethodConfig, TrainContext, register,
-)
-from museum.plumbing.objectives import concept_prompt
+from museum.plumbing.objectives import concept_prompt, encode_prompts
+from museum.store.atomic import atomic_write_bytes
+from museum.world.render import base_samples, caption
 
 PREFIX = "perfusion."
 GRAM_RIDGE = 1e-6  # relative to mean diag(G), only with several concepts
@@ -379,7 +381,6 @@ def corpus(config: PerfusionConfig) -> list[str]:
     if config.caption_file:
         lines = [ln.strip() for ln in Path(config.caption_file).read_text().splitlines()]
         return [ln for ln in lines if ln][: config.cov_captions or None]
-    from museum.world.render import base_samples, caption
 
     return [caption(s) for s, _ in base_samples(config.cov_captions, seed=2023)]
 
@@ -389,8 +390,6 @@ def text_covariance(pipe, captions: list[str], cache_dir: Path | None = None, ba
     """Uncentred covariance (d, d, float64) of the cross-attention input (the text-encoder outputs; on SDXL
     both encoders' outputs concatenated, d = 2048) at every non-padding position of ``captions``; cached in
     ``cache_dir/perfusion/`` and in memory per text encoder."""
-    from museum.plumbing.objectives import encode_prompts
-
     encoder = pipe.text_encoder
     fingerprint = hashlib.sha256()
     for _, text_encoder in tokens.text_pairs(pipe):
@@ -405,8 +404,6 @@ def text_covariance(pipe, captions: list[str], cache_dir: Path | None = None, ba
     path = Path(cache_dir) / "perfusion" / f"text-covariance-{len(captions)}-{key}.safetensors" \
         if cache_dir is not None else None
     if path is not None and path.is_file():
-        from safetensors.torch import load_file
-
         memo[key] = load_file(path)["covariance"]
         return memo[key]
     total, count = 0.0, 0
@@ -419,10 +416,6 @@ def text_covariance(pipe, captions: list[str], cache_dir: Path | None = None, ba
         count += len(feats)
     cov = total / max(count, 1)
     if path is not None:
-        from safetensors.torch import save as save_bytes
-
-        from museum.store.atomic import atomic_write_bytes
-
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, save_bytes({"covariance": cov.contiguous()}))
     memo[key] = cov
@@ -448,8 +441,6 @@ def _token_position(pipe, prompt: str, token: str) -> int:
 
 @torch.no_grad()
 def _encoding_at(pipe, prompt: str, position: int) -> torch.Tensor:
-    from museum.plumbing.objectives import encode_prompts
-
     return encode_prompts(pipe, [prompt])[0, position].detach().float().cpu()
 
 
@@ -561,8 +552,6 @@ def load_into(pipe, export_dir: str | Path, *, beta: float | None = None, tau: f
     ``beta``/``tau``/``strength`` replace the stored gate settings; :func:`gate` still overrides
     them per call. Undo with ``pipe.unet.set_default_attn_processor()``. Returns the tokens added.
     """
-    from safetensors.torch import load_file
-
     export_dir = Path(export_dir)
     meta = json.loads((export_dir / "museum_export.json").read_text())
     mine = [c for c in meta.get("museum_concepts", []) if c["method"] == Perfusion.name]

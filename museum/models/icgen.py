@@ -30,11 +30,13 @@ from typing import Iterator
 import torch
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+from diffusers.utils import logging
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from museum.models.loading import EMBEDDED_DIR
 from museum.errors import MuseumError
+from museum.models.loading import EMBEDDED_DIR
 
 NUM_TOKENS = 4  # the context tokens one embedding becomes (IP-Adapter's; diffusers assumes 4 for this layout)
 WEIGHT_NAME = "ip_adapter.safetensors"
@@ -119,7 +121,6 @@ def load_adapter(pipe, folder: str | Path | None = None, scale: float = 1.0, wei
             f"no image-context adapter at {folder / weight}: ICGen needs one. The embedded model's is made by "
             f"`python scripts/train_icgen.py`; for a Stable Diffusion model give a local IP-Adapter folder (Museum "
             f"downloads nothing)")
-    from diffusers.utils import logging
 
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "image_encoder is not loaded": intended, the embeddings are stored per concept
@@ -190,8 +191,6 @@ def encoder_embeddings(folder: str | Path, images) -> torch.Tensor:
     """(N, D) ``image_embeds`` of an IP-Adapter's image encoder (``folder/image_encoder``) for ``images``, as
     diffusers' ``pipe.encode_image`` computes them: a ``CLIPImageProcessor`` (the folder's preprocessor config, else
     diffusers' default at the encoder's image size), then ``CLIPVisionModelWithProjection(...).image_embeds``."""
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
     path = Path(folder) / IMAGE_ENCODER
     try:
         encoder = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True, use_safetensors=True)

@@ -38,7 +38,8 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
 
-from museum.errors import BaseModelError, MuseumError  # noqa: F401  (re-exported)
+from museum.errors import BaseModelError, MuseumError
+from museum.store.atomic import atomic_write_json
 
 
 def sha256_file(path: Path) -> str:
@@ -151,8 +152,6 @@ class Manifest:
         return None
 
     def write(self, folder: Path) -> None:
-        from museum.store.atomic import atomic_write_json
-
         atomic_write_json(Path(folder) / MANIFEST, self.to_json())
 
     # ------------------------------------------------------------------ queries

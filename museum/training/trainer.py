@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,17 +35,21 @@ from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
+from diffusers import DDPMScheduler
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
+from museum.errors import MuseumError, TrainingDivergedError
+from museum.methods.base import ConceptInfo, Method, TrainContext
 from museum.models.loading import resolution
 from museum.plumbing import kv, tokens
-from museum.methods.base import ConceptInfo, Method, TrainContext
-from museum.training.data import encode_variants
 from museum.plumbing.objectives import (
     SDXLConditioning, concept_prompt, denoising_loss, diffusion_target, encode_prompts, noisy_batch,
 )
-from museum.errors import MuseumError, TrainingDivergedError
+from museum.store.atomic import atomic_dir
 from museum.store.faults import fault_point
+from museum.training import memory
+from museum.training.data import encode_variants
 
 _ACCELERATOR: Optional[Accelerator] = None
 PRECISIONS = ("no", "fp16", "bf16")
@@ -136,7 +141,6 @@ class Checkpointer:
     def save(self, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, params: list) -> None:
         if self.folder is None or self.read_only:
             return
-        from museum.store.atomic import atomic_dir
 
         moments = {}
         for i, p in enumerate(params):
@@ -153,8 +157,6 @@ class Checkpointer:
             save_file(moments or {"none": torch.zeros(1)}, tmp / "optimizer.safetensors")
             (tmp / "step.json").write_text(json.dumps({"step": step, "fingerprint": self.fingerprint}))
         for old in sorted(self.folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-self.keep]:
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
         fault_point("checkpoint.done")
 
@@ -226,7 +228,6 @@ def train_concept(
     t_start = time.time()
     gen = torch.Generator().manual_seed(cfg.seed)
     unet, text_encoder, vae, scheduler = pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler
-    from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
     w0 = kv.kv_weights(unet)
@@ -268,8 +269,6 @@ def train_concept(
         echo(f"data parallel: {procs} processes x {cfg.batch_size // procs} samples = global batch {cfg.batch_size} "
              f"({accelerator.distributed_type.value}, backend {accelerator.state.backend})")
     if echo is not None and options.memory_estimate:
-        from museum.training import memory
-
         device = pipe.unet.device
         if device.type == "cpu" and not torch.cuda.is_available():
             echo(f"note: no GPU found: training on CPU in {'bf16 autocast' if accelerator.mixed_precision == 'bf16' else 'fp32'}")
@@ -450,7 +449,6 @@ def _rms(t: torch.Tensor) -> float:
 def _progress(iterable, enabled: bool, desc: str):
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
 
