@@ -48,11 +48,10 @@ def stop_at(step: int):
 def interrupted_learning(step: int):
     """Inside the block, ``Museum.learn`` stops with KeyboardInterrupt (as Ctrl-C) once ``step`` training steps are
     done."""
-    import museum.museum as museum_module
+    import museum.learning as learning
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(museum_module, "train_concept", functools.partial(museum_module.train_concept,
-                                                                        on_step=stop_at(step)))
+        patch.setattr(learning, "train_concept", functools.partial(learning.train_concept, on_step=stop_at(step)))
         yield
 
 

@@ -228,7 +228,7 @@ def test_ewc_fisher_accumulates_in_the_museum_and_reloads(tiny_base, concept_ima
         seen["result"] = result
         return result
 
-    monkeypatch.setattr("museum.museum.train_concept", spy)
+    monkeypatch.setattr("museum.learning.train_concept", spy)
     from museum.methods.ewc import EWC
 
     original_setup = EWC.setup

@@ -30,6 +30,7 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 MANIFEST = "museum.json"
+TENSORS = "tensors.safetensors"  # a concept's tensors, in its folder
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 FOLDER_RE = re.compile(r"^concepts/[0-9]{3,}-([a-z0-9][a-z0-9_-]{0,39})$")
 FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.(safetensors|json|png)$")
