@@ -65,9 +65,9 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
 from museum.errors import MuseumUserError
-from museum.evaluation.metrics import backward_transfer, forgetting, image_alignment, text_alignment
-from museum.evaluation.protocol import evaluation_prompts
-from museum.generation.sampling import generate_images, image_grid
+from museum.evaluation.metrics import backward_transfer, forgetting
+from museum.evaluation.protocol import alignment, base_images, class_prompts, concept_images
+from museum.generation.sampling import image_grid
 from museum.methods import METHODS, method_names
 from museum.models.evaluator import to_pixels
 from museum.models.loading import base_hash, is_embedded, load_evaluator, load_pipeline
@@ -179,14 +179,16 @@ def build_prototypes(evaluator, concepts: dict[str, Sequence], shapes: Sequence[
     return Prototypes(labels, torch.nn.functional.normalize(torch.stack(vectors), dim=-1))
 
 
-def score_images(evaluator, images, concept, class_prompts: Sequence[str], prototypes: Prototypes) -> dict:
-    """Every metric of one concept's generated ``images`` (``class_prompts[i]`` goes with image i)."""
+def score_images(evaluator, images, concept, prompts: Sequence[str], prototypes: Prototypes) -> dict:
+    """Every metric of one concept's generated ``images`` (``prompts[i]``, a class prompt, goes with image i): the
+    protocol's alignments (``protocol.alignment``), KID and shape recognition."""
+    aligned = alignment(evaluator, images, concept, list(prompts))
     return {
-        "image_alignment": image_alignment(evaluator, images, concept.reference_images),
-        "text_alignment": text_alignment(evaluator, images, list(class_prompts)),
+        "image_alignment": aligned.image_alignment,
+        "text_alignment": aligned.text_alignment,
         "kid": kid(evaluator, images, concept.reference_images),
         "recognition": prototypes.accuracy(evaluator, images, concept.name),
-        "n_images": len(images),
+        "n_images": aligned.n_images,
     }
 
 
@@ -291,8 +293,7 @@ class _Run:
 
     # ------------------------------------------------------------------ helpers
     def class_prompts(self, name: str) -> list[str]:
-        s = self.settings
-        return [p for p in self.data[name].class_prompts()[:s.n_prompts] for _ in range(s.n_seeds)]
+        return class_prompts(self.data[name], self.settings.n_prompts, self.settings.n_seeds)
 
     def score(self, name: str, images) -> dict:
         self.worked = True  # every unit that is not yet done scores something
@@ -300,8 +301,8 @@ class _Run:
 
     def generate(self, m, name: str):
         s = self.settings
-        prompts = evaluation_prompts(self.data[name], m.concept(name).phrase, s.n_prompts)
-        return m.generate(prompts, n=s.n_seeds, seed=0, steps=s.gen_steps, guidance=s.guidance)
+        return concept_images(m, name, self.data[name], n_prompts=s.n_prompts, n_seeds=s.n_seeds, steps=s.gen_steps,
+                              guidance=s.guidance)
 
     def learn(self, m, name: str, method: str) -> float:
         c = self.data[name]
@@ -476,9 +477,8 @@ class _Run:
                 self.advance()
                 continue
             self.step(f"base model: {name}")
-            prompts = self.class_prompts(name)
-            seeds = [k for _ in range(s.n_prompts) for k in range(s.n_seeds)]
-            images = generate_images(pipe, prompts, seeds=seeds, steps=s.gen_steps, guidance=s.guidance)
+            images = base_images(pipe, self.data[name], n_prompts=s.n_prompts, n_seeds=s.n_seeds, steps=s.gen_steps,
+                                 guidance=s.guidance)
             grid = folder / "grids" / f"{name}.png"
             grid.parent.mkdir(parents=True, exist_ok=True)
             image_grid(grid_row(images), cols=GRID_IMAGES, scale=2).save(grid)
