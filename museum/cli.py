@@ -1,4 +1,7 @@
-"""The ``museum`` command line (typer). Every user error prints one ``error: ...`` line and exits 2."""
+"""The ``museum`` command line (typer). Every user error prints one ``error: ...`` line and exits 2.
+
+Each command imports what it uses inside its function: torch and diffusers take seconds to import, and a usage
+error or ``--help`` should answer at once."""
 
 from __future__ import annotations
 
@@ -60,6 +63,18 @@ def _quiet() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _by_name(flag: str, items: List[str]) -> dict[str, float] | None:
+    """Repeated ``NAME=NUMBER`` values of ``flag`` as {name: number} (None when none is given)."""
+    values = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            values[name.strip()] = float(value)
+        except ValueError:
+            fail(f"{flag} takes NAME=NUMBER, e.g. {flag} sunburst=0.8 (got {item!r})")
+    return values or None
+
+
 @app.command()
 def generate(
     args: List[str] = typer.Argument(..., metavar="[DIR] PROMPT", help="a museum folder (optional) and the prompt"),
@@ -87,31 +102,19 @@ def generate(
     _quiet()
     from museum.generation.sampling import generate_images, image_grid
 
-    if gate_temp is not None and gate_temp <= 0:
-        fail(f"--gate-temp must be > 0 (got {gate_temp})")
-    if context_scale is not None and context_scale < 0:
-        fail(f"--context-scale must be >= 0 (got {context_scale})")
-    strengths = {}
-    for item in strength:
-        name, _, value = item.partition("=")
-        try:
-            strengths[name.strip()] = float(value)
-        except ValueError:
-            fail(f"--strength takes NAME=NUMBER, e.g. --strength sunburst=0.8 (got {item!r})")
+    # the methods' generation options (``Method.generation_options``), passed on by name
+    options = {"gate_bias": gate_bias, "gate_temp": gate_temp, "strength": _by_name("--strength", strength),
+               "context_scale": context_scale}
+    given = [name for name, value in options.items() if value is not None]
     if folder is not None:
-        from museum.methods import perfusion
         from museum.museum import Museum
 
-        from museum.icgen import DEFAULT_SCALE, context_scale as icgen_scale
-
-        with perfusion.gate(beta=gate_bias, tau=gate_temp, strength=strengths or None), \
-                icgen_scale(DEFAULT_SCALE if context_scale is None else context_scale):
-            images = Museum.open(folder, allow_pickle=allow_pickle).generate(prompt, n=n, seed=seed, steps=steps,
-                                                                             guidance=guidance)
+        images = Museum.open(folder, allow_pickle=allow_pickle).generate(prompt, n=n, seed=seed, steps=steps,
+                                                                         guidance=guidance, options=options)
     else:
-        if context_scale is not None:
-            fail("--context-scale applies to a museum's lfs concepts that keep image context; give the museum DIR")
-        from museum.base.loading import load_pipeline, resolve_base
+        if given:
+            fail(f"--{given[0].replace('_', '-')} applies to a museum's concepts; give the museum DIR")
+        from museum.models.loading import load_pipeline, resolve_base
         from museum.museum import warn_if_truncated
         from museum.store.manifest import check_pipeline_files
 
@@ -331,7 +334,7 @@ def pretrain(out: Path = typer.Option(Path("museum/embedded")), work: Path = typ
                                                   "the left and a small blue star on the right ...\") in the "
                                                   "pretraining set; the shipped model: 0")) -> None:
     """Train the embedded model and evaluator from scratch (at most ~90 minutes on 2 CPU cores), or continue one."""
-    from museum.base.pretrain import pretrain as run
+    from museum.models.pretrain import pretrain as run
 
     if not 0.0 <= pair_fraction <= 1.0:
         raise typer.BadParameter(f"--pair-fraction is a fraction of scenes, 0 to 1; got {pair_fraction}")
@@ -369,7 +372,6 @@ def bench(
     _quiet()
     from museum.evaluation.benchmark import RESULTS, run_benchmark
     from museum.report.benchmark_report import write_report
-
     from museum.training.trainer import get_accelerator
 
     run_benchmark(chosen, BENCHMARK_CONCEPTS[:tasks], out, quick=quick, base=base, steps=steps,

@@ -6,18 +6,16 @@ A concept becomes
   (SDXL: ``{"clip_l": (1, D1), "clip_g": (1, D2)}``, loaded into each text encoder);
 * ``pytorch_lora_weights.safetensors`` (methods that change K/V): the exact K/V deltas the
   museum applies for a prompt naming the concept(s), written as one LoRA with its adapter
-  metadata (ECOSYSTEM.md pitfall 4), for ``pipe.load_lora_weights``. Dense deltas (Custom
+  metadata (``unet_lora_adapter_metadata``: without it diffusers does not know the LoRA's alpha when it
+  reloads it, and its scale is lost), for ``pipe.load_lora_weights``. Dense deltas (Custom
   Diffusion, a C-LoRA stack, a closed-form merge) are factored exactly by SVD, keeping
   every singular value above 1e-6 of the largest;
 * ``museum-{name}.safetensors`` (methods with ``export_format = "museum"``, e.g. Perfusion, whose
   effect is not a weight delta): the concept's stored tensors, token included, read by the
   method module's ``load_into(pipe, export_dir)``; ``museum_export.json`` then says
   ``needs_museum: true`` and names the loader;
-* ``ip_adapter_image_embeds.safetensors`` (``lfs`` concepts that keep image context, ICGen): ``image_embeds``
-  (K, D), the one context embedding per such concept Museum draws with (``icgen.image_embeds``), and each
-  concept's stored per-image embeddings (``context.{name}``); the snippet loads the adapter the concept was
-  learned with (``pipe.load_ip_adapter``, the folder is referenced, not copied) and builds
-  ``ip_adapter_image_embeds`` for ``pipe(prompt, ip_adapter_image_embeds=ip_adapter_image_embeds)``;
+* what a method's concepts need besides (``Method.export_extras``: e.g. ``lfs`` concepts that keep image
+  context write ``ip_adapter_image_embeds.safetensors`` and the lines that load their IP-Adapter);
 * ``museum_export.json``: what was exported and the lines that load it.
 
 Loading the export in plain diffusers (plus Museum's loader where ``needs_museum``) gives the
@@ -33,8 +31,10 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from museum.base.loading import resolve_base
-from museum.methods.kv import KV_PATTERN
+from museum.methods.base import METHODS, get_method
+from museum.models.loading import resolve_base
+from museum.plumbing.kv import KV_PATTERN
+from museum.plumbing.tokens import SECOND, is_sdxl
 from museum.store.atomic import atomic_dir
 from museum.store.faults import fault_point
 
@@ -45,13 +45,6 @@ pipe = {cls}.from_pretrained("{base}")
 SDXL_TOKEN_LOADS = """from safetensors.torch import load_file; emb = load_file("{file}")
 pipe.load_textual_inversion(emb["clip_l"], token="{token}", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
 pipe.load_textual_inversion(emb["clip_g"], token="{token}", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"""
-CONTEXT_FILE = "ip_adapter_image_embeds.safetensors"
-#: ICGen context (lfs): the adapter, then the embeddings for one prompt with guidance (zeros: unconditional branch)
-CONTEXT_LOADS = """pipe.load_ip_adapter("{folder}", subfolder="", weight_name="{weight}", image_encoder_folder=None)
-pipe.set_ip_adapter_scale({scale})
-import torch; from safetensors.torch import load_file; context = load_file("{file}")["image_embeds"][None]
-ip_adapter_image_embeds = [torch.cat([torch.zeros_like(context), context])]  # one prompt, guidance > 1"""
-CONTEXT_CALL = "pipe(prompt, ip_adapter_image_embeds=ip_adapter_image_embeds)"
 
 
 def deltas_to_lora(deltas: dict[str, torch.Tensor], rel_tol: float = 1e-6) -> tuple[dict[str, torch.Tensor], int]:
@@ -72,11 +65,6 @@ def deltas_to_lora(deltas: dict[str, torch.Tensor], rel_tol: float = 1e-6) -> tu
 
 def export_concepts(museum, names: list[str], out: Path) -> Path:
     """Export one concept, or several composed (their deltas as the museum combines them), to ``out``."""
-    from museum import icgen
-    from museum.methods.base import get_method
-    from museum.methods.lfs import drawing_context
-    from museum.methods.tokens import SECOND, is_sdxl
-
     entries = [museum.manifest.concept(n) for n in names]
     pipe = museum.pipe  # loads and verifies every concept
     sdxl = is_sdxl(pipe)
@@ -114,16 +102,11 @@ def export_concepts(museum, names: list[str], out: Path) -> Path:
         for loader in loaders:
             module, func = loader.split(":")
             loads.append(f'from {module} import {func}; {func}(pipe, "{out}")')
-        context, ip_adapter = drawing_context([i for e, i in zip(entries, infos) if e.method == "lfs"]), None
-        if context is not None:
-            folder = str(context.folder or icgen.EMBEDDED_ICGEN)
-            save_file({"image_embeds": icgen.image_embeds(context.contexts, context.folder),
-                       **{f"context.{n}": c.float().contiguous() for n, c in zip(context.names, context.contexts)}},
-                      tmp / CONTEXT_FILE)
-            loads.append(CONTEXT_LOADS.format(folder=folder, weight=context.weight, scale=icgen.DEFAULT_SCALE,
-                                              file=out / CONTEXT_FILE))
-            ip_adapter = {"folder": folder, "weight_name": context.weight, "scale": icgen.DEFAULT_SCALE,
-                          "file": CONTEXT_FILE, "concepts": context.names, "call": CONTEXT_CALL}
+        extras = {}
+        for name, cls in sorted(METHODS.items()):
+            lines, fields = cls.export_extras([i for e, i in zip(entries, infos) if e.method == name], tmp, out)
+            loads += lines
+            extras.update(fields)
         base = str(resolve_base(museum.manifest.base_path))
         snippet = LOAD_SNIPPET.format(cls=type(pipe).__name__, base=base, loads="\n".join(loads))
         (tmp / "museum_export.json").write_text(json.dumps({
@@ -131,7 +114,7 @@ def export_concepts(museum, names: list[str], out: Path) -> Path:
                           "phrase": museum.concept(e.name).phrase} for e in entries],
             "base": base, "base_hash": museum.manifest.base_hash, "lora_rank": lora_rank,
             "needs_museum": bool(museum_concepts), "museum_concepts": museum_concepts,
-            "ip_adapter": ip_adapter, "load_with_diffusers": snippet,
+            **extras, "load_with_diffusers": snippet,
         }, indent=2))
     return out
 

@@ -14,40 +14,40 @@ the base model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from contextlib import ExitStack, contextmanager, nullcontext
 import shutil
-import time
 import warnings
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from museum.base.loading import (
+from museum.errors import MuseumError, MuseumUserError
+from museum.export import export_concepts
+from museum.generation.sampling import generate_images
+from museum.learning import LearningSession
+from museum.methods.base import ConceptInfo, family_of, generation_settings, get_method, method_names
+from museum.models.loading import (
     EMBEDDED, base_hash, hub_snapshot, is_embedded, is_hub_id, is_single_file, load_pipeline, load_single_file,
     resolve_base,
 )
-from museum.generation.sampling import generate_images, image_grid
-from museum.methods import kv, tokens
-from museum.errors import MuseumUserError, TrainingDivergedError
-from museum.methods.base import ConceptInfo, Method, family_of, get_method, method_names
-from museum.store.atomic import atomic_dir, atomic_write_bytes, remove_leftovers
+from museum.plumbing import kv, tokens
+from museum.store.atomic import atomic_dir, remove_leftovers
 from museum.store.faults import fault_point
 from museum.store.lock import writer_lock
 from museum.store.manifest import (
-    MANIFEST, ConceptEntry, Manifest, MuseumError, check_name, check_pipeline_files, sha256_file, verify_files,
+    MANIFEST, TENSORS, ConceptEntry, Manifest, check_name, check_pipeline_files, verify_files,
 )
 from museum.training.data import read_image_folder
-from museum.training.objectives import concept_prompt
-from museum.training.trainer import Checkpointer, TrainOptions, get_accelerator, train_concept
+from museum.training.trainer import TrainOptions
 
 TOKEN_RE = re.compile(r"<[^<>\s]+>")
-TENSORS = "tensors.safetensors"
 BASE_FOLDER = "base"  # a single-file base model, saved as a pipeline folder inside the museum
 
 
@@ -82,7 +82,7 @@ class Museum:
              config: str | Path | None = None) -> "Museum":
         """A new museum on ``base``: ``"embedded"``, a diffusers pipeline folder, a single-file checkpoint
         (saved once as the museum's own pipeline folder ``DIR/base``; ``config``: a pipeline folder of the same
-        architecture whose configs and tokenizer diffusers needs, see ``museum.base.loading.load_single_file``)
+        architecture whose configs and tokenizer diffusers needs, see ``museum.models.loading.load_single_file``)
         or a Hugging Face hub id (from the local cache, or downloaded when online)."""
         folder = Path(folder)
         if (folder / MANIFEST).exists():
@@ -215,10 +215,6 @@ class Museum:
         self.pipe.to(dev)
         return self
 
-    def _text_width(self) -> int:
-        path = resolve_base(self.manifest.base_path) / "text_encoder" / "config.json"
-        return json.loads(path.read_text())["hidden_size"]
-
     def method_state(self, method: str) -> dict[str, torch.Tensor]:
         record = self.manifest.state.get(method)
         if record is None:
@@ -269,118 +265,9 @@ class Museum:
             image_hashes = [_image_hash(im) for im in pil_images]
             if not pil_images:
                 raise MuseumError("no images given")
-        # under `accelerate launch` several processes train this concept together (data parallel): the main
-        # process holds the writer lock, cleans, checkpoints and commits; the others only train
-        accelerator = get_accelerator(options.mixed_precision if options else None)
-        multi = accelerator.num_processes > 1 and (options is None or options.data_parallel)
-        main = accelerator.is_main_process or not multi
-        agreed = False
-        try:
-            with writer_lock(self.folder, wait=wait) if main else nullcontext():
-                self.manifest = Manifest.read(self.folder)
-                work = self.folder / "work" / name
-                if main:
-                    remove_leftovers(self.folder / "concepts")
-                    remove_leftovers(self.folder / "state")
-                    remove_leftovers(self.folder)
-                    for stale in (self.folder / "work").glob("*"):  # left by a crash after its concept was committed
-                        if stale.name in self.manifest.names():
-                            shutil.rmtree(stale, ignore_errors=True)
-                if name in self.manifest.names():
-                    raise MuseumError(f"the museum already has a concept {name!r}; choose another name or "
-                                      f"`museum remove` it first")
-                token = f"<{name}>"
-                if token in self.pipe.tokenizer.get_vocab():
-                    raise MuseumError(f"the token {token} is already in the base model's vocabulary; choose another name")
-                task_index = len(self.manifest.concepts)
-                info = ConceptInfo(name, token, class_word, style, task_index, m.name)
-                earlier = [self.concept_info(e) for e in self.manifest.concepts]
-                if main and work.is_dir():
-                    remove_leftovers(work)
-                    if not resume:
-                        if any(work.glob("checkpoint-*")):
-                            warnings.warn(f"discarding the checkpoints of an interrupted run of {name!r} in {work}; "
-                                          "pass --resume (resume=True) to continue such a run instead")
-                        shutil.rmtree(work, ignore_errors=True)
-                # what the run depends on: a checkpoint made with anything else is not resumed
-                fingerprint = {"method": m.name, "config": m.config.to_dict(), "images": image_hashes,
-                               "base": self.manifest.base_hash, "class_word": class_word, "style": style,
-                               "earlier": [[c.name, c.files.get(TENSORS)] for c in self.manifest.concepts],
-                               "state": (self.manifest.state.get(m.name) or {}).get("sha256")}
-                checkpoints = Checkpointer(work, every=checkpoint_every or max(25, m.config.steps // 4),
-                                           fingerprint=fingerprint)
-                if multi:
-                    agreed = True
-                    if not _all_agree(accelerator, True):
-                        raise MuseumError("another process of this data-parallel run failed before training (see "
-                                          "its error); nothing was learned")
-                try:
-                    result = train_concept(
-                        self.pipe, m, info, pil_images, state=self.method_state(m.name), earlier=earlier,
-                        cache_dir=self.folder / "cache", checkpoints=checkpoints, resume=resume, progress=progress,
-                        options=options, echo=echo,
-                    )
-                    if not main:
-                        self._pipe = None  # holds the token; the main process commits the concept
-                        return None
-                    self._commit_concept(m, info, result, image_hashes)
-                except BaseException as err:
-                    self._pipe = None  # the pipeline holds the uncommitted token: reload from disk next time
-                    self._loaded_state = {}
-                    if main and isinstance(err, TrainingDivergedError):  # resuming would diverge again
-                        shutil.rmtree(work, ignore_errors=True)
-                    raise
-                shutil.rmtree(work, ignore_errors=True)
-                fault_point("learn.done")
-        except BaseException:
-            if multi and not agreed:  # tell the other processes, which wait for this one
-                _all_agree(accelerator, False)
-            raise
-        return self.concept(name)
-
-    def _commit_concept(self, m: Method, info: ConceptInfo, result, image_hashes: list[str]) -> None:
-        fault_point("commit.begin")
-        entry = ConceptEntry(info.name, info.token, m.name, info.task_index, info.class_word, info.is_style,
-                             folder=f"concepts/{info.task_index:03d}-{info.name}")
-        info.tensors = result.tensors
-        self._concept_tensors[info.name] = result.tensors
-        record = {
-            "name": info.name, "token": info.token, "phrase": m.phrase(info), "method": m.name,
-            "config": m.config.to_dict(), "task_index": info.task_index, "class_word": info.class_word,
-            "is_style": info.is_style, "image_sha256": image_hashes, "train_seconds": round(result.seconds, 2),
-            "steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
-            "base_hash": self.manifest.base_hash, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        # the sample is drawn with the new state but before the commit
-        self._concept_records[info.name] = record
-        self._loaded_state[m.name] = result.state
-        pending = [*self.manifest.concepts, entry]
-        prompt = concept_prompt(m, info)
-        sample = image_grid(self._generate([prompt] * 4, list(range(4)), entries=pending), cols=4, scale=2)
-        fault_point("commit.sampled")
-        with atomic_dir(self.folder / entry.folder) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in result.tensors.items()}, tmp / TENSORS)
-            fault_point("commit.partial")
-            (tmp / "concept.json").write_text(json.dumps(record, indent=2))
-            sample.save(tmp / "sample.png")
-            entry.files = {f: sha256_file(tmp / f) for f in (TENSORS, "concept.json", "sample.png")}
-        fault_point("commit.folder")
-        state = dict(self.manifest.state)
-        if result.state:
-            state_file = f"state/{m.name}-{info.task_index:03d}.safetensors"
-            (self.folder / "state").mkdir(exist_ok=True)
-            from safetensors.torch import save as save_bytes
-
-            atomic_write_bytes(self.folder / state_file,
-                               save_bytes({k: v.detach().cpu().contiguous() for k, v in result.state.items()}))
-            state[m.name] = {"file": state_file, "sha256": sha256_file(self.folder / state_file)}
-            fault_point("commit.state")
-        new = Manifest(self.manifest.base_path, self.manifest.base_hash, pending, state)
-        new.write(self.folder)  # the commit point
-        fault_point("commit.manifest")
-        self.manifest = new
-        self._remove_unreferenced()
-        fault_point("commit.cleaned")
+        session = LearningSession(self, m, name, class_word, style, pil_images, image_hashes, resume=resume, wait=wait,
+                                  progress=progress, checkpoint_every=checkpoint_every, options=options, echo=echo)
+        return self.concept(name) if session.run() else None
 
     def _remove_unreferenced(self) -> None:
         keep_dirs = {self.folder / c.folder for c in self.manifest.concepts}
@@ -457,12 +344,14 @@ class Museum:
             yield
 
     def generate(self, prompt: str | Sequence[str], *, n: int = 4, seed: int = 0, steps: int = 25,
-                 guidance: float = 7.5) -> list[Image.Image]:
-        """``n`` images per prompt (seeds ``seed .. seed+n-1``), with the named concepts active."""
+                 guidance: float = 7.5, options: dict | None = None) -> list[Image.Image]:
+        """``n`` images per prompt (seeds ``seed .. seed+n-1``), with the named concepts active. ``options``: the
+        methods' generation options by name (``Method.generation_options``, e.g. ``{"gate_bias": 0.6}``)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         all_prompts = [p for p in prompts for _ in range(n)]
         all_seeds = [seed + k for _ in prompts for k in range(n)]
-        return self._generate(all_prompts, all_seeds, steps=steps, guidance=guidance)
+        with generation_settings(options or {}):
+            return self._generate(all_prompts, all_seeds, steps=steps, guidance=guidance)
 
     def _generate(self, prompts: list[str], seeds: list[int], *, entries=None, steps: int = 25,
                   guidance: float = 7.5) -> list[Image.Image]:
@@ -492,8 +381,6 @@ class Museum:
     # ------------------------------------------------------------------ export
     def export(self, names: str | Sequence[str], out: str | Path) -> Path:
         """Write one concept, or several composed, in diffusers' formats (see ``museum.export``)."""
-        from museum.export import export_concepts
-
         return export_concepts(self, [names] if isinstance(names, str) else list(names), Path(out))
 
 
@@ -509,12 +396,6 @@ def warn_if_truncated(tokenizer, prompts: Sequence[str], concept_tokens: Sequenc
         extra = f"; {', '.join(lost)} fall(s) after the limit and will not be drawn" if lost else ""
         warnings.warn(f"prompt has {len(ids)} tokens, more than the model's {limit}; it is truncated to the first "
                       f"{limit}{extra}: {p[:60]}...", stacklevel=3)
-
-
-def _all_agree(accelerator, ok: bool) -> bool:
-    """Whether every process of a data-parallel run is ``ok`` (a collective: every process must call it)."""
-    flag = torch.tensor([1.0 if ok else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
 
 
 def _model_shapes(pipe) -> dict:
@@ -589,6 +470,4 @@ def _check_tensors(tensors: dict[str, torch.Tensor], shapes: dict, what: str, to
 
 
 def _image_hash(image: Image.Image) -> str:
-    import hashlib
-
     return hashlib.sha256(image.tobytes()).hexdigest()

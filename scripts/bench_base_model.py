@@ -48,8 +48,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from museum.base.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline, resolution  # noqa: E402
 from museum.evaluation.placement import COLOUR_GAP, MIN_PIXELS, NEAR, read_placement, readable_pairs  # noqa: E402
+from museum.models.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline, resolution  # noqa: E402
 from museum.world import render as world  # noqa: E402
 
 HELD_OUT_SEED = 12345  # pretraining draws its scenes from seeds 0 (base set) and 1 (evaluator set)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from museum.base.loading import load_evaluator, load_pipeline
+from museum.models.loading import load_evaluator, load_pipeline
 from museum.evaluation import prompt_following as PF
 from museum.generation import generate_images, image_grid
 from museum.world.v2 import render

@@ -41,10 +41,10 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from museum.base.loading import EMBEDDED_TWO_OBJECTS, load_evaluator
 from museum.evaluation.protocol import composition_table, score_concept
 from museum.generation.sampling import image_grid
 from museum.methods import perfusion
+from museum.models.loading import EMBEDDED_TWO_OBJECTS, load_evaluator
 from museum.museum import Museum
 from museum.world.concepts import build_concept
 from museum.world.render import INSTANCES

@@ -3,7 +3,7 @@
 Builds SD-1.5's UNet (and CLIP ViT-L/14 text encoder, VAE) from their configs with random weights on
 CPU (no download), counts parameters, counts the FLOPs of one training step (forward + backward,
 batch 1, 64x64 latents, 77 text tokens) with torch.utils.flop_counter.FlopCounterMode, and applies
-each method's SD defaults (``MethodConfig.SD15``) and storage formulas (``museum.sizing``, tested
+each method's SD defaults (``MethodConfig.SD15``) and storage formulas (each method's ``cost``, tested
 against real runs) to SD-1.5's cross-attention shapes. Prints the markdown tables of docs/GPU.md.
 
     OMP_NUM_THREADS=1 python scripts/gpu_estimates.py            # ~2-3 minutes, ~10 GB RAM
@@ -22,8 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from museum.methods import METHODS, method_names
 from museum.methods.base import get_method
-from museum.methods.kv import kv_modules
-from museum.sizing import concept_cost
+from museum.plumbing.kv import kv_modules
 from museum.training.memory import activation_values
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -108,7 +107,7 @@ def main() -> None:
     table = 4 * SD15_TEXT["vocab_size"] * width  # the token trains through the embedding table (masked rows)
     for name in method_names():
         cfg = get_method(name, family="sd1").config.to_dict()
-        cost = concept_cost(name, kv, width, cfg)
+        cost = METHODS[name].cost(kv, width, cfg)
         flops = cfg["steps"] * (cost.passes_per_step * step + text_step) + cost.once_forward_passes * fwd
         extra_params = 0 if name in ("textual-inversion", "perfusion", "custom-diffusion") else cost.trained_values
         trained_bytes = 4 * (cost.trained_values - width) + table  # grads + 2 Adam moments of what trains

@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from museum.base.loading import load_evaluator
 from museum.evaluation.protocol import LAYOUTS, composition_table
+from museum.models.loading import load_evaluator
 from museum.museum import Museum
 from museum.world.concepts import build_concept
 

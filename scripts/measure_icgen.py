@@ -1,4 +1,4 @@
-"""Measure ICGen zero-shot on the embedded model (museum/icgen.py): held-out concepts the adapter never saw, no
+"""Measure ICGen zero-shot on the embedded model (museum/models/icgen.py): held-out concepts the adapter never saw, no
 training, only the image-encoder embeddings of the concept's training images as context.
 
     OMP_NUM_THREADS=1 python scripts/measure_icgen.py --out docs/icgen.json --lfs sunburst smiley
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from museum import icgen
-from museum.base.loading import load_evaluator, load_pipeline
-from museum.evaluation.protocol import score_base
+from museum.evaluation.protocol import score_base, zero_shot_alignment
+from museum.models import icgen
+from museum.models.loading import load_evaluator, load_pipeline
 from museum.world.concepts import ZERO_SHOT_CONCEPTS, build_concept
 
 
@@ -44,7 +44,7 @@ def main() -> None:
                "learn_with_context": args.learn_with_context}
     icgen.load_adapter(pipe, args.adapter)
     for scale in args.scales:
-        results["icgen"][f"{scale:g}"] = {n: icgen.zero_shot_alignment(pipe, evaluator, c, scale=scale)
+        results["icgen"][f"{scale:g}"] = {n: zero_shot_alignment(pipe, evaluator, c, scale=scale)
                                           for n, c in concepts.items()}
         print(scale, results["icgen"][f"{scale:g}"], flush=True)
     results["lfs"] = {}

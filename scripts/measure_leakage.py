@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from museum.base.loading import load_evaluator, load_pipeline
 from museum.evaluation.leakage import base_reading, content_leakage
+from museum.models.loading import load_evaluator, load_pipeline
 
 
 def main() -> None:

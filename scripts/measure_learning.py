@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from museum.base.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline
 from museum.evaluation.protocol import score_base, score_concept
 from museum.methods import method_names
 from museum.methods.base import parse_setting
+from museum.models.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline
 from museum.museum import Museum
 from museum.world.concepts import build_concept
 

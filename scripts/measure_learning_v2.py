@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from museum.base.loading import load_evaluator, load_pipeline
+from museum.models.loading import load_evaluator, load_pipeline
 from museum.evaluation.concept_fidelity import GapClosed, fidelity, recognition, reference_bank
 from museum.generation import generate_images
 from museum.methods import method_names

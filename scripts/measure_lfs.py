@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from museum.base.loading import load_evaluator, load_pipeline
 from museum.evaluation.relevant import CIRCLE_CONCEPTS, base_images, compare_to_base, relevant_forgetting
 from museum.methods.base import parse_setting
+from museum.models.loading import load_evaluator, load_pipeline
 from museum.world.concepts import build_concept
 
 METRICS = ("text_alignment", "pixel_rmse_to_base", "paired_alignment_to_base")

@@ -2,13 +2,13 @@
 
     python scripts/pretrain.py --out museum/embedded --work .cache/pretrain 2>&1 | tee docs/logs/pretrain.log
 
-Same as ``museum pretrain``. At most ~90 minutes on a 2-core CPU; see museum/base/pretrain.py.
+Same as ``museum pretrain``. At most ~90 minutes on a 2-core CPU; see museum/models/pretrain.py.
 """
 
 import argparse
 from pathlib import Path
 
-from museum.base.pretrain import EVALUATOR_STEPS, UNET_STEPS, VAE_STEPS, pretrain
+from museum.models.pretrain import EVALUATOR_STEPS, UNET_STEPS, VAE_STEPS, pretrain
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

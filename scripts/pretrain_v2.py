@@ -1,4 +1,4 @@
-"""Pretrain the World v2 embedded model in resumable chunks (see museum/base/v2/pretrain.py).
+"""Pretrain the World v2 embedded model in resumable chunks (see museum/models/v2/pretrain.py).
 
     OMP_NUM_THREADS=2 python scripts/pretrain_v2.py --minutes 60
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from museum.base.v2 import pretrain as P
+from museum.models.v2 import pretrain as P
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,4 +1,4 @@
-"""Train the embedded model's image-context adapter (ICGen, museum/icgen.py) once on the base world.
+"""Train the embedded model's image-context adapter (ICGen, museum/models/icgen.py) once on the base world.
 
     OMP_NUM_THREADS=1 python scripts/train_icgen.py --out museum/embedded/icgen --log docs/logs/icgen.json
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from museum import icgen
-from museum.base.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline
-from museum.training.objectives import denoising_loss, diffusion_target, encode_prompts
+from museum.models import icgen
+from museum.models.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline
+from museum.plumbing.objectives import denoising_loss, diffusion_target, encode_prompts
 from museum.world.render import BACKGROUNDS, POSITIONS, SIZES, base_samples, caption, render, replace
 
 

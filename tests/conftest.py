@@ -1,9 +1,17 @@
+import functools
 import os
+import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from museum.models.icgen import EMBEDDED_ICGEN, WEIGHT_NAME
+from museum.models.loading import EMBEDDED_EVALUATOR, EMBEDDED_MODELS, EMBEDDED_PIPELINE, EMBEDDED_TWO_OBJECTS
+from museum.museum import Museum
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -14,6 +22,37 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+
+
+# skip markers for tests that need a shipped model (museum/embedded/), which a fresh checkout may not have built
+needs_embedded = pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file(),
+                                    reason="embedded model not built")
+needs_evaluator = pytest.mark.skipif(not (EMBEDDED_EVALUATOR / "config.json").is_file(), reason="evaluator not built")
+needs_two_object_model = pytest.mark.skipif(not (EMBEDDED_MODELS[EMBEDDED_TWO_OBJECTS] / "model_index.json").is_file(),
+                                            reason="two-object model not shipped")
+needs_icgen = pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file()
+                                 or not (EMBEDDED_ICGEN / WEIGHT_NAME).is_file(), reason="embedded model not built")
+
+
+def stop_at(step: int):
+    """An ``on_step`` callback for ``train_concept`` that interrupts training (KeyboardInterrupt, as Ctrl-C does)
+    once ``step`` steps are done."""
+    def on_step(done, _loss):
+        if done == step:
+            raise KeyboardInterrupt
+
+    return on_step
+
+
+@contextmanager
+def interrupted_learning(step: int):
+    """Inside the block, ``Museum.learn`` stops with KeyboardInterrupt (as Ctrl-C) once ``step`` training steps are
+    done."""
+    import museum.learning as learning
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(learning, "train_concept", functools.partial(learning.train_concept, on_step=stop_at(step)))
+        yield
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,16 +69,16 @@ def tiny_base(tmp_path_factory) -> Path:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    from museum.base.tiny import build_tiny_pipeline
+    from tiny_models import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline")
 
 
 @pytest.fixture(scope="session")
 def tiny_family(tiny_base, tmp_path_factory):
-    """``tiny_family(name)``: a tiny random pipeline folder of a base family (``museum.base.tiny.FAMILIES``),
+    """``tiny_family(name)``: a tiny random pipeline folder of a base family (``FAMILIES`` in tests/tiny_models.py),
     built offline once per session; "sd1" is ``tiny_base``."""
-    from museum.base.tiny import build_tiny_pipeline
+    from tiny_models import build_tiny_pipeline
 
     built = {"sd1": tiny_base}
 
@@ -85,7 +124,7 @@ def record_task(monkeypatch):
     the earlier images must never be read, and the teacher must be the model before the task)."""
     import PIL.Image
 
-    from museum.methods import kv
+    from museum.plumbing import kv
 
     def install(method_class):
         opened, seen = [], {}
@@ -107,3 +146,59 @@ def record_task(monkeypatch):
         return opened, seen
 
     return install
+
+
+@pytest.fixture(scope="module")
+def warm_imports(tiny_base):
+    """Import everything a command imports lazily once, so forked children (``reliability_support.fork``) start at
+    once; one torch thread (the same as the children, so images compare bit for bit, and far faster on a busy
+    2-core machine). Modules that fork use it: ``pytestmark = pytest.mark.usefixtures("warm_imports")``."""
+    import rich.console  # noqa: F401  (for `museum list`)
+    import rich.table  # noqa: F401
+    import torch
+
+    import museum.cli  # noqa: F401
+    from museum.export import export_concepts  # noqa: F401
+    from museum.generation.sampling import generate_images
+    from museum.models.loading import load_pipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    generate_images(load_pipeline(tiny_base), ["a red star"], seeds=[0], steps=1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_concept_template(tiny_base, concept_images, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("template") / "museum"
+    m = Museum.init(folder, base=tiny_base)
+    m.learn("sunburst", concept_images["sunburst"][0], method="textual-inversion", class_word="circle", steps=2,
+            progress=False)
+    return folder
+
+
+@pytest.fixture()
+def one_concept_museum(one_concept_template, tmp_path):
+    """A museum with one concept (a copy of a module-wide one: learning it for every test would be slow)."""
+    shutil.copytree(one_concept_template, tmp_path / "museum")
+    return Museum.open(tmp_path / "museum")
+
+
+@pytest.fixture(scope="module")
+def two_concept_template(one_concept_template, concept_images, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("template2") / "museum"
+    shutil.copytree(one_concept_template, folder)
+    Museum.open(folder).learn("checker", concept_images["checker"][0], method="c-lora", class_word="square", steps=2,
+                              progress=False)
+    m = Museum.open(folder)
+    return folder, {n: np.asarray(m.generate(f"a <{n}> on a sand background", n=1, steps=2)[0])
+                    for n in ("sunburst", "checker")}
+
+
+@pytest.fixture()
+def two_concept_museum(two_concept_template, tmp_path):
+    """A museum with a textual-inversion and a C-LoRA concept, and the image each draws."""
+    folder, images = two_concept_template
+    shutil.copytree(folder, tmp_path / "museum")
+    return Museum.open(tmp_path / "museum"), images

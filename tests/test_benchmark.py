@@ -31,8 +31,8 @@ RUN = dict(steps=2, n_prompts=1, n_seeds=4, gen_steps=2, progress=False,
 
 def make_evaluator(folder):
     """A tiny random evaluator (the same weights every call: a killed run's subprocess builds it too)."""
-    from museum.base.tokenizer import write_clip_tokenizer
-    from museum.evaluation.evaluator import Evaluator
+    from museum.models.evaluator import Evaluator
+    from museum.models.tokenizer import write_clip_tokenizer
     from museum.world.render import base_vocabulary, held_out_vocabulary
 
     tokenizer = write_clip_tokenizer(base_vocabulary() + held_out_vocabulary(), folder)

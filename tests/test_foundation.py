@@ -6,19 +6,13 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from PIL import Image
 from transformers import CLIPTextModel
 
-from conftest import run_cli
-from museum.base.loading import (
-    EMBEDDED_EVALUATOR, EMBEDDED_MODELS, EMBEDDED_PIPELINE, EMBEDDED_TWO_OBJECTS, load_evaluator, load_pipeline,
-)
+from conftest import needs_embedded, needs_evaluator, needs_two_object_model, run_cli
 from museum.evaluation.placement import read_placement, readable_pairs
 from museum.generation.sampling import generate_images
+from museum.models.loading import (
+    EMBEDDED_EVALUATOR, EMBEDDED_MODELS, EMBEDDED_PIPELINE, EMBEDDED_TWO_OBJECTS, load_evaluator, load_pipeline,
+)
 from museum.world import render as world
-
-needs_embedded = pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file(),
-                                    reason="embedded model not built")
-needs_evaluator = pytest.mark.skipif(not (EMBEDDED_EVALUATOR / "config.json").is_file(), reason="evaluator not built")
-needs_two_object_model = pytest.mark.skipif(not (EMBEDDED_MODELS[EMBEDDED_TWO_OBJECTS] / "model_index.json").is_file(),
-                                            reason="two-object model not shipped")
 
 
 @needs_embedded
@@ -151,7 +145,7 @@ def test_continued_pretraining_keeps_the_latent_space(tmp_path):
     latent space the UNet was trained on, stay) and continues the UNet, text encoder and evaluator."""
     import torch
 
-    from museum.base.pretrain import pretrain
+    from museum.models.pretrain import pretrain
 
     pretrain(tmp_path / "out", tmp_path / "work", n_base=64, n_eval=64, vae_steps=2, evaluator_steps=2, unet_steps=2,
              continue_from=EMBEDDED_PIPELINE.parent)
@@ -168,7 +162,7 @@ def test_continued_pretraining_keeps_the_latent_space(tmp_path):
 def test_hard_negative_swaps_one_attribute_word():
     import random
 
-    from museum.base.pretrain import SWAPS, hard_negative
+    from museum.models.pretrain import SWAPS, hard_negative
 
     rng = random.Random(0)
     caption = "a large red star with stripes on the left on a sand background, outline style"
@@ -188,8 +182,8 @@ def test_hard_negative_swaps_one_attribute_word():
 def test_contrastive_loss_lets_hard_negatives_compete(tmp_path):
     import torch
 
-    from museum.base.tokenizer import write_clip_tokenizer
-    from museum.evaluation.evaluator import Evaluator
+    from museum.models.evaluator import Evaluator
+    from museum.models.tokenizer import write_clip_tokenizer
 
     torch.manual_seed(0)
     evaluator = Evaluator.create(write_clip_tokenizer(world.base_vocabulary(), tmp_path / "tokenizer"))

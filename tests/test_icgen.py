@@ -1,14 +1,15 @@
-"""ICGen's image-context adapter (museum/icgen.py): decoupled cross-attention built from diffusers' IP-Adapter
+"""ICGen's image-context adapter (museum/models/icgen.py): decoupled cross-attention built from diffusers' IP-Adapter
 pieces, saved in IP-Adapter's layout and loaded back by plain diffusers' ``load_ip_adapter``; the measured
 zero-shot test on the embedded model with the shipped adapter is marked slow."""
 
 import pytest
 import torch
 
-from museum import icgen
-from museum.base.loading import EMBEDDED_PIPELINE, load_evaluator, load_pipeline
-from museum.evaluation.protocol import score_base
-from museum.training.objectives import encode_prompts
+from conftest import needs_icgen
+from museum.evaluation.protocol import score_base, zero_shot_alignment
+from museum.models import icgen
+from museum.models.loading import load_evaluator, load_pipeline
+from museum.plumbing.objectives import encode_prompts
 from museum.world.concepts import ZERO_SHOT_CONCEPTS, build_concept
 
 # Measured with scripts/measure_icgen.py (docs/icgen.json, docs/METHODS.md "ICGen"): base model vs ICGen at scale
@@ -61,8 +62,7 @@ def test_context_kwargs_average_the_references_and_blank_the_unconditional_branc
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file()
-                    or not (icgen.EMBEDDED_ICGEN / icgen.WEIGHT_NAME).is_file(), reason="embedded model not built")
+@needs_icgen
 def test_zero_shot_context_beats_the_base_model():
     """Held-out concepts never seen by the adapter, no training: only the embeddings of each concept's five
     training images as context. Image alignment to the held-out references rises clearly above the base model's
@@ -71,7 +71,7 @@ def test_zero_shot_context_beats_the_base_model():
     concepts = {n: build_concept(n) for n in ZERO_SHOT_CONCEPTS}
     base = {n: score_base(pipe, c, evaluator).image_alignment for n, c in concepts.items()}
     icgen.load_adapter(pipe)
-    ours = {n: icgen.zero_shot_alignment(pipe, evaluator, c, scale=1.0) for n, c in concepts.items()}
+    ours = {n: zero_shot_alignment(pipe, evaluator, c, scale=1.0) for n, c in concepts.items()}
     print({"base": base, "icgen": ours})
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     assert mean(ours) > mean(base) + MEAN_MARGIN
@@ -88,16 +88,15 @@ def test_adapter_fits_only_the_model_it_was_trained_for(tiny_base, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file()
-                    or not (icgen.EMBEDDED_ICGEN / icgen.WEIGHT_NAME).is_file(), reason="embedded model not built")
+@needs_icgen
 def test_lfs_concept_keeps_context_embeddings_and_draws_with_them(tmp_path):
     """An lfs concept on the embedded model stores its images' embeddings (not the images) and is drawn with them;
     scale 0 draws exactly as without context, the UNet is restored after drawing, and the export's lines draw the
     same image in plain diffusers (about 25 s)."""
     import numpy as np
 
-    from museum.museum import Museum
     from conftest import run_cli
+    from museum.museum import Museum
 
     concept = build_concept("sunburst")
     m = Museum.init(tmp_path / "museum")
@@ -136,8 +135,7 @@ def test_lfs_concept_keeps_context_embeddings_and_draws_with_them(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file()
-                    or not (icgen.EMBEDDED_ICGEN / icgen.WEIGHT_NAME).is_file(), reason="embedded model not built")
+@needs_icgen
 def test_lfs_learn_with_context_trains_with_it_and_restores_the_unet():
     """learn_with_context: every UNet call of the task gets the concept's context (a different result from the same seed),
     the distillation runs at context scale 0 (teacher and student agree at the first step), and the UNet is

@@ -9,14 +9,12 @@ model: a fast test on the tiny model checks that they still are the same run.
 import numpy as np
 import pytest
 
-from museum.base.loading import EMBEDDED_PIPELINE, load_evaluator, load_pipeline
+from conftest import needs_embedded
 from museum.evaluation.protocol import score_base, score_concept
 from museum.methods import method_names
+from museum.models.loading import load_evaluator, load_pipeline
 from museum.museum import Museum
 from museum.world.concepts import build_concept
-
-needs_embedded = pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file(),
-                                    reason="embedded model not built")
 
 LEARNED = "rainbow"  # every method learns it alone
 SEQUENCE = ("sunburst", "checker")  # the sequential methods learn these one after the other

@@ -1,4 +1,4 @@
-"""LFS-Diffusion's data-free distillation (``museum/training/distill.py``, method ``lfs``) on the tiny random
+"""LFS-Diffusion's data-free distillation (``museum/methods/distill.py``, method ``lfs``) on the tiny random
 pipeline: inputs from noise and teacher DDIM steps, the prompts it protects, the teacher from before the task,
 no earlier image read, resume with a lazily drawn bank."""
 
@@ -9,14 +9,15 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from museum.base.loading import EMBEDDED_PIPELINE, load_evaluator, load_pipeline
+from conftest import needs_embedded, stop_at
 from museum.evaluation.relevant import CIRCLE_CONCEPTS, base_images, relevant_forgetting
 from museum.methods import get_method
 from museum.methods.base import ConceptInfo, TrainContext
+from museum.methods.distill import DataFreeDistillation, noise_bank
 from museum.methods.lfs import LFS
+from museum.models.loading import load_evaluator, load_pipeline
 from museum.museum import Museum
-from museum.training.distill import DataFreeDistillation, noise_bank
-from museum.training.objectives import encode_prompts
+from museum.plumbing.objectives import encode_prompts
 from museum.training.trainer import Checkpointer, train_concept
 from museum.world.concepts import build_concept
 
@@ -122,13 +123,9 @@ def test_resume_draws_the_same_bank_from_the_model_before_the_task(tiny_base, co
                              earlier=[earlier], progress=False)
     ckpt = Checkpointer(tmp_path / "work", every=2)
 
-    def stop(step, _loss):
-        if step == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         train_concept(copy.deepcopy(pipe0), get_method("lfs", **FAST), later, other, state=first.state,
-                      earlier=[earlier], checkpoints=ckpt, progress=False, on_step=stop)
+                      earlier=[earlier], checkpoints=ckpt, progress=False, on_step=stop_at(3))
     resumed = train_concept(copy.deepcopy(pipe0), get_method("lfs", **FAST), later, other, state=first.state,
                             earlier=[earlier], checkpoints=ckpt, resume=True, progress=False)
     for key, value in straight.state.items():
@@ -140,7 +137,7 @@ def test_resume_draws_the_same_bank_from_the_model_before_the_task(tiny_base, co
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file(), reason="embedded model not built")
+@needs_embedded
 def test_distillation_keeps_plain_class_prompts_closer_to_the_base(tmp_path):
     """After learning two "my circle" concepts (sunburst, smiley; 100 steps each at 3x the default rates,
     distillation on and off), "a red circle on a ... background" drawn with the learned LoRA stays closer to the
@@ -162,7 +159,7 @@ def test_distillation_keeps_plain_class_prompts_closer_to_the_base(tmp_path):
 @pytest.fixture(scope="module")
 def ip_adapter_dir(tiny_base, tmp_path_factory):
     """A random IP-Adapter for the tiny SD-1.x pipeline in diffusers' layout (weights + image_encoder/)."""
-    from museum.base.tiny import build_tiny_ip_adapter
+    from tiny_models import build_tiny_ip_adapter
 
     return build_tiny_ip_adapter(tiny_base, tmp_path_factory.mktemp("ip-adapter") / "adapter")
 
@@ -210,7 +207,7 @@ def test_ip_adapter_context_is_the_encoders_image_embeds_and_recorded(ip_museum,
 def test_ip_adapter_context_changes_the_image_and_survives_reopening(ip_museum):
     import numpy as np
 
-    from museum import icgen
+    from museum.models import icgen
 
     folder, m = ip_museum
     with_context = pixels(m.generate(IP_PROMPT, n=2, steps=4))
@@ -292,7 +289,7 @@ BAD = {"missing": lambda good, tmp: (tmp / "nowhere", {}, r"no IP-Adapter folder
 @pytest.mark.parametrize("case", BAD)
 def test_bad_ip_adapters_are_explained_and_change_nothing(case, tiny_base, ip_adapter_dir, concept_images, tmp_path):
     from conftest import museum_snapshot
-    from museum.store.manifest import MuseumError
+    from museum.errors import MuseumError
 
     folder = tmp_path / "museum"
     Museum.init(folder, base=tiny_base)
@@ -333,7 +330,7 @@ def test_cli_ip_adapter_options(tiny_base, ip_adapter_dir, concept_images, tmp_p
 
 
 def test_a_moved_ip_adapter_is_named_when_drawing(tiny_base, ip_adapter_dir, concept_images, tmp_path):
-    from museum.store.manifest import MuseumError
+    from museum.errors import MuseumError
 
     adapter = tmp_path / "adapter"
     shutil.copytree(ip_adapter_dir, adapter)

@@ -1,8 +1,12 @@
 """The shared matrix every registered method passes through, on tiny random pipelines of each base
 family (SD-1.x with epsilon prediction, SD-2.x with v-prediction, SDXL with two text encoders;
-``museum.base.tiny``): learn a few steps, save, reload, generate, compose with a second concept,
+``tests/tiny_models.py``): learn a few steps, save, reload, generate, compose with a second concept,
 export and load the export with plain diffusers (running the export's own load snippet), remove.
-Methods that do not support two text encoders are refused on SDXL with a clear error (tested)."""
+Methods that do not support two text encoders are refused on SDXL with a clear error (tested).
+
+Adding a method is one module in ``museum/methods/`` plus its row here: ``ValueDelta`` below is the smallest
+method, written as that one file would be, registered while this module's tests run and passed through the
+whole matrix like the shipped ones."""
 
 import json
 
@@ -11,11 +15,14 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from museum.base.tiny import FAMILIES
+from museum.errors import MuseumError
 from museum.generation.sampling import generate_images
 from museum.methods import METHODS, method_names
+from museum.methods.base import ConceptCost, ConceptInfo, Method, TrainContext, register
 from museum.museum import Museum
-from museum.store.manifest import MuseumError
+from museum.plumbing.kv import kv_modules
+from museum.plumbing.tokens import text_pairs
+from tiny_models import FAMILIES
 
 # large learning rates so that four steps visibly change a random tiny model
 FAST = dict(steps=4, lr=2e-2, token_lr=0.5)
@@ -26,11 +33,49 @@ def pixels(image):
     return np.asarray(image, dtype=np.int16)
 
 
-COMBINATIONS = [(f, m) for f in FAMILIES for m in method_names() if f != "sdxl" or METHODS[m].two_text_encoders]
+class ValueDelta(Method):
+    """A toy method: each concept trains its own dense delta of every cross-attention V projection."""
+
+    name = "toy-value-delta"
+    export_format = "lora"
+
+    @classmethod
+    def cost(cls, kv, width, config) -> ConceptCost:
+        values = sum(out * inp for name, (out, inp) in kv.items() if name.endswith("to_v")) + width
+        return ConceptCost(values, 0, values, config["batch_size"], 0)
+
+    def setup(self, ctx: TrainContext) -> list[dict]:
+        self.values = {n: m for n, m in kv_modules(ctx.pipe.unet).items() if n.endswith("to_v")}
+        self.start = {n: m.weight.detach().clone() for n, m in self.values.items()}
+        return [{"params": [m.weight.requires_grad_(True) for m in self.values.values()], "lr": self.config.lr}]
+
+    def finish(self, ctx: TrainContext):  # the trainer restores the K/V weights after this
+        return {f"delta.{n}": (m.weight - self.start[n]).detach().clone() for n, m in self.values.items()}, {}
+
+    def kv_deltas(self, concepts: list[ConceptInfo], active: list[ConceptInfo], state, pipe):
+        deltas = {}
+        for concept in active:
+            for key, delta in concept.tensors.items():
+                if key.startswith("delta."):
+                    name = key.removeprefix("delta.")
+                    deltas[name] = deltas.get(name, 0) + delta
+        return deltas
+
+
+COMBINATIONS = [(f, m) for f in FAMILIES for m in [*method_names(), ValueDelta.name]
+                if m == ValueDelta.name or f != "sdxl" or METHODS[m].two_text_encoders]
+
+
+@pytest.fixture(scope="module")
+def toy_registered():
+    """``ValueDelta`` registered as any method module registers itself, for this module's tests only."""
+    register(ValueDelta)
+    yield
+    METHODS.pop(ValueDelta.name)
 
 
 @pytest.fixture(scope="module", params=COMBINATIONS, ids=lambda p: f"{p[0]}-{p[1]}")
-def learned(request, tiny_family, concept_images, tmp_path_factory):
+def learned(request, toy_registered, tiny_family, concept_images, tmp_path_factory):
     family, method = request.param
     folder = tmp_path_factory.mktemp(f"{family}-{method}") / "museum"
     m = Museum.init(folder, base=tiny_family(family))
@@ -44,7 +89,7 @@ def learned(request, tiny_family, concept_images, tmp_path_factory):
 def test_families_differ_as_their_checkpoints_do(tiny_family, family):
     """SD-2.x is v-prediction with linear projections; SD-1.x epsilon with convolutions; SDXL has two text
     encoders whose states the UNet attends to together, and pooled text + time ids as added conditioning."""
-    from museum.base.loading import load_pipeline
+    from museum.models.loading import load_pipeline
 
     pipe = load_pipeline(tiny_family(family))
     assert pipe.scheduler.config.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
@@ -103,6 +148,19 @@ def test_compose_two_concepts(learned):
     assert not np.array_equal(pixels(composed), pixels(only_object))
 
 
+def test_cost_model_counts_what_is_stored(learned):
+    """``Method.cost`` (scripts/gpu_estimates.py applies it to Stable Diffusion 1.5 for docs/GPU.md) counts exactly
+    the values a run stores, per concept and in the method's museum state."""
+    method, _, m = learned
+    kv = {n: tuple(mod.weight.shape) for n, mod in kv_modules(m.pipe.unet).items()}
+    width = sum(encoder.get_input_embeddings().weight.shape[1] for _, encoder in text_pairs(m.pipe))  # SDXL: both
+    for entry in m.manifest.concepts:
+        info = m.concept_info(entry)
+        cost = METHODS[method].cost(kv, width, info.config)
+        assert cost.concept_values == sum(t.numel() for t in info.tensors.values()), entry.name
+        assert cost.state_values == sum(t.numel() for t in m.method_state(method).values())
+
+
 def test_unknown_token_lists_concepts(learned):
     _, _, m = learned
     with pytest.raises(MuseumError, match=r"<mug>.*<sunburst>, <neon>"):
@@ -151,3 +209,21 @@ def test_remove(learned, tmp_path):
         with pytest.raises(MuseumError, match="cannot remove"):
             m.remove("sunburst")
         assert (copy / "museum.json").read_bytes() == before
+
+
+def test_generation_options_reach_the_cli_and_the_api(tiny_base, tmp_path):
+    """Every generation option a method declares is a ``museum generate`` flag, passed on by name; the API refuses
+    an option no method declares, naming those that exist, and a value below an option's minimum."""
+    import typer.main
+
+    from museum.cli import app
+
+    command = typer.main.get_command(app).commands["generate"]
+    flags = {flag for param in command.params for flag in param.opts}
+    declared = {o.flag for cls in METHODS.values() for o in cls.generation_options}
+    assert "--gate-bias" in declared and declared <= flags
+    m = Museum.init(tmp_path / "museum", base=tiny_base)
+    with pytest.raises(MuseumError, match=r"gate_bias_typo.*options: context_scale, gate_bias"):
+        m.generate("a circle", n=1, steps=1, options={"gate_bias_typo": 0.5})
+    with pytest.raises(MuseumError, match=r"--gate-temp must be > 0 \(got 0.0\)"):
+        m.generate("a circle", n=1, steps=1, options={"gate_temp": 0.0})

@@ -8,16 +8,18 @@ import shutil
 import pytest
 import torch
 
-from museum.base.loading import EMBEDDED_PIPELINE, load_evaluator, load_pipeline
-from museum.methods import get_method, kv, tokens
+from conftest import needs_embedded, stop_at
+from museum.methods import get_method
 from museum.methods.base import ConceptInfo, TrainContext
 from museum.methods.ewc import FISHER
 from museum.methods.lora import SharedLoRAMethod
-from museum.methods.museummaker import style_statistics, self_similarity, task_update
+from museum.methods.museummaker import self_similarity, style_statistics, task_update
+from museum.models.loading import load_evaluator, load_pipeline
 from museum.museum import Museum
+from museum.plumbing import kv, tokens
+from museum.plumbing.objectives import noisy_batch
 from museum.training import trainer
 from museum.training.data import encode_variants
-from museum.training.objectives import noisy_batch
 from museum.training.trainer import Checkpointer, train_concept
 from museum.world.concepts import build_concept
 
@@ -129,7 +131,7 @@ def _term_gradients(pipe, method, concept, images, state, earlier):
     embedding.weight.requires_grad_(True)
     gen = torch.Generator().manual_seed(0)
     b = noisy_batch(latents, sched, 2, gen, "cpu", torch.float32)
-    from museum.training.objectives import encode_prompts
+    from museum.plumbing.objectives import encode_prompts
 
     text = encode_prompts(pipe, [ctx.prompt]).expand(2, -1, -1)
     terms = method.loss_terms(ctx, dict(b, text=text, generator=gen, scheduler=sched, step=0))
@@ -180,13 +182,9 @@ def test_resume_with_a_teacher_equals_the_uninterrupted_run(first_task, styles, 
     info = ConceptInfo("sepia", "<sepia>", "style", True, 1, "museummaker")
     ckpt = Checkpointer(tmp_path / "work", every=2)
 
-    def stop(step, _loss):
-        if step == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         train_concept(pipe, m, info, styles["sepia"].train_images, state=result0.state, earlier=[info0],
-                      checkpoints=ckpt, progress=False, on_step=stop)
+                      checkpoints=ckpt, progress=False, on_step=stop_at(3))
     pipe = copy.deepcopy(pipe0)
     resumed = train_concept(pipe, get_method("museummaker", **kw), info, styles["sepia"].train_images,
                             state=result0.state, earlier=[info0], checkpoints=ckpt, resume=True, progress=False)
@@ -230,7 +228,7 @@ def test_ewc_fisher_accumulates_in_the_museum_and_reloads(tiny_base, concept_ima
         seen["result"] = result
         return result
 
-    monkeypatch.setattr("museum.museum.train_concept", spy)
+    monkeypatch.setattr("museum.learning.train_concept", spy)
     from museum.methods.ewc import EWC
 
     original_setup = EWC.setup
@@ -322,7 +320,7 @@ def test_teacher_only_when_there_is_something_to_distil(tiny_base, concept_image
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (EMBEDDED_PIPELINE / "model_index.json").is_file(), reason="embedded model not built")
+@needs_embedded
 def test_style_distillation_keeps_the_content_out(tmp_path):
     """Learn a style (sepia) from images of stars only, at a learning rate that breaks the content without the
     distillation; "a <colour> circle ..., <s> style" must still read as a circle, far more often with the style

@@ -7,16 +7,17 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from museum.base.loading import EMBEDDED_MODELS, EMBEDDED_TWO_OBJECTS, load_evaluator, load_pipeline
+from conftest import needs_two_object_model
+from museum.evaluation.protocol import score_composition
 from museum.generation.sampling import generate_images
 from museum.methods import get_method, perfusion
-from museum.methods.perfusion import ConceptEdit, EditSet, PerfusionAttnProcessor, orthonormal_basis
-from museum.museum import Museum
-from museum.training.data import read_image_folder
-from museum.training.objectives import encode_prompts
-from museum.training.trainer import train_concept
 from museum.methods.base import ConceptInfo
-from museum.evaluation.protocol import score_composition
+from museum.methods.perfusion import ConceptEdit, EditSet, PerfusionAttnProcessor, orthonormal_basis
+from museum.models.loading import EMBEDDED_TWO_OBJECTS, load_evaluator, load_pipeline
+from museum.museum import Museum
+from museum.plumbing.objectives import encode_prompts
+from museum.training.data import read_image_folder
+from museum.training.trainer import train_concept
 from museum.world.concepts import build_concept
 
 FAST = dict(steps=4, lr=2e-2, token_lr=0.5)
@@ -273,8 +274,7 @@ def test_two_concepts_compose(museum_ab, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (EMBEDDED_MODELS[EMBEDDED_TWO_OBJECTS] / "model_index.json").is_file(),
-                    reason="two-object model not shipped")
+@needs_two_object_model
 def test_learned_concepts_compose_side_by_side(tmp_path):
     """The issue's composition criterion, on the model that can draw two objects: gem and rainbow learned
     with the defaults; "a small <gem> diamond on the left and a small <rainbow> triangle on the right ..."

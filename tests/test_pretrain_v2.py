@@ -9,8 +9,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from museum.base.v2 import components
-from museum.base.v2 import pretrain as P
+from museum.models.v2 import components
+from museum.models.v2 import pretrain as P
 from museum.world.v2 import render
 
 

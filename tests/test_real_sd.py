@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from museum.base.loading import load_pipeline
 from museum.methods.base import ConceptInfo, get_method
-from museum.training import objectives, trainer
+from museum.models.loading import load_pipeline
+from museum.plumbing import objectives
+from museum.training import trainer
 from museum.training.trainer import train_concept
 
 
@@ -79,10 +80,9 @@ def test_init_from_a_single_file_checkpoint(single_file, tiny_family, concept_im
     base keeps the family's scheduler and pipeline class, and a concept learns on it. SD-1 goes through the CLI."""
     import json
 
+    from conftest import run_cli
     from museum.generation.sampling import generate_images
     from museum.museum import Museum
-
-    from conftest import run_cli
 
     folder, config = tmp_path / "museum", tiny_family(family)
     if family == "sd1":
@@ -301,29 +301,6 @@ def test_sd_size_bases_get_the_papers_defaults(tiny_base, concept_images, tmp_pa
     assert "perfusion:" in shown and "(not on SDXL yet)" not in shown  # every method runs on SDXL
 
 
-# --------------------------------------------------------------------------- sizes (docs/GPU.md)
-
-
-def test_storage_formulas_match_what_methods_store(tiny_base, concept_images, tmp_path):
-    """museum.sizing (used by scripts/gpu_estimates.py for SD-1.5) counts exactly the values real runs store."""
-    from museum.methods import method_names
-    from museum.methods.kv import kv_modules
-    from museum.museum import Museum
-    from museum.sizing import concept_cost
-
-    for method in method_names():
-        m = Museum.init(tmp_path / method, base=tiny_base)
-        extra = dict(num_class_images=2) if method == "custom-diffusion" else {}
-        c = m.learn("sunburst", concept_images["sunburst"][0], method=method, class_word="circle", steps=1,
-                    progress=False, **extra)
-        kv = {n: tuple(mod.weight.shape) for n, mod in kv_modules(m.pipe.unet).items()}
-        width = m.pipe.text_encoder.get_input_embeddings().weight.shape[1]
-        cost = concept_cost(method, kv, width, c.info["config"])
-        stored = sum(t.numel() for t in m._concept_tensors["sunburst"].values())
-        state = sum(t.numel() for t in m.method_state(method).values())
-        assert (cost.concept_values, cost.state_values) == (stored, state), method
-
-
 # --------------------------------------------------------------------------- several processes
 
 
@@ -396,8 +373,8 @@ def test_perfusion_on_sdxl_reads_both_encoders(tiny_family, concept_images, tmp_
 def test_sdxl_token_trains_in_both_text_encoders(tiny_family, concept_images, tmp_path):
     """On SDXL a concept's token is added to both tokenizers; both embeddings train and are stored, reload
     into both encoders, and the UNet gets SDXL's added conditioning (pooled text, time ids) in training."""
-    from museum.methods import tokens
     from museum.museum import Museum
+    from museum.plumbing import tokens
 
     base = tiny_family("sdxl")
     m = Museum.init(tmp_path / "m", base=base)

@@ -169,9 +169,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def bench(tiny_base, tmp_path_factory):
-    from museum.base.tokenizer import write_clip_tokenizer
     from museum.evaluation.benchmark import run_benchmark
-    from museum.evaluation.evaluator import Evaluator
+    from museum.models.evaluator import Evaluator
+    from museum.models.tokenizer import write_clip_tokenizer
     from museum.world.render import base_vocabulary, held_out_vocabulary
 
     tokenizer = write_clip_tokenizer(base_vocabulary() + held_out_vocabulary(), tmp_path_factory.mktemp("evaluator"))
@@ -283,8 +283,9 @@ def test_gallery_in_chromium(bench, browser, artifacts, record_property, tmp_pat
 
 def test_broken_image_is_caught(browser, tmp_path):
     """The check itself can fail: a page with an image Chromium cannot decode."""
-    from museum.report.html import img_tag, write_page
     from PIL import Image
+
+    from museum.report.html import img_tag, write_page
 
     page = write_page(tmp_path / "bad.html", "bad", [img_tag(Image.new("RGB", (4, 4), "red"), alt="good"),
                                                      '<img src="data:image/png;base64,AAAA" alt="broken">'])

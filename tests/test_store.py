@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import museum_snapshot, run_cli
+from conftest import interrupted_learning, museum_snapshot, run_cli
 from museum.errors import ImageFolderError, MuseumError, MuseumLockedError
 from museum.museum import Museum
 from museum.store.lock import writer_lock
@@ -95,7 +95,7 @@ def test_duplicate_name_and_bad_names(museum, concept_images):
 
 
 def test_token_already_in_vocabulary(tiny_base, concept_images, tmp_path):
-    from museum.base.loading import load_pipeline
+    from museum.models.loading import load_pipeline
 
     pipe = load_pipeline(tiny_base)
     pipe.tokenizer.add_tokens(["<taken>"])
@@ -178,29 +178,17 @@ def test_diverging_training_stops_cleanly(museum, concept_images):
     assert [c.name for c in Museum.open(museum.folder).concepts] == ["sunburst"]
 
 
-def test_resume_continues_an_interrupted_concept(tiny_base, concept_images, tmp_path, monkeypatch):
+def test_resume_continues_an_interrupted_concept(tiny_base, concept_images, tmp_path):
     """Interrupt learning after a checkpoint; --resume finishes it and gives the uninterrupted result."""
-    import museum.museum as museum_module
     from safetensors.torch import load_file
 
     kw = dict(method="c-lora", class_word="circle", steps=8, lr=1e-2, progress=False, checkpoint_every=4)
     straight = Museum.init(tmp_path / "straight", base=tiny_base)
     straight.learn("sunburst", concept_images["sunburst"][0], **kw)
 
-    original = museum_module.train_concept
-
-    def interrupted(*args, **kwargs):
-        def stop(step, loss):
-            if step == 6:
-                raise KeyboardInterrupt
-
-        return original(*args, on_step=stop, **kwargs)
-
     m = Museum.init(tmp_path / "resumed", base=tiny_base)
-    monkeypatch.setattr(museum_module, "train_concept", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_learning(6), pytest.raises(KeyboardInterrupt):
         m.learn("sunburst", concept_images["sunburst"][0], **kw)
-    monkeypatch.setattr(museum_module, "train_concept", original)
     assert Museum.open(m.folder).concepts == []
     assert (m.folder / "work" / "sunburst" / "checkpoint-4").is_dir()
     m = Museum.open(m.folder)

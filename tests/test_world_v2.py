@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from museum.base.v2 import pretrain
+from museum.models.v2 import pretrain
 from museum.world.v2 import concepts as C
 from museum.world.v2 import render as W
 

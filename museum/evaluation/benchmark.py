@@ -29,9 +29,10 @@ Layout of ``out_dir``::
     <method>/upper/grids/<concept>.png                              the upper bound (optional)
     base/progress.json, base/grids/<concept>.png                    the untrained base model
 
-For a method with a generation gate (Perfusion), the method's progress file also holds the
-gate curve: after the last task, every concept drawn again with the same prompts and seeds at
-each gate bias beta of ``gate_betas`` (the temperature stays each concept's own) and scored.
+For a method with a generation gate (one of its ``generation_options`` is ``swept``: Perfusion's gate
+bias), the method's progress file also holds the gate curve: after the last task, every concept drawn
+again with the same prompts and seeds at each gate bias beta of ``gate_betas`` (its other settings, e.g.
+the temperature, stay each concept's own) and scored.
 Where beta is the concepts' own, the point is the last row of R (no images are drawn again).
 
 A rerun with the same settings skips whatever is done: learned concepts are read back from
@@ -48,6 +49,7 @@ process left. Every unit has its own seeds, so the results do not depend on who 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import time
 import warnings
@@ -57,13 +59,25 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm.auto import tqdm
 
 from museum.errors import MuseumUserError
-from museum.evaluation.metrics import backward_transfer, forgetting, image_alignment, text_alignment
-from museum.evaluation.protocol import evaluation_prompts
+from museum.evaluation.metrics import backward_transfer, forgetting
+from museum.evaluation.protocol import alignment, base_images, class_prompts, concept_images
+from museum.generation.sampling import image_grid
+from museum.methods import METHODS, method_names
+from museum.models.evaluator import to_pixels
+from museum.models.loading import base_hash, is_embedded, load_evaluator, load_pipeline
+from museum.museum import Museum
 from museum.store.atomic import atomic_write_json
 from museum.store.lock import claim
+from museum.store.manifest import MANIFEST
+from museum.training.trainer import TrainOptions, get_accelerator
+from museum.world.concepts import BENCHMARK_CONCEPTS, build_concept, concept_names
+from museum.world.render import SHAPES, random_scene, render, replace
 
 RESULTS_VERSION = 1
 CLAIMS = ".claims"  # one lock file per unit of work (see the module docstring)
@@ -76,10 +90,8 @@ QUICK = (8, 4)
 FULL = (20, 8)
 GRID_IMAGES = 4  # samples per concept (row) in a task's grid: the first template's first seeds
 SHAPE_PROTOTYPE_RENDERS = 16
-#: gate biases of the gate curve (methods in GATED_METHODS); Perfusion's own generation default is 0.7
+#: gate biases of the gate curve (methods with a swept generation option); Perfusion's own default is 0.7
 GATE_BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
-#: methods with a generation gate: name -> the module whose ``gate(beta=...)`` context overrides it
-GATED_METHODS = {"perfusion": "museum.methods.perfusion"}
 
 
 class BenchmarkError(MuseumUserError):
@@ -110,9 +122,6 @@ def kid(evaluator, generated, references, *, subsets: int = 100, seed: int = 0) 
     estimator is not 0 for two identical finite sets: it is (2/m) * (mean off-diagonal kernel
     - mean diagonal kernel), slightly negative. Never synchronised across processes (torchmetrics would
     gather every process's features under ``accelerate launch``, where processes score different units)."""
-    from museum.evaluation.evaluator import to_pixels
-    from torchmetrics.image.kid import KernelInceptionDistance
-
     m = min(len(generated), len(references))
     if m < 2:
         return None
@@ -149,8 +158,6 @@ class Prototypes:
 
 def shape_renders(shape: str, n: int = SHAPE_PROTOTYPE_RENDERS) -> list:
     """``n`` renders of plain base scenes of ``shape`` (random colour, background, size, position)."""
-    from museum.world.render import random_scene, render, replace
-
     rng = random.Random(f"shape-prototype:{shape}")
     scenes = [replace(random_scene(rng, base_styles=False), shape=shape, pattern="plain") for _ in range(n)]
     base = int(hashlib.sha256(shape.encode()).hexdigest()[:6], 16) * 1000
@@ -161,8 +168,6 @@ def shape_renders(shape: str, n: int = SHAPE_PROTOTYPE_RENDERS) -> list:
 def build_prototypes(evaluator, concepts: dict[str, Sequence], shapes: Sequence[str] | None = None) -> Prototypes:
     """Prototypes: each concept's mean reference embedding (``concepts``: name -> reference images), and
     ``shape:<s>`` for every base shape (mean embedding of :func:`shape_renders`)."""
-    from museum.world.render import SHAPES
-
     shapes = SHAPES if shapes is None else shapes
     labels, vectors = [], []
     for name, refs in concepts.items():
@@ -174,14 +179,16 @@ def build_prototypes(evaluator, concepts: dict[str, Sequence], shapes: Sequence[
     return Prototypes(labels, torch.nn.functional.normalize(torch.stack(vectors), dim=-1))
 
 
-def score_images(evaluator, images, concept, class_prompts: Sequence[str], prototypes: Prototypes) -> dict:
-    """Every metric of one concept's generated ``images`` (``class_prompts[i]`` goes with image i)."""
+def score_images(evaluator, images, concept, prompts: Sequence[str], prototypes: Prototypes) -> dict:
+    """Every metric of one concept's generated ``images`` (``prompts[i]``, a class prompt, goes with image i): the
+    protocol's alignments (``protocol.alignment``), KID and shape recognition."""
+    aligned = alignment(evaluator, images, concept, list(prompts))
     return {
-        "image_alignment": image_alignment(evaluator, images, concept.reference_images),
-        "text_alignment": text_alignment(evaluator, images, list(class_prompts)),
+        "image_alignment": aligned.image_alignment,
+        "text_alignment": aligned.text_alignment,
         "kid": kid(evaluator, images, concept.reference_images),
         "recognition": prototypes.accuracy(evaluator, images, concept.name),
-        "n_images": len(images),
+        "n_images": aligned.n_images,
     }
 
 
@@ -239,8 +246,6 @@ class Settings:
 
 def grid_row(images: Sequence, n: int = GRID_IMAGES) -> list:
     """The first ``n`` of a concept's images, padded with white ones so the concept fills exactly one grid row."""
-    from PIL import Image
-
     row = list(images[:n])
     return row + [Image.new("RGB", row[0].size, "white") for _ in range(n - len(row))]
 
@@ -275,8 +280,6 @@ class _Run:
     """One benchmark run: shared data (concepts, prototypes, prompts) and the scoring of images."""
 
     def __init__(self, concepts, evaluator, settings: Settings, out_dir: Path, bar, device: str = "cpu"):
-        from museum.world.concepts import BENCHMARK_CONCEPTS, build_concept
-
         self.device = device
         self.worked = False
         self.names = list(concepts)
@@ -290,8 +293,7 @@ class _Run:
 
     # ------------------------------------------------------------------ helpers
     def class_prompts(self, name: str) -> list[str]:
-        s = self.settings
-        return [p for p in self.data[name].class_prompts()[:s.n_prompts] for _ in range(s.n_seeds)]
+        return class_prompts(self.data[name], self.settings.n_prompts, self.settings.n_seeds)
 
     def score(self, name: str, images) -> dict:
         self.worked = True  # every unit that is not yet done scores something
@@ -299,12 +301,10 @@ class _Run:
 
     def generate(self, m, name: str):
         s = self.settings
-        prompts = evaluation_prompts(self.data[name], m.concept(name).phrase, s.n_prompts)
-        return m.generate(prompts, n=s.n_seeds, seed=0, steps=s.gen_steps, guidance=s.guidance)
+        return concept_images(m, name, self.data[name], n_prompts=s.n_prompts, n_seeds=s.n_seeds, steps=s.gen_steps,
+                              guidance=s.guidance)
 
     def learn(self, m, name: str, method: str) -> float:
-        from museum.training.trainer import TrainOptions
-
         c = self.data[name]
         s = self.settings
         start = time.time()
@@ -322,15 +322,10 @@ class _Run:
             self.bar.update(1)
 
     def open_museum(self, folder: Path, base: str):
-        from museum.museum import Museum
-        from museum.store.manifest import MANIFEST
-
         m = Museum.open(folder) if (folder / MANIFEST).is_file() else Museum.init(folder, base=base)
         return m.to(self.device) if self.device != "cpu" else m
 
     def progress_of(self, path: Path, kind: str, settings: dict) -> dict:
-        import json
-
         if path.is_file():
             progress = json.loads(path.read_text())
             _check_settings(path, progress.get("settings", {}), settings)
@@ -339,8 +334,6 @@ class _Run:
 
     # ------------------------------------------------------------------ a method, task after task
     def run_method(self, method: str) -> dict:
-        from museum.generation.sampling import image_grid
-
         folder = self.out_dir / method
         path = folder / PROGRESS
         settings = {**self.settings.to_dict(), "overrides": self.settings.overrides.get(method, {})}
@@ -396,8 +389,6 @@ class _Run:
     # ------------------------------------------------------------------ the gate curve
     def run_gate_curve(self, method: str, betas: Sequence[float]) -> dict:
         """Score every concept of the finished run at each gate bias (see the module docstring)."""
-        import importlib
-
         folder = self.out_dir / method
         path = folder / PROGRESS
         settings = {**self.settings.to_dict(), "overrides": self.settings.overrides.get(method, {})}
@@ -413,13 +404,16 @@ class _Run:
                 self.advance()
             return progress
         final = tasks[T - 1]["scores"]
-        gate = importlib.import_module(GATED_METHODS[method]).gate
+        cls = METHODS[method]
+        swept = cls.swept_option()
         configs = [m.concept(n).info.get("config", {}) for n in self.names]
-        own = {c.get("beta") for c in configs}
+        own = {c.get(swept.config_key) for c in configs}
         if (progress.get("gate_curve") or {}).get("concepts") != self.names:  # none yet, or after another task
             progress["gate_curve"] = {"concepts": list(self.names)}
         curve = progress["gate_curve"]
-        curve["tau"] = sorted({c.get("tau") for c in configs}, key=str)
+        for option in cls.generation_options:  # the settings that stay each concept's own (Perfusion: tau)
+            if option.config_key and option is not swept:
+                curve[option.config_key] = sorted({c.get(option.config_key) for c in configs}, key=str)
         points = curve.setdefault("points", {})
         for beta in betas:
             key = f"{float(beta):g}"
@@ -431,7 +425,7 @@ class _Run:
             else:
                 self.step(f"{method}: gate beta {key}")
                 scores = {}
-                with gate(beta=float(beta)):
+                with cls.generation_settings(**{swept.name: float(beta)}):
                     for name in self.names:
                         scores[name] = self.score(name, self.generate(m, name))
                 points[key] = {"beta": float(beta), "scores": scores, "from_final_row": False}
@@ -441,8 +435,6 @@ class _Run:
 
     # ------------------------------------------------------------------ each concept alone
     def run_upper_bound(self, method: str) -> dict:
-        from museum.generation.sampling import image_grid
-
         folder = self.out_dir / method / "upper"
         path = folder / PROGRESS
         settings = {**self.settings.to_dict(), "overrides": self.settings.overrides.get(method, {})}
@@ -472,9 +464,6 @@ class _Run:
 
     # ------------------------------------------------------------------ the untrained base model
     def run_base(self) -> dict:
-        from museum.base.loading import load_pipeline
-        from museum.generation.sampling import generate_images, image_grid
-
         folder = self.out_dir / "base"
         path = folder / PROGRESS
         settings = {k: v for k, v in self.settings.to_dict().items() if k not in ("steps", "overrides")}
@@ -488,9 +477,8 @@ class _Run:
                 self.advance()
                 continue
             self.step(f"base model: {name}")
-            prompts = self.class_prompts(name)
-            seeds = [k for _ in range(s.n_prompts) for k in range(s.n_seeds)]
-            images = generate_images(pipe, prompts, seeds=seeds, steps=s.gen_steps, guidance=s.guidance)
+            images = base_images(pipe, self.data[name], n_prompts=s.n_prompts, n_seeds=s.n_seeds, steps=s.gen_steps,
+                                 guidance=s.guidance)
             grid = folder / "grids" / f"{name}.png"
             grid.parent.mkdir(parents=True, exist_ok=True)
             image_grid(grid_row(images), cols=GRID_IMAGES, scale=2).save(grid)
@@ -520,13 +508,6 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
 
     Under ``accelerate launch`` (or with other runs on the same ``out_dir``) the processes share
     the units of work (see the module docstring); each returns once all of them are done."""
-    from tqdm.auto import tqdm
-
-    from museum.base.loading import base_hash, is_embedded, load_evaluator
-    from museum.methods.base import method_names
-    from museum.training.trainer import get_accelerator
-    from museum.world.concepts import BENCHMARK_CONCEPTS, concept_names
-
     out_dir = Path(out_dir)
     known = method_names()
     methods = known if methods == "all" else list(dict.fromkeys(methods))
@@ -553,7 +534,7 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
     out_dir.mkdir(parents=True, exist_ok=True)
     T = len(concepts)
     total = (len(methods) * T * (2 if upper_bound else 1) + (T if base_row else 0)
-             + len(gate_betas) * sum(m in GATED_METHODS for m in methods))
+             + len(gate_betas) * sum(METHODS[m].swept_option() is not None for m in methods))
     accelerator = get_accelerator()
     procs, rank = accelerator.num_processes, accelerator.process_index
     if device == "cuda" and procs > 1:
@@ -564,7 +545,7 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
 
         def continual(method: str) -> None:
             run.run_method(method)
-            if method in GATED_METHODS and gate_betas:
+            if METHODS[method].swept_option() is not None and gate_betas:
                 run.run_gate_curve(method, gate_betas)
             write_results(out_dir, methods, concepts, settings)
 
@@ -593,8 +574,6 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
 
 
 def _read(path: Path) -> dict | None:
-    import json
-
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -709,5 +688,5 @@ def read_results(out_dir: str | Path) -> dict:
 __all__ = [
     "run_benchmark", "collect_results", "write_results", "read_results", "kid", "build_prototypes", "Prototypes",
     "score_images", "summarize", "curves", "shape_renders", "EvaluatorFeatures", "BenchmarkError", "METRICS",
-    "HIGHER_IS_BETTER", "RESULTS_VERSION", "QUICK", "FULL", "GATE_BETAS", "GATED_METHODS", "gate_curve_results",
+    "HIGHER_IS_BETTER", "RESULTS_VERSION", "QUICK", "FULL", "GATE_BETAS", "gate_curve_results",
 ]

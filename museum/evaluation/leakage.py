@@ -16,8 +16,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from museum.base.loading import EMBEDDED
 from museum.evaluation.metrics import image_alignment
+from museum.generation.sampling import generate_images
+from museum.models.loading import EMBEDDED
+from museum.museum import Museum
+from museum.world.concepts import build_concept
 from museum.world.render import BACKGROUNDS, COLOURS, SHAPES, random_scene, render
 
 TRAIN_SHAPE = "star"
@@ -53,8 +56,6 @@ def _summary(reads: list[str]) -> dict:
 
 def base_reading(evaluator, pipe, n_seeds: int = 2) -> dict:
     """How often the untouched base model's circles (no style) read as circles: the ceiling."""
-    from museum.generation.sampling import generate_images
-
     prompts = [p for p in probe_prompts() for _ in range(n_seeds)]
     images = generate_images(pipe, prompts, seeds=list(range(n_seeds)) * N_PROMPTS)
     return _summary(read_shapes(evaluator, images, prompts))
@@ -66,9 +67,6 @@ def content_leakage(evaluator, folder: str | Path, *, style: str = "sepia", meth
     overrides its settings), draw the circle prompts in the style (seeds 0..n_seeds-1), read their shapes.
     Returns the fractions read as circle and as star, the readings, the style's image alignment to its
     held-out references (renders of every shape), and the training seconds."""
-    from museum.museum import Museum
-    from museum.world.concepts import build_concept
-
     m = Museum.init(folder, base=base)
     start = time.time()
     m.learn(style, style_images(style, n_train), method=method, style=True, progress=False, **config)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from museum.evaluation.metrics import image_alignment, text_alignment
 from museum.generation.sampling import generate_images
+from museum.models import icgen
 from museum.world.concepts import N_QUICK_PROMPTS, Concept, format_prompt
 
 
@@ -28,27 +29,44 @@ def evaluation_prompts(concept: Concept, phrase: str, n_prompts: int = N_QUICK_P
     return [format_prompt(t, phrase) for t in concept.prompts[:n_prompts]]
 
 
-def _score(evaluator, images, concept: Concept, n_prompts: int, n_seeds: int) -> ConceptScore:
-    class_prompts = [p for p in concept.class_prompts()[:n_prompts] for _ in range(n_seeds)]
+def class_prompts(concept: Concept, n_prompts: int, n_seeds: int) -> list[str]:
+    """The class prompt each evaluation image is scored against, in drawing order (prompt k, seeds 0..n_seeds-1)."""
+    return [p for p in concept.class_prompts()[:n_prompts] for _ in range(n_seeds)]
+
+
+def concept_images(museum, name: str, concept: Concept, *, n_prompts: int, n_seeds: int, steps: int,
+                   guidance: float) -> list:
+    """The concept drawn from the museum: evaluation prompt k with seeds 0..n_seeds-1."""
+    prompts = evaluation_prompts(concept, museum.concept(name).phrase, n_prompts)
+    return museum.generate(prompts, n=n_seeds, seed=0, steps=steps, guidance=guidance)
+
+
+def base_images(pipe, concept: Concept, *, n_prompts: int, n_seeds: int, steps: int, guidance: float) -> list:
+    """The "base" row's images: the class prompts drawn by the untouched base model, same seeds."""
+    seeds = [s for _ in range(n_prompts) for s in range(n_seeds)]
+    return generate_images(pipe, class_prompts(concept, n_prompts, n_seeds), seeds=seeds, steps=steps,
+                           guidance=guidance)
+
+
+def alignment(evaluator, images, concept: Concept, prompts: list[str]) -> ConceptScore:
+    """Image alignment to the concept's held-out references, text alignment to ``prompts`` (one per image)."""
     return ConceptScore(image_alignment(evaluator, images, concept.reference_images),
-                        text_alignment(evaluator, images, class_prompts), len(images))
+                        text_alignment(evaluator, images, prompts), len(images))
 
 
 def score_concept(museum, name: str, concept: Concept, evaluator, *, n_prompts: int = N_QUICK_PROMPTS,
                   n_seeds: int = 2, steps: int = 25, guidance: float = 7.5) -> ConceptScore:
     """Generate the concept from the museum (prompt k, seeds 0..n_seeds-1) and score it."""
-    prompts = evaluation_prompts(concept, museum.concept(name).phrase, n_prompts)
-    images = museum.generate(prompts, n=n_seeds, seed=0, steps=steps, guidance=guidance)
-    return _score(evaluator, images, concept, n_prompts, n_seeds)
+    images = concept_images(museum, name, concept, n_prompts=n_prompts, n_seeds=n_seeds, steps=steps,
+                            guidance=guidance)
+    return alignment(evaluator, images, concept, class_prompts(concept, n_prompts, n_seeds))
 
 
 def score_base(pipe, concept: Concept, evaluator, *, n_prompts: int = N_QUICK_PROMPTS, n_seeds: int = 2,
                steps: int = 25, guidance: float = 7.5) -> ConceptScore:
     """The "base" row: the class prompts drawn by the untouched base model, same seeds."""
-    prompts = [p for p in concept.class_prompts()[:n_prompts] for _ in range(n_seeds)]
-    seeds = [s for _ in range(n_prompts) for s in range(n_seeds)]
-    images = generate_images(pipe, prompts, seeds=seeds, steps=steps, guidance=guidance)
-    return _score(evaluator, images, concept, n_prompts, n_seeds)
+    images = base_images(pipe, concept, n_prompts=n_prompts, n_seeds=n_seeds, steps=steps, guidance=guidance)
+    return alignment(evaluator, images, concept, class_prompts(concept, n_prompts, n_seeds))
 
 
 COMPOSITION_BACKGROUNDS = ("sand", "sky", "grass", "night")
@@ -121,3 +139,20 @@ def composition_table(museum, pairs, concepts: dict[str, Concept], evaluator, ec
             rows.append({"pair": [a, b], "concept": name, "method": methods[name], **s.to_dict()})
             echo(f"| {a} + {b} | {name} | {methods[name]} | {s.with_both:.3f} | {s.with_other_only:.3f} |")
     return rows
+
+
+def zero_shot_alignment(pipe, evaluator, concept, *, scale: float = 1.0, n_prompts: int = 8, n_seeds: int = 2,
+                        steps: int = 25, guidance: float = 7.5) -> float:
+    """Image alignment to ``concept``'s held-out references of its class prompts ("a hexagon on a sand background")
+    drawn with the concept's TRAINING images as context and no training; ``pipe`` holds an adapter
+    (``icgen.load_adapter``). Same prompts and seeds as :func:`score_base`."""
+    pipe.set_ip_adapter_scale(scale)
+    context = icgen.context_embeddings(evaluator, concept.train_images)
+    prompts = [p for p in concept.class_prompts()[:n_prompts] for _ in range(n_seeds)]
+    seeds = [s for _ in range(n_prompts) for s in range(n_seeds)]
+    images = []
+    for i in range(0, len(prompts), 16):
+        batch = prompts[i:i + 16]
+        images += generate_images(pipe, batch, seeds=seeds[i:i + 16], steps=steps, guidance=guidance,
+                                  **icgen.context_kwargs(context, len(batch), guidance > 1))
+    return image_alignment(evaluator, images, concept.reference_images)

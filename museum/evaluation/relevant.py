@@ -22,10 +22,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from museum import icgen
 from museum.evaluation.metrics import text_alignment
 from museum.evaluation.protocol import score_concept
 from museum.generation.sampling import generate_images
+from museum.models import icgen
+from museum.museum import Museum
 
 CIRCLE_CONCEPTS = ("sunburst", "smiley")  # the held-out instances whose class word is "circle"
 BACKGROUNDS = ("sand", "grass", "sky", "night", "snow", "brick")
@@ -60,8 +61,6 @@ def relevant_forgetting(evaluator, folder: Path, base, *, method: str = "lfs", c
     """Learn ``concepts`` (``museum.world.concepts.Concept``, class "circle") one after another into a new museum at
     ``folder`` with ``method`` and ``settings``; then draw the class prompts with the method's LoRA installed and
     compare them with ``base`` = :func:`base_images` of the base model. Also scores each concept's own learning."""
-    from museum.museum import Museum
-
     prompts, seeds, reference = base
     m = Museum.init(folder)
     for c in concepts:

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from museum.base.loading import resolution
+from museum.models.loading import resolution
 
 
 def generate_images(pipe, prompts: Sequence[str], *, seeds: Sequence[int], steps: int = 25, guidance: float = 7.5,

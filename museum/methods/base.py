@@ -7,19 +7,31 @@ the loop; a method only says
 * how a concept is named in a prompt (:meth:`Method.phrase`),
 * which loss terms it adds to the denoising loss (:meth:`Method.loss_terms`), optionally against
   a frozen copy of the model from before the task (:meth:`Method.wants_teacher`),
+* what it updates outside the optimizer after each step (:meth:`Method.after_optimizer_step`),
 * what it stores per concept and across tasks (:meth:`Method.finish`),
-* how its stored tensors change the UNet at generation time (:meth:`Method.kv_deltas`).
+* how its stored tensors change the UNet at generation time (:meth:`Method.kv_deltas`),
+* which settings it reads at generation time (:attr:`Method.generation_options`, applied by
+  :meth:`Method.generation_settings`; ``museum generate``, ``Museum.generate(options=...)`` and the benchmark read
+  them from here), and what its export writes besides the token and K/V deltas (:meth:`Method.export_extras`),
+* what a concept costs at a given model size (:meth:`Method.cost`; ``scripts/gpu_estimates.py`` applies it to
+  Stable Diffusion 1.5's layer shapes for docs/GPU.md, tests/test_real_sd.py checks it against real runs).
 
-Add a method by writing one module in this folder with a ``@register`` class.
+Add a method by writing one module in this folder with a ``@register`` class: ``museum.methods`` imports
+every module of the folder, so nothing else lists it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, ContextManager
+from pathlib import Path
+from typing import Any, ClassVar, ContextManager, Iterator
 
 import torch
+
+from museum.errors import MuseumError
+from museum.plumbing.kv import applied_deltas
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -31,7 +43,7 @@ def register(cls: type["Method"]) -> type["Method"]:
 
 
 def method_names() -> list[str]:
-    import museum.methods  # noqa: F401  (imports every method module, which registers it)
+    import museum.methods  # noqa: F401  (imports every module of the package: each method registers itself)
 
     return sorted(METHODS)
 
@@ -105,6 +117,67 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class GenerationOption:
+    """A setting a method reads at generation time, declared on the method class (:attr:`Method.generation_options`):
+    ``Museum.generate(options={name: value})`` takes it by ``name``, ``museum generate`` as :attr:`flag`."""
+
+    name: str  # e.g. "gate_bias"
+    help: str
+    config_key: str = ""  # the concept setting it overrides at generation time, if any (Perfusion's "beta")
+    per_concept: bool = False  # values by concept name, {name: value} (the CLI's repeatable NAME=X)
+    minimum: float | None = None
+    inclusive: bool = True  # the minimum itself is allowed
+    swept: bool = False  # the benchmark draws every concept again at each of its ``gate_betas`` (the gate curve)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value: float | dict[str, float]) -> None:
+        """Refuse a value below the minimum with a clear error."""
+        for v in value.values() if isinstance(value, dict) else [value]:
+            if self.minimum is not None and (v < self.minimum or (v == self.minimum and not self.inclusive)):
+                raise MuseumError(f"{self.flag} must be {'>=' if self.inclusive else '>'} {self.minimum:g} (got {v})")
+
+
+@contextmanager
+def generation_settings(options: dict[str, Any]) -> Iterator[None]:
+    """Every registered method's generation settings for ``options`` (option name -> value, None: the method's
+    default) applied inside the block; an option no method declares is an error naming those that exist."""
+    declared = {o.name: (cls, o) for cls in METHODS.values() for o in cls.generation_options}
+    unknown = sorted(set(options) - set(declared))
+    if unknown:
+        raise MuseumError(f"no method has the generation option(s) {', '.join(unknown)}; options: "
+                          f"{', '.join(sorted(declared)) or '(none)'}")
+    by_method: dict[type[Method], dict[str, Any]] = {}
+    for name, value in options.items():
+        if value is not None:
+            cls, option = declared[name]
+            option.check(value)
+            by_method.setdefault(cls, {})[name] = value
+    with ExitStack() as stack:
+        for cls, values in by_method.items():
+            stack.enter_context(cls.generation_settings(**values))
+        yield
+
+
+@dataclass
+class ConceptCost:
+    """What one concept costs at a model size (:meth:`Method.cost`)."""
+
+    concept_values: int  # float32 values stored with each concept (token included)
+    state_values: int  # float32 values the museum keeps for the method as a whole (shared LoRA, Fisher)
+    trained_values: int  # values the optimizer updates (the token's row counted once, not the table)
+    passes_per_step: float  # UNet sample passes (forward + backward of one sample) per training step
+    once_forward_passes: float  # UNet forward-only sample passes done once per concept (class images, Fisher)
+
+
+def lora_values(kv: dict[str, tuple[int, int]], rank: int) -> int:
+    """Values of a rank-``rank`` LoRA on every K/V projection of ``kv`` (``{module: (out, in)}``)."""
+    return sum(rank * (out + inp) for out, inp in kv.values())
+
+
 @dataclass
 class ConceptInfo:
     """What a method knows about the concept being learned or generated."""
@@ -151,6 +224,8 @@ class Method:
     removable_why: ClassVar[str] = ""
     #: does it work on bases with two text encoders (SDXL)?
     two_text_encoders: ClassVar[bool] = True
+    #: settings it reads at generation time, applied by :meth:`generation_settings`
+    generation_options: ClassVar[tuple[GenerationOption, ...]] = ()
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config or self.config_class()
@@ -179,11 +254,15 @@ class Method:
         each term's value per step (``LearnResult.terms``); leave a term out when its weight is 0."""
         return {}
 
+    def after_optimizer_step(self, ctx: TrainContext, batch: dict) -> None:
+        """Called after every optimizer step with the step's ``batch`` (as :meth:`loss_terms` saw it): for state a
+        method updates without gradients (Perfusion's moving average of i*)."""
+
     def finish(self, ctx: TrainContext) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """After training: (tensors stored with the concept, the method's new shared state).
         The end-of-task hook: the trained parameters are still installed and ``ctx.latents`` holds the
         task's data, so a method may make passes over it here (e.g. EWC's Fisher estimate,
-        with ``museum.training.objectives.noisy_batch``).
+        with ``museum.plumbing.objectives.noisy_batch``).
         Must leave ``ctx.pipe.unet`` as it found it (the trainer checks)."""
         return {}, dict(ctx.state)
 
@@ -198,14 +277,31 @@ class Method:
     def load_trainable_state(self, ctx: TrainContext, tensors: dict[str, torch.Tensor]) -> None:
         pass
 
+    # ---------------------------------------------------------------- cost
+    @classmethod
+    def cost(cls, kv: dict[str, tuple[int, int]], width: int, config: dict) -> ConceptCost:
+        """What a concept costs with ``config`` (``MethodConfig.to_dict()``) on a model whose cross-attention K/V
+        projections are ``kv`` (``{module: (out, in)}``) and whose text embeddings are ``width`` wide. The formulas
+        follow what :meth:`finish` returns and the museum keeps. The default: the token alone (textual inversion)."""
+        return ConceptCost(width, 0, width, config.get("batch_size", 1), 0)
+
     # ---------------------------------------------------------------- generation
+    @classmethod
+    def generation_settings(cls, **values) -> ContextManager:
+        """Apply values of :attr:`generation_options` (by name; absent ones keep their defaults) to everything this
+        method draws inside the block."""
+        return nullcontext()
+
+    @classmethod
+    def swept_option(cls) -> GenerationOption | None:
+        """The generation option the benchmark sweeps (its gate curve), if the method has one."""
+        return next((o for o in cls.generation_options if o.swept), None)
+
     def activate(self, pipe, concepts: list[ConceptInfo], active: list[ConceptInfo],
                  state: dict[str, torch.Tensor]) -> ContextManager:
         """Install this method's effect on ``pipe`` for a prompt naming ``active`` of its ``concepts``,
         undone on exit. The default applies :meth:`kv_deltas`; methods that change the attention
         computation itself (e.g. Perfusion's gated edit) override this."""
-        from museum.methods.kv import applied_deltas
-
         return applied_deltas(pipe.unet, self.kv_deltas(concepts, active, state, pipe))
 
     def kv_deltas(self, concepts: list[ConceptInfo], active: list[ConceptInfo], state: dict[str, torch.Tensor],
@@ -213,3 +309,11 @@ class Method:
         """Weight deltas (module name -> dW) this method adds to the UNet when ``active`` of its
         ``concepts`` appear in a prompt. Textual inversion adds none."""
         return {}
+
+    # ---------------------------------------------------------------- export
+    @classmethod
+    def export_extras(cls, concepts: list[ConceptInfo], folder: Path, out: Path) -> tuple[list[str], dict[str, Any]]:
+        """What an export of ``concepts`` (this method's ones, maybe none) needs besides their tokens and K/V deltas:
+        files written into ``folder`` (which becomes ``out``); returns the lines that load them (after
+        ``pipe = ...``) and the fields they add to museum_export.json."""
+        return [], {}

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from museum.methods import kv
-from museum.methods.base import ConceptInfo, TrainContext, register
+from museum.methods.base import ConceptCost, ConceptInfo, TrainContext, lora_values, register
 from museum.methods.lora import LoRAConfig, LoRAMethod
+from museum.plumbing import kv
 
 
 @dataclass
@@ -38,6 +38,11 @@ def accumulated_delta(concepts: list[ConceptInfo]) -> dict[str, torch.Tensor]:
 class CLoRA(LoRAMethod):
     name = "c-lora"
     config_class = CLoRAConfig
+
+    @classmethod
+    def cost(cls, kv, width, config) -> ConceptCost:  # a fresh LoRA per concept
+        lora = lora_values(kv, config.get("rank", 0))
+        return ConceptCost(lora + width, 0, lora + width, config.get("batch_size", 1), 0)
 
     def setup(self, ctx: TrainContext) -> list[dict]:
         self.previous = accumulated_delta([c for c in ctx.earlier if c.method == self.name])

@@ -1,7 +1,7 @@
 """Pieces the continual methods share (``ewc``, ``lwf``, ``museummaker``; METHODS.md sec. 5 and
 "Classic baselines"; ``lfs``): which earlier concepts a task must protect, prompts that name them, and
 prompts of a concept's class word. Distillation against the frozen model from before the task
-(``TrainContext.teacher``) lives in ``museum.training.distill``.
+(``TrainContext.teacher``) lives in ``museum.methods.distill``.
 
 All of them continue one shared LoRA (:class:`~museum.methods.lora.SharedLoRAMethod`), so the
 concepts a task can damage are the earlier concepts of the same method: concepts of other methods
@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from museum.methods.base import ConceptInfo, Method, TrainContext
-from museum.training.objectives import encode_prompts
+from museum.plumbing.objectives import encode_prompts
+from museum.world.render import SHAPES, base_samples, caption, replace
 
 
 def earlier_concepts(method: Method, ctx: TrainContext) -> list[ConceptInfo]:
@@ -24,8 +25,6 @@ def earlier_concepts(method: Method, ctx: TrainContext) -> list[ConceptInfo]:
 def varied_prompts(method: Method, concept: ConceptInfo, n: int, seed: int) -> list[str]:
     """``n`` prompts naming ``concept`` with varied content: generic captions of the world with the style
     added ("a blue circle on a grass background, <s> style") or the object put in ("a <v> on a sand background")."""
-    from museum.world.render import base_samples, caption
-
     phrase = method.phrase(concept)
     scenes = [s for s, _ in base_samples(n, seed=seed)]
     if concept.is_style:
@@ -37,8 +36,6 @@ def class_prompts(concept: ConceptInfo, n: int, seed: int) -> list[str]:
     """``n`` prompts of the concept's class without the concept: world captions whose object is the class word
     ("a large red circle on the left on a sand background"); for a word that is not a shape of the world,
     "a red dog on a sand background"; for a style, generic captions without a style part."""
-    from museum.world.render import SHAPES, base_samples, caption, replace
-
     scenes = [s for s, _ in base_samples(n, seed=seed)]
     plain = frozenset({"style"})
     if concept.is_style:

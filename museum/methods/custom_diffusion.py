@@ -26,9 +26,11 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 
-from museum.methods import kv
-from museum.methods.base import ConceptInfo, Method, MethodConfig, TrainContext, register
-from museum.training.objectives import concept_prompt, denoising_loss, diffusion_target, encode_prompts
+from museum.methods.base import ConceptCost, ConceptInfo, Method, MethodConfig, TrainContext, register
+from museum.methods.prior import generated_latents, generic_captions
+from museum.plumbing import kv
+from museum.plumbing.objectives import concept_prompt, denoising_loss, diffusion_target, encode_prompts
+from museum.world.render import base_samples, caption
 
 RIDGE = 1e-3
 
@@ -56,6 +58,12 @@ class CustomDiffusion(Method):
     name = "custom-diffusion"
     config_class = CustomDiffusionConfig
     export_format = "lora"
+
+    @classmethod
+    def cost(cls, kv, width, config) -> ConceptCost:  # dense K/V deltas; the prior batch doubles the passes
+        b, dense = config.get("batch_size", 1), sum(out * inp for out, inp in kv.values())
+        classes = config.get("num_class_images", 0) * 25 * 2  # 25 DDIM steps with classifier-free guidance
+        return ConceptCost(dense + width, 0, dense + width, 2 * b if config.get("prior_weight", 1) else b, classes)
 
     # ---------------------------------------------------------------- training
     def setup(self, ctx: TrainContext) -> list[dict]:
@@ -86,8 +94,6 @@ class CustomDiffusion(Method):
 
     def _class_data(self, ctx: TrainContext) -> tuple[torch.Tensor, list[str]]:
         """Class images (as latents) from the base model, generated once per (class, count) and cached."""
-        from museum.training.prior import generated_latents, generic_captions
-
         n = self.config.num_class_images
         if ctx.concept.is_style:  # a style's "class" is generic content
             prompts = generic_captions(n)
@@ -174,8 +180,6 @@ def _generic_features(pipe, n: int = 200) -> torch.Tensor:
     """C_reg: features of generic captions (the base world's), cached on the text encoder."""
     encoder = pipe.text_encoder
     if getattr(encoder, "_museum_generic_features", None) is None:
-        from museum.world.render import base_samples, caption
-
         prompts = [caption(s) for s, _ in base_samples(n, seed=777)]
         encoder._museum_generic_features = _token_features(pipe, prompts)
     return encoder._museum_generic_features

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from museum.methods import kv
-from museum.methods.base import TrainContext, register
+from museum.methods.base import ConceptCost, TrainContext, register
 from museum.methods.lora import LoRAConfig, SharedLoRAMethod
-from museum.training.objectives import denoising_loss, diffusion_target, encode_prompts, noisy_batch
+from museum.plumbing import kv
+from museum.plumbing.objectives import denoising_loss, diffusion_target, encode_prompts, noisy_batch
 
 FISHER = "fisher/"
 
@@ -47,6 +47,12 @@ class EWCConfig(LoRAConfig):
 class EWC(SharedLoRAMethod):
     name = "ewc"
     config_class = EWCConfig
+
+    @classmethod
+    def cost(cls, kv, width, config) -> ConceptCost:  # a Fisher value per LoRA value; Fisher: forward + backward
+        shared = super().cost(kv, width, config)
+        return ConceptCost(width, 2 * shared.state_values, shared.trained_values, shared.passes_per_step,
+                           config.get("fisher_samples", 0) * 3)
 
     def setup(self, ctx: TrainContext) -> list[dict]:
         groups = super().setup(ctx)

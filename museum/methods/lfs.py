@@ -17,9 +17,9 @@ concept's class word ("a large red circle on a sand background") and ``num_promp
 per earlier concept of this method, named by its token ("a <sunburst> circle on a grass background";
 tokens are kept, images are not). B: inputs made from noise only, x_T ~ N(0, I) and the x_t the
 teacher reaches from it in its first ``teacher_steps`` DDIM steps of an ``inference_steps`` schedule
-(``museum.training.distill.DataFreeDistillation``). No earlier image and no extra real image is read.
+(``museum.methods.distill.DataFreeDistillation``). No earlier image and no extra real image is read.
 
-ICGen (the paper's in-context generation, ``museum/icgen.py``): each concept keeps the image-encoder embeddings
+ICGen (the paper's in-context generation, ``museum/models/icgen.py``): each concept keeps the image-encoder embeddings
 of its training images (``context``, not the images) and is drawn with them as context (``icgen.context_scale``,
 ``museum generate --context-scale``). The adapter is the embedded model's shipped one, or for a user's Stable
 Diffusion model an existing IP-Adapter from a local folder (``ip_adapter``, ``museum learn --ip-adapter DIR``;
@@ -41,15 +41,24 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors.torch import save_file
 
-from museum import icgen
 from museum.errors import MuseumError
-from museum.methods.base import TrainContext, register
+from museum.methods.base import ConceptCost, ConceptInfo, GenerationOption, TrainContext, lora_values, register
 from museum.methods.continual import class_prompts, earlier_concepts, encode_fixed, varied_prompts
+from museum.methods.distill import DataFreeDistillation
 from museum.methods.lora import LoRAConfig, SharedLoRAMethod
-from museum.training.distill import DataFreeDistillation
+from museum.models import icgen
+from museum.models.loading import load_evaluator
 
 PROMPT_SEED = 6006  # the scenes the distillation prompts describe
+CONTEXT_FILE = "ip_adapter_image_embeds.safetensors"  # an export's image context
+#: ICGen context in an export: the adapter, then the embeddings for one prompt with guidance (zeros: unconditional)
+CONTEXT_LOADS = """pipe.load_ip_adapter("{folder}", subfolder="", weight_name="{weight}", image_encoder_folder=None)
+pipe.set_ip_adapter_scale({scale})
+import torch; from safetensors.torch import load_file; context = load_file("{file}")["image_embeds"][None]
+ip_adapter_image_embeds = [torch.cat([torch.zeros_like(context), context])]  # one prompt, guidance > 1"""
+CONTEXT_CALL = "pipe(prompt, ip_adapter_image_embeds=ip_adapter_image_embeds)"
 
 
 @dataclass
@@ -76,6 +85,43 @@ class LFSConfig(LoRAConfig):
 class LFS(SharedLoRAMethod):
     name = "lfs"
     config_class = LFSConfig
+    generation_options = (
+        GenerationOption("context_scale", "ICGen context scale of lfs concepts that keep image context (default 1; 0 "
+                         "draws without the context)", minimum=0.0),
+    )
+
+    @classmethod
+    def generation_settings(cls, context_scale: float = icgen.DEFAULT_SCALE):
+        return icgen.context_scale(context_scale)
+
+    @classmethod
+    def export_extras(cls, concepts: list[ConceptInfo], folder: Path, out: Path) -> tuple[list[str], dict]:
+        """Concepts that keep image context: ``ip_adapter_image_embeds.safetensors`` holds ``image_embeds`` (K, D),
+        the one context embedding per such concept Museum draws with (``icgen.image_embeds``), and each concept's
+        stored per-image embeddings (``context.{name}``); the lines load the adapter the concept was learned with
+        (``pipe.load_ip_adapter``; the folder is referenced, not copied) and build ``ip_adapter_image_embeds`` for
+        ``pipe(prompt, ip_adapter_image_embeds=ip_adapter_image_embeds)``."""
+        context = drawing_context(concepts)
+        if context is None:
+            return [], {"ip_adapter": None}
+        adapter = str(context.folder or icgen.EMBEDDED_ICGEN)
+        save_file({"image_embeds": icgen.image_embeds(context.contexts, context.folder),
+                   **{f"context.{n}": c.float().contiguous() for n, c in zip(context.names, context.contexts)}},
+                  folder / CONTEXT_FILE)
+        loads = CONTEXT_LOADS.format(folder=adapter, weight=context.weight, scale=icgen.DEFAULT_SCALE,
+                                     file=out / CONTEXT_FILE)
+        return [loads], {"ip_adapter": {"folder": adapter, "weight_name": context.weight, "scale": icgen.DEFAULT_SCALE,
+                                        "file": CONTEXT_FILE, "concepts": context.names, "call": CONTEXT_CALL}}
+
+    @classmethod
+    def cost(cls, kv, width, config) -> ConceptCost:
+        # the shared LoRA (+ N x 128 ICGen context values per concept on the embedded model, not counted: bases
+        # without a fitting adapter store none); the distillation adds a student and a teacher pass
+        n = config.get("distill_batch", 0) if config.get("distill_weight", 0) else 0
+        # the noise bank: teacher DDIM steps for each class prompt (and as many per earlier concept, not counted here)
+        once = config.get("num_prompts", 0) * config.get("teacher_steps", 0) if n else 0
+        lora = lora_values(kv, config.get("rank", 0))
+        return ConceptCost(width, lora, lora + width, config.get("batch_size", 1) + n * (1 + 1 / 3), once)
 
     def __init__(self, config: LFSConfig | None = None):
         super().__init__(config)
@@ -119,8 +165,6 @@ class LFS(SharedLoRAMethod):
             if cfg.context and cfg.ip_adapter is not None:
                 self.context = icgen.encoder_embeddings(cfg.ip_adapter, ctx.images)
             elif cfg.context and icgen.compatible(ctx.pipe.unet):
-                from museum.base.loading import load_evaluator
-
                 self.context = icgen.context_embeddings(load_evaluator(), ctx.images)
             elif cfg.context:
                 warnings.warn("no IP-Adapter given: this lfs concept keeps no image context (pass --ip-adapter DIR, "

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from museum.methods import kv
-from museum.methods.base import ConceptInfo, Method, MethodConfig, TrainContext
+from museum.methods.base import ConceptCost, ConceptInfo, Method, MethodConfig, TrainContext, lora_values
+from museum.plumbing import kv
 
 
 @dataclass
@@ -78,6 +78,11 @@ class SharedLoRAMethod(LoRAMethod):
     removable = False
     removable_why = ("this method keeps one LoRA shared by every concept, so one concept's "
                      "contribution cannot be taken out; learn the rest again in a new museum")
+
+    @classmethod
+    def cost(cls, kv, width, config) -> ConceptCost:  # the token per concept; one shared LoRA in the museum state
+        lora = lora_values(kv, config.get("rank", 0))
+        return ConceptCost(width, lora, lora + width, config.get("batch_size", 1), 0)
 
     @staticmethod
     def lora_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from museum.methods.base import TrainContext, register
+from museum.methods.base import ConceptCost, TrainContext, register
 from museum.methods.continual import earlier_concepts, encode_fixed
+from museum.methods.distill import output_distillation
 from museum.methods.lora import LoRAConfig, SharedLoRAMethod
-from museum.training.distill import output_distillation
-from museum.training.objectives import concept_prompt
+from museum.plumbing.objectives import concept_prompt
 
 
 @dataclass
@@ -41,6 +41,12 @@ class LwFConfig(LoRAConfig):
 class LwF(SharedLoRAMethod):
     name = "lwf"
     config_class = LwFConfig
+
+    @classmethod
+    def cost(cls, kv, width, config) -> ConceptCost:  # the distillation adds a student and a teacher pass
+        shared, n = super().cost(kv, width, config), config.get("distill_batch", 0)
+        return ConceptCost(width, shared.state_values, shared.trained_values,
+                           config.get("batch_size", 1) + n * (1 + 1 / 3), 0)
 
     def wants_teacher(self, ctx: TrainContext) -> bool:
         return self.config.lwf_weight > 0 and bool(earlier_concepts(self, ctx))

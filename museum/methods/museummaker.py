@@ -15,7 +15,7 @@ each term switched off by a weight of 0 (the benchmark's ablations).
 with the style; trained on them alone, "<s> style" also means "stars", and "a circle, <s> style"
 is drawn deformed (measured on the embedded model: lumpy shapes, read as a circle 0-25% of the time,
 docs/METHODS.md). Content comes from elsewhere: generic captions of the world ("a blue circle on a
-grass background") drawn once by the base model (cached, ``museum.training.prior``). Each step,
+grass background") drawn once by the base model (cached, ``museum.methods.prior``). Each step,
 such a content latent c_i is noised to x_t and the model, prompted "caption_i, <s_t> style",
 predicts x0_hat (through the eps prediction). Two parts:
 
@@ -70,13 +70,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from museum.methods import kv
-from museum.methods.base import ConceptInfo, TrainContext, register
+from museum.methods.base import ConceptCost, ConceptInfo, TrainContext, lora_values, register
 from museum.methods.continual import earlier_concepts, encode_fixed, varied_prompts
+from museum.methods.distill import cross_attention_outputs
 from museum.methods.lora import LoRAConfig, LoRAMethod, SharedLoRAMethod
-from museum.training.distill import cross_attention_outputs
-from museum.training.objectives import encode_prompts, predicted_x0
-from museum.training.prior import GENERIC_SEED, generated_latents, generic_captions
+from museum.methods.prior import GENERIC_SEED, generated_latents, generic_captions
+from museum.plumbing import kv
+from museum.plumbing.objectives import encode_prompts, predicted_x0
 
 UPDATE = "update/"
 MAX_CONTENT_SIDE = 16
@@ -138,6 +138,12 @@ def task_update(concept: ConceptInfo) -> dict[str, torch.Tensor]:
 class MuseumMaker(SharedLoRAMethod):
     name = "museummaker"
     config_class = MuseumMakerConfig
+
+    @classmethod
+    def cost(cls, kv, width, config) -> ConceptCost:  # its rank-2r task update per concept
+        shared, n = super().cost(kv, width, config), config.get("distill_batch", 0)
+        return ConceptCost(width + lora_values(kv, 2 * config.get("rank", 0)), shared.state_values,
+                           shared.trained_values, config.get("batch_size", 1) + 2 * n + n / 3, 0)
 
     def _style_on(self, ctx: TrainContext) -> bool:
         return ctx.concept.is_style and self.config.style_weight > 0

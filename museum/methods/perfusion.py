@@ -15,7 +15,7 @@ concept's "target input":
 * i* is the text-encoder output at the concept token's position. It starts at the concept's
   initial encoding (= i_super with token_init="class") and follows it as an exponential moving
   average, i* <- ema * i* + (1 - ema) * enc, updated once per step without gradient from the
-  encoding the step used (the paper's "input decay").
+  encoding the step used (the paper's "input decay"; :meth:`Perfusion.after_optimizer_step`).
 * Gate: training beta 0.75, tau 0.1; generation beta 0.7, tau 0.05 (the paper's 0.15 on Stable
   Diffusion bases; ``PerfusionConfig.beta``, ``.tau``; override at generation time with :func:`gate`).
 * Several concepts in one prompt (all active ones at once):
@@ -68,7 +68,7 @@ Export: ``export_format = "museum"``; ``museum export`` writes the concept tenso
 
 Deviations from the paper: no gradient accumulation (the paper's batch 4 x 4); the corpus is
 2000 world captions rather than 100k LAION captions; the EMA update uses the encoding of the
-current step after its forward pass (one step of lag); loss masking uses the trainer's
+current step, after its optimizer step (one step of lag); loss masking uses the trainer's
 valid-region mask, not an object mask.
 """
 
@@ -86,10 +86,14 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 
-from museum.methods import tokens
-from museum.methods.base import ConceptInfo, Method, MethodConfig, TrainContext, register
-from museum.training.objectives import concept_prompt
+from museum.methods.base import ConceptCost, ConceptInfo, GenerationOption, Method, MethodConfig, TrainContext, register
+from museum.plumbing import tokens
+from museum.plumbing.objectives import concept_prompt, encode_prompts
+from museum.store.atomic import atomic_write_bytes
+from museum.world.render import base_samples, caption
 
 PREFIX = "perfusion."
 GRAM_RIDGE = 1e-6  # relative to mean diag(G), only with several concepts
@@ -377,7 +381,6 @@ def corpus(config: PerfusionConfig) -> list[str]:
     if config.caption_file:
         lines = [ln.strip() for ln in Path(config.caption_file).read_text().splitlines()]
         return [ln for ln in lines if ln][: config.cov_captions or None]
-    from museum.world.render import base_samples, caption
 
     return [caption(s) for s, _ in base_samples(config.cov_captions, seed=2023)]
 
@@ -387,8 +390,6 @@ def text_covariance(pipe, captions: list[str], cache_dir: Path | None = None, ba
     """Uncentred covariance (d, d, float64) of the cross-attention input (the text-encoder outputs; on SDXL
     both encoders' outputs concatenated, d = 2048) at every non-padding position of ``captions``; cached in
     ``cache_dir/perfusion/`` and in memory per text encoder."""
-    from museum.training.objectives import encode_prompts
-
     encoder = pipe.text_encoder
     fingerprint = hashlib.sha256()
     for _, text_encoder in tokens.text_pairs(pipe):
@@ -403,8 +404,6 @@ def text_covariance(pipe, captions: list[str], cache_dir: Path | None = None, ba
     path = Path(cache_dir) / "perfusion" / f"text-covariance-{len(captions)}-{key}.safetensors" \
         if cache_dir is not None else None
     if path is not None and path.is_file():
-        from safetensors.torch import load_file
-
         memo[key] = load_file(path)["covariance"]
         return memo[key]
     total, count = 0.0, 0
@@ -417,10 +416,6 @@ def text_covariance(pipe, captions: list[str], cache_dir: Path | None = None, ba
         count += len(feats)
     cov = total / max(count, 1)
     if path is not None:
-        from safetensors.torch import save as save_bytes
-
-        from museum.store.atomic import atomic_write_bytes
-
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, save_bytes({"covariance": cov.contiguous()}))
     memo[key] = cov
@@ -446,8 +441,6 @@ def _token_position(pipe, prompt: str, token: str) -> int:
 
 @torch.no_grad()
 def _encoding_at(pipe, prompt: str, position: int) -> torch.Tensor:
-    from museum.training.objectives import encode_prompts
-
     return encode_prompts(pipe, [prompt])[0, position].detach().float().cpu()
 
 
@@ -459,6 +452,22 @@ class Perfusion(Method):
     config_class = PerfusionConfig
     export_format = "museum"
     removable = True
+    generation_options = (
+        GenerationOption("gate_bias", "Perfusion gate bias beta (default: each concept's, 0.7)", config_key="beta",
+                         swept=True),
+        GenerationOption("gate_temp", "Perfusion gate temperature tau (default: each concept's, 0.05; 0.15 on Stable "
+                         "Diffusion)", config_key="tau", minimum=0.0, inclusive=False),
+        GenerationOption("strength", "Perfusion per-concept strength, NAME=X (repeatable)", per_concept=True),
+    )
+
+    @classmethod
+    def generation_settings(cls, gate_bias=None, gate_temp=None, strength=None):
+        return gate(beta=gate_bias, tau=gate_temp, strength=strength)
+
+    @classmethod
+    def cost(cls, kv, width, config) -> ConceptCost:  # o*_K, o*_V per K/V output + i* and C^-1 i* + the token
+        outs = sum(out for out, _ in kv.values())
+        return ConceptCost(outs + 3 * width, 0, outs // 2 + width, config.get("batch_size", 1), 0)
 
     # ---------------------------------------------------------------- training
     def setup(self, ctx: TrainContext) -> list[dict]:
@@ -501,9 +510,8 @@ class Perfusion(Method):
         new = ema * self.edit.i_star + (1 - ema) * encoding.detach().float().cpu()
         self.edit.set_i_star(new, self.cinv)
 
-    def loss_terms(self, ctx: TrainContext, batch: dict) -> dict[str, torch.Tensor]:
+    def after_optimizer_step(self, ctx: TrainContext, batch: dict) -> None:
         self.update_i_star(batch["text"][0, self.position])
-        return {}
 
     def trainable_state(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
         out = {f"o_v.{layer}": p.detach().clone() for layer, p in self.edit.o_v.items()}
@@ -544,8 +552,6 @@ def load_into(pipe, export_dir: str | Path, *, beta: float | None = None, tau: f
     ``beta``/``tau``/``strength`` replace the stored gate settings; :func:`gate` still overrides
     them per call. Undo with ``pipe.unet.set_default_attn_processor()``. Returns the tokens added.
     """
-    from safetensors.torch import load_file
-
     export_dir = Path(export_dir)
     meta = json.loads((export_dir / "museum_export.json").read_text())
     mine = [c for c in meta.get("museum_concepts", []) if c["method"] == Perfusion.name]

@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 from PIL import Image
 
 from museum.evaluation.benchmark import read_results
@@ -82,8 +83,6 @@ def _heatmap_axes(fig, ax, R, concepts, title: str, higher_is_better: bool = Tru
 
 def heatmap(R, concepts, title: str, higher_is_better: bool = True) -> Image.Image:
     """R[t, j] as a heatmap: rows the task just learned, columns the concept scored."""
-    from matplotlib.figure import Figure
-
     T = len(R)
     fig = Figure(figsize=(1.2 + 0.55 * T, 1.0 + 0.5 * T))
     _heatmap_axes(fig, fig.add_subplot(), R, concepts, title, higher_is_better)
@@ -92,8 +91,6 @@ def heatmap(R, concepts, title: str, higher_is_better: bool = True) -> Image.Ima
 
 def heatmaps(r: dict, results: dict, method: str) -> Image.Image:
     """Every metric's R[t, j] of one method, two heatmaps a row."""
-    from matplotlib.figure import Figure
-
     metrics = results["metrics"]
     T = len(r["R"][metrics[0]])
     cols = 2
@@ -109,8 +106,6 @@ def heatmaps(r: dict, results: dict, method: str) -> Image.Image:
 
 def curves_plot(results: dict, metric: str = "image_alignment") -> Image.Image:
     """Average alignment over the seen concepts and forgetting after every task, all methods."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(10, 3.6))
     ax_a, ax_f = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for method, r in results["methods"].items():
@@ -137,8 +132,6 @@ def curves_plot(results: dict, metric: str = "image_alignment") -> Image.Image:
 
 def gate_plot(curve: dict, method: str) -> Image.Image:
     """The gate curve: mean image and text alignment over the concepts against beta, and CLIP-T against CLIP-I."""
-    from matplotlib.figure import Figure
-
     points = curve["points"]
     betas = [p["beta"] for p in points]
     x = _nan(p["mean"]["image_alignment"] for p in points)

@@ -30,6 +30,7 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 MANIFEST = "museum.json"
+TENSORS = "tensors.safetensors"  # a concept's tensors, in its folder
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 FOLDER_RE = re.compile(r"^concepts/[0-9]{3,}-([a-z0-9][a-z0-9_-]{0,39})$")
 FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.(safetensors|json|png)$")
@@ -38,7 +39,8 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
 
-from museum.errors import BaseModelError, MuseumError  # noqa: F401  (re-exported)
+from museum.errors import BaseModelError, MuseumError
+from museum.store.atomic import atomic_write_json
 
 
 def sha256_file(path: Path) -> str:
@@ -151,8 +153,6 @@ class Manifest:
         return None
 
     def write(self, folder: Path) -> None:
-        from museum.store.atomic import atomic_write_json
-
         atomic_write_json(Path(folder) / MANIFEST, self.to_json())
 
     # ------------------------------------------------------------------ queries

@@ -8,7 +8,8 @@ minimises the denoising loss of Stable Diffusion (Rombach et al. 2022, eq. 2)
 plus whatever terms the method adds (prior preservation, regularisers, distillation).
 Latents of the augmented images are encoded once; the text conditioning is recomputed
 each step only when the concept token is being trained. One ``Accelerator`` per process is
-reused across tasks (ECOSYSTEM.md pitfall 6); under ``accelerate launch`` with several processes each
+reused across tasks (accelerate keeps one global state per process, ``AcceleratorState``, that every
+``Accelerator`` shares); under ``accelerate launch`` with several processes each
 draws the same global batch, trains on its share of the rows and averages gradients with the others
 (``accelerator.reduce``), so N processes train what one does with the same global batch. Checkpoints (safetensors + JSON, no pickle)
 are written every ``checkpoint_every`` steps; ``resume=True`` continues from the latest
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,17 +35,21 @@ from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
+from diffusers import DDPMScheduler
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from museum.base.loading import resolution
-from museum.methods import kv, tokens
+from museum.errors import MuseumError, TrainingDivergedError
 from museum.methods.base import ConceptInfo, Method, TrainContext
-from museum.training.data import encode_variants
-from museum.training.objectives import (
+from museum.models.loading import resolution
+from museum.plumbing import kv, tokens
+from museum.plumbing.objectives import (
     SDXLConditioning, concept_prompt, denoising_loss, diffusion_target, encode_prompts, noisy_batch,
 )
-from museum.errors import MuseumError, TrainingDivergedError
+from museum.store.atomic import atomic_dir
 from museum.store.faults import fault_point
+from museum.training import memory
+from museum.training.data import encode_variants
 
 _ACCELERATOR: Optional[Accelerator] = None
 PRECISIONS = ("no", "fp16", "bf16")
@@ -135,7 +141,6 @@ class Checkpointer:
     def save(self, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, params: list) -> None:
         if self.folder is None or self.read_only:
             return
-        from museum.store.atomic import atomic_dir
 
         moments = {}
         for i, p in enumerate(params):
@@ -152,8 +157,6 @@ class Checkpointer:
             save_file(moments or {"none": torch.zeros(1)}, tmp / "optimizer.safetensors")
             (tmp / "step.json").write_text(json.dumps({"step": step, "fingerprint": self.fingerprint}))
         for old in sorted(self.folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-self.keep]:
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
         fault_point("checkpoint.done")
 
@@ -208,164 +211,218 @@ def train_concept(
     mixed precision (autocast; every weight, trainable ones included, stays fp32), gradient
     checkpointing, 8-bit Adam; ``echo`` receives the memory estimate and notes before training.
     """
-    cfg = method.config
     options = options or TrainOptions()
     options.check(pipe.unet.device)
-    accelerator = get_accelerator(options.mixed_precision)
-    procs, rank = (accelerator.num_processes, accelerator.process_index) if options.data_parallel else (1, 0)
-    if cfg.batch_size % procs:
-        raise MuseumError(f"the batch ({cfg.batch_size}) is the global batch of {procs} processes and must divide "
-                          f"evenly; pass --set batch_size={procs * max(1, cfg.batch_size // procs)}")
-    local = slice(rank * cfg.batch_size // procs, (rank + 1) * cfg.batch_size // procs)  # this process's rows
-    if rank:  # one process writes checkpoints and prints
+    t_start = time.time()
+    run = _TrainingRun(pipe, method, concept, images, state=state, earlier=earlier, cache_dir=cache_dir,
+                       variants=variants, flip=flip, options=options)
+    if run.rank:  # one process writes checkpoints and prints
         checkpoints = Checkpointer(checkpoints.folder, checkpoints.every, checkpoints.keep, checkpoints.fingerprint,
                                    read_only=True) if checkpoints is not None else None
         progress, echo, on_step = False, None, None
     checkpoints = checkpoints or Checkpointer(None)
-    t_start = time.time()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    unet, text_encoder, vae, scheduler = pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
-    w0 = kv.kv_weights(unet)
-    encoders = [encoder for _, encoder in tokens.text_pairs(pipe)]  # two on SDXL
-    for module in (unet, vae, *encoders):
-        module.requires_grad_(False)
-
-    # SDXL: the token goes into both encoders (the first one's draw first: SD runs are unchanged)
-    starts = [tokens.initial_vector(pipe, cfg.token_init, concept.class_word, gen, which) for which in range(len(encoders))]
-    token_id = tokens.add_token(pipe, concept.token, *starts)
-    row_ids = tokens.token_ids(pipe, concept.token)
-    latents = encode_variants(vae, images, resolution(pipe), variants=variants, flip=flip and not concept.is_style,
-                              seed=cfg.seed)
-    prompt = concept_prompt(method, concept)
-    sdxl = SDXLConditioning(pipe, resolution(pipe)) if len(encoders) == 2 else None
-    if sdxl is not None:
-        sdxl.pooled = encode_prompts(pipe, [prompt], pooled=True)[1].detach()
-    torch.manual_seed(cfg.seed)  # adapters initialise from the global generator
-    ctx = TrainContext(pipe=pipe, concept=concept, state=dict(state or {}), earlier=list(earlier or []),
-                       accelerator=accelerator, cache_dir=cache_dir, latents=latents, prompt=prompt,
-                       noise_scheduler=noise_scheduler, images=list(images))
-    groups = method.setup(ctx)
-    if method.wants_teacher(ctx):  # the model before this task (taken before a resume reloads its checkpoint)
-        ctx.teacher = copy.deepcopy(unet).requires_grad_(False).eval()
-    trains_token = cfg.token_lr > 0
-    embedding = text_encoder.get_input_embeddings()
-    embeddings = [encoder.get_input_embeddings() for encoder in encoders]
-    hooks = [tokens.train_only_rows(e, [i]) for e, i in zip(embeddings, row_ids)] if trains_token else []
-    if trains_token:
-        groups = groups + [{"params": [e.weight for e in embeddings], "lr": cfg.token_lr, "weight_decay": 0.0}]
-    params = [p for g in groups for p in g["params"]]
-    if not params:
-        raise ValueError(f"method {method.name} trains nothing: check its config (lr, token_lr)")
-    optimizer = make_optimizer(groups, options.use_8bit_adam)
-    optimizer = accelerator.prepare(optimizer)
-    if options.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if echo is not None and procs > 1:
-        echo(f"data parallel: {procs} processes x {cfg.batch_size // procs} samples = global batch {cfg.batch_size} "
-             f"({accelerator.distributed_type.value}, backend {accelerator.state.backend})")
-    if echo is not None and options.memory_estimate:
-        from museum.training import memory
-
-        device = pipe.unet.device
-        if device.type == "cpu" and not torch.cuda.is_available():
-            echo(f"note: no GPU found: training on CPU in {'bf16 autocast' if accelerator.mixed_precision == 'bf16' else 'fp32'}")
-        echo(memory.estimate(pipe, params, cfg.batch_size // procs, mixed_precision=accelerator.mixed_precision,
-                             checkpointing=options.gradient_checkpointing,
-                             adam_8bit=options.use_8bit_adam).describe(str(device)))
-
-    start = 0
-    latest = checkpoints.latest() if resume else None
-    if latest is not None:
-        checkpoints.check(latest)
-        start, trainable = checkpoints.load(latest, optimizer, params)
-        method.load_trainable_state(ctx, trainable)
-        with torch.no_grad():
-            for which, (e, i) in enumerate(zip(embeddings, row_ids)):
-                e.weight[i] = trainable["token" + (tokens.SECOND if which else "")].to(e.weight.dtype)
-    fixed_text = None
-    if not trains_token:
-        fixed_text, pooled = encode_prompts(pipe, [prompt], pooled=True)
-        fixed_text = fixed_text.detach()
-        if sdxl is not None:
-            sdxl.pooled = pooled.detach()
-
-    watch = _DivergenceWatch(pipe, params, embedding, token_id if trains_token else None, method, concept)
-    watch.measure_baseline(pipe, latents, noise_scheduler, prompt, fixed_text, cfg.batch_size, cfg.seed)
+    run.install(echo)
+    start = run.resume(checkpoints) if resume else 0
+    run.fix_text()
     fault_point("train.start")
-    losses: list[float] = []
-    term_log: dict[str, list[float]] = {}
-    bar = _progress(range(start, cfg.steps), progress, f"learning {concept.name} ({method.name})")
+    bar = _progress(range(start, method.config.steps), progress, f"learning {concept.name} ({method.name})")
     try:
         for step in bar:
-            gen.manual_seed(cfg.seed * 1_000_003 + step)  # per-step seeding: resume reproduces the run
-            # every process draws the same global batch and trains on its own rows (data parallel)
-            b = noisy_batch(latents, noise_scheduler, cfg.batch_size, gen, unet.device, unet.dtype)
-            x0, mask, noise, t, noisy = (b[k][local] for k in ("x0", "mask", "noise", "t", "noisy"))
-            # this process's share of the global batch's valid values (None: one process, its own count)
-            valid = float(b["mask"].sum()) * x0.shape[1] / procs if procs > 1 else None
-            if fixed_text is not None:
-                text = fixed_text
-            else:
-                text, pooled = encode_prompts(pipe, [prompt], pooled=True)
-                if sdxl is not None:
-                    sdxl.pooled = pooled  # the UNet's pooled conditioning follows the training token too
-            text = text.expand(len(x0), -1, -1)
-            with accelerator.autocast():  # a no-op unless mixed precision was asked for
-                pred = unet(noisy, t, text).sample
-                loss_diff = denoising_loss(pred, diffusion_target(noise_scheduler, x0, noise, t), mask, valid)
-                batch = dict(x0=x0, noise=noise, t=t, noisy=noisy, text=text, mask=mask, generator=gen, step=step,
-                             scheduler=noise_scheduler, pred=pred)
-                terms = method.loss_terms(ctx, batch)
-                loss = loss_diff + sum(terms.values())
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"loss became {loss.item()} at step {step + 1} while learning {concept.name!r} with {method.name}; "
-                    f"nothing was saved. Lower the learning rate (lr={cfg.lr}, token_lr={cfg.token_lr}) and try again")
-            accelerator.backward(loss)
-            if procs > 1:  # the mean gradient over processes: the gradient of the global batch
-                for p in params:
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            watch.check(step + 1, float(loss_diff.detach()))
+            loss = run.step(step)
             fault_point("train.step")
-            for name, value in terms.items():
-                term_log.setdefault(name, []).append(float(value.detach()))
             if progress and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{loss:.4f}")
             if on_step is not None:
-                on_step(step + 1, loss.item())
-            if checkpoints.folder is not None and (step + 1) % checkpoints.every == 0 and step + 1 < cfg.steps:
-                trainable = method.trainable_state(ctx)
-                for which, (e, i) in enumerate(zip(embeddings, row_ids)):
-                    trainable["token" + (tokens.SECOND if which else "")] = e.weight[i].detach().clone()
-                checkpoints.save(step + 1, trainable, optimizer, params)
-        concept_tensors, new_state = method.finish(ctx)
-        concept_tensors = {**concept_tensors, **tokens.token_tensors(pipe, concept.token)}
-        watch.check_result(concept_tensors, new_state)
+                on_step(step + 1, loss)
+            if checkpoints.folder is not None and (step + 1) % checkpoints.every == 0 and step + 1 < run.cfg.steps:
+                checkpoints.save(step + 1, run.trainable(), run.optimizer, run.params)
+        concept_tensors, new_state = run.finish()
         fault_point("train.finished")
     finally:
-        if options.gradient_checkpointing:
+        run.teardown()
+    return LearnResult(concept_tensors, new_state, run.cfg.steps, time.time() - t_start, run.losses, run.term_log)
+
+
+class _TrainingRun:
+    """One concept's training, in the order the loop needs it: setup (the token, the cached latents, the method's
+    parameters, the optimizer) in ``__init__`` and :meth:`install`, :meth:`resume` from a checkpoint, one
+    :meth:`step` at a time, :meth:`finish` and :meth:`teardown` (which restores the UNet)."""
+
+    def __init__(self, pipe, method: Method, concept: ConceptInfo, images, *, state, earlier, cache_dir, variants: int,
+                 flip: bool, options: TrainOptions):
+        self.pipe, self.method, self.concept, self.options = pipe, method, concept, options
+        self.cfg = cfg = method.config
+        self.accelerator = accelerator = get_accelerator(options.mixed_precision)
+        procs, rank = (accelerator.num_processes, accelerator.process_index) if options.data_parallel else (1, 0)
+        if cfg.batch_size % procs:
+            raise MuseumError(f"the batch ({cfg.batch_size}) is the global batch of {procs} processes and must "
+                              f"divide evenly; pass --set batch_size={procs * max(1, cfg.batch_size // procs)}")
+        self.procs, self.rank = procs, rank
+        self.local = slice(rank * cfg.batch_size // procs, (rank + 1) * cfg.batch_size // procs)  # this process's rows
+        self.gen = gen = torch.Generator().manual_seed(cfg.seed)
+        unet, vae = pipe.unet, pipe.vae
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.w0 = kv.kv_weights(unet)
+        encoders = [encoder for _, encoder in tokens.text_pairs(pipe)]  # two on SDXL
+        for module in (unet, vae, *encoders):
+            module.requires_grad_(False)
+        # SDXL: the token goes into both encoders (the first one's draw first: SD runs are unchanged)
+        starts = [tokens.initial_vector(pipe, cfg.token_init, concept.class_word, gen, which)
+                  for which in range(len(encoders))]
+        self.token_id = tokens.add_token(pipe, concept.token, *starts)
+        self.row_ids = tokens.token_ids(pipe, concept.token)
+        self.latents = encode_variants(vae, images, resolution(pipe), variants=variants,
+                                       flip=flip and not concept.is_style, seed=cfg.seed)
+        self.prompt = concept_prompt(method, concept)
+        self.sdxl = SDXLConditioning(pipe, resolution(pipe)) if len(encoders) == 2 else None
+        if self.sdxl is not None:
+            self.sdxl.pooled = encode_prompts(pipe, [self.prompt], pooled=True)[1].detach()
+        self.embeddings = [encoder.get_input_embeddings() for encoder in encoders]
+        self.ctx = TrainContext(pipe=pipe, concept=concept, state=dict(state or {}), earlier=list(earlier or []),
+                                accelerator=accelerator, cache_dir=cache_dir, latents=self.latents,
+                                prompt=self.prompt, noise_scheduler=self.noise_scheduler, images=list(images))
+        self.trains_token = cfg.token_lr > 0
+        self.hooks: list = []
+        self.fixed_text = None
+        self.losses: list[float] = []
+        self.term_log: dict[str, list[float]] = {}
+
+    def install(self, echo: Callable[[str], None] | None) -> None:
+        """The method's parameters, the frozen teacher it asks for, the token's rows and the optimizer; ``echo``
+        receives the data-parallel note and the memory estimate."""
+        cfg, method, ctx, unet = self.cfg, self.method, self.ctx, self.pipe.unet
+        torch.manual_seed(cfg.seed)  # adapters initialise from the global generator
+        groups = method.setup(ctx)
+        if method.wants_teacher(ctx):  # the model before this task (taken before a resume reloads its checkpoint)
+            ctx.teacher = copy.deepcopy(unet).requires_grad_(False).eval()
+        if self.trains_token:
+            self.hooks = [tokens.train_only_rows(e, [i]) for e, i in zip(self.embeddings, self.row_ids)]
+            groups = groups + [{"params": [e.weight for e in self.embeddings], "lr": cfg.token_lr,
+                                "weight_decay": 0.0}]
+        self.params = [p for g in groups for p in g["params"]]
+        if not self.params:
+            raise ValueError(f"method {method.name} trains nothing: check its config (lr, token_lr)")
+        self.optimizer = self.accelerator.prepare(make_optimizer(groups, self.options.use_8bit_adam))
+        if self.options.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if echo is not None:
+            self._announce(echo)
+
+    def _announce(self, echo: Callable[[str], None]) -> None:
+        cfg, accelerator, procs, options = self.cfg, self.accelerator, self.procs, self.options
+        if procs > 1:
+            echo(f"data parallel: {procs} processes x {cfg.batch_size // procs} samples = global batch "
+                 f"{cfg.batch_size} ({accelerator.distributed_type.value}, backend {accelerator.state.backend})")
+        if options.memory_estimate:
+            device = self.pipe.unet.device
+            if device.type == "cpu" and not torch.cuda.is_available():
+                echo("note: no GPU found: training on CPU in "
+                     f"{'bf16 autocast' if accelerator.mixed_precision == 'bf16' else 'fp32'}")
+            echo(memory.estimate(self.pipe, self.params, cfg.batch_size // procs,
+                                 mixed_precision=accelerator.mixed_precision,
+                                 checkpointing=options.gradient_checkpointing,
+                                 adam_8bit=options.use_8bit_adam).describe(str(device)))
+
+    def resume(self, checkpoints: Checkpointer) -> int:
+        """Continue from the latest checkpoint, if there is one; returns the step to start from."""
+        latest = checkpoints.latest()
+        if latest is None:
+            return 0
+        checkpoints.check(latest)
+        start, trainable = checkpoints.load(latest, self.optimizer, self.params)
+        self.method.load_trainable_state(self.ctx, trainable)
+        with torch.no_grad():
+            for which, (e, i) in enumerate(zip(self.embeddings, self.row_ids)):
+                e.weight[i] = trainable["token" + (tokens.SECOND if which else "")].to(e.weight.dtype)
+        return start
+
+    def fix_text(self) -> None:
+        """Encode the prompt once when the token does not train, and measure the divergence baseline."""
+        pipe, cfg = self.pipe, self.cfg
+        if not self.trains_token:
+            fixed_text, pooled = encode_prompts(pipe, [self.prompt], pooled=True)
+            self.fixed_text = fixed_text.detach()
+            if self.sdxl is not None:
+                self.sdxl.pooled = pooled.detach()
+        self.watch = _DivergenceWatch(pipe, self.params, pipe.text_encoder.get_input_embeddings(),
+                                      self.token_id if self.trains_token else None, self.method, self.concept)
+        self.watch.measure_baseline(pipe, self.latents, self.noise_scheduler, self.prompt, self.fixed_text,
+                                    cfg.batch_size, cfg.seed)
+
+    def step(self, step: int) -> float:
+        """One optimizer step (0-based ``step``); returns its loss."""
+        cfg, method, pipe, unet, procs = self.cfg, self.method, self.pipe, self.pipe.unet, self.procs
+        self.gen.manual_seed(cfg.seed * 1_000_003 + step)  # per-step seeding: resume reproduces the run
+        # every process draws the same global batch and trains on its own rows (data parallel)
+        b = noisy_batch(self.latents, self.noise_scheduler, cfg.batch_size, self.gen, unet.device, unet.dtype)
+        x0, mask, noise, t, noisy = (b[k][self.local] for k in ("x0", "mask", "noise", "t", "noisy"))
+        # this process's share of the global batch's valid values (None: one process, its own count)
+        valid = float(b["mask"].sum()) * x0.shape[1] / procs if procs > 1 else None
+        if self.fixed_text is not None:
+            text = self.fixed_text
+        else:
+            text, pooled = encode_prompts(pipe, [self.prompt], pooled=True)
+            if self.sdxl is not None:
+                self.sdxl.pooled = pooled  # the UNet's pooled conditioning follows the training token too
+        text = text.expand(len(x0), -1, -1)
+        with self.accelerator.autocast():  # a no-op unless mixed precision was asked for
+            pred = unet(noisy, t, text).sample
+            loss_diff = denoising_loss(pred, diffusion_target(self.noise_scheduler, x0, noise, t), mask, valid)
+            batch = dict(x0=x0, noise=noise, t=t, noisy=noisy, text=text, mask=mask, generator=self.gen, step=step,
+                         scheduler=self.noise_scheduler, pred=pred)
+            terms = method.loss_terms(self.ctx, batch)
+            loss = loss_diff + sum(terms.values())
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"loss became {loss.item()} at step {step + 1} while learning {self.concept.name!r} with "
+                f"{method.name}; nothing was saved. Lower the learning rate (lr={cfg.lr}, token_lr={cfg.token_lr}) "
+                "and try again")
+        self.accelerator.backward(loss)
+        if procs > 1:  # the mean gradient over processes: the gradient of the global batch
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        method.after_optimizer_step(self.ctx, batch)
+        self.losses.append(loss.item())
+        self.watch.check(step + 1, float(loss_diff.detach()))
+        for name, value in terms.items():
+            self.term_log.setdefault(name, []).append(float(value.detach()))
+        return loss.item()
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: the method's trained tensors and the token's rows."""
+        trainable = self.method.trainable_state(self.ctx)
+        for which, (e, i) in enumerate(zip(self.embeddings, self.row_ids)):
+            trainable["token" + (tokens.SECOND if which else "")] = e.weight[i].detach().clone()
+        return trainable
+
+    def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(The concept's tensors, the token included; the method's new shared state), checked to be finite."""
+        concept_tensors, new_state = self.method.finish(self.ctx)
+        concept_tensors = {**concept_tensors, **tokens.token_tensors(self.pipe, self.concept.token)}
+        self.watch.check_result(concept_tensors, new_state)
+        return concept_tensors, new_state
+
+    def teardown(self) -> None:
+        """Undo everything the run installed; the token stays (it is the concept's)."""
+        unet = self.pipe.unet
+        if self.options.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
-        ctx.teacher = None
-        method.teardown(ctx)
-        for hook in hooks:
+        self.ctx.teacher = None
+        self.method.teardown(self.ctx)
+        for hook in self.hooks:
             hook.remove()
-        for e in embeddings:
+        for e in self.embeddings:
             e.weight.requires_grad_(False)
-        if sdxl is not None:
-            sdxl.remove()
+        if self.sdxl is not None:
+            self.sdxl.remove()
         kv.remove_loras(unet)
         with torch.no_grad():
             for name, module in kv.kv_modules(unet).items():
-                module.weight.copy_(w0[name])
+                module.weight.copy_(self.w0[name])
         unet.requires_grad_(False)
-    return LearnResult(concept_tensors, new_state, cfg.steps, time.time() - t_start, losses, term_log)
 
 
 class _DivergenceWatch:
@@ -448,7 +505,6 @@ def _rms(t: torch.Tensor) -> float:
 def _progress(iterable, enabled: bool, desc: str):
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
 

@@ -34,10 +34,10 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 
-from museum.base import components as old_components
-from museum.base.tokenizer import write_clip_tokenizer
-from museum.base.v2 import components
-from museum.evaluation.evaluator import Evaluator
+from museum.models import components as old_components
+from museum.models.evaluator import Evaluator
+from museum.models.tokenizer import write_clip_tokenizer
+from museum.models.v2 import components
 from museum.world.v2 import concepts, render
 
 CHUNK = 5000

@@ -25,6 +25,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler
 
 
 def output_distillation(unet, teacher, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -55,8 +56,6 @@ def noise_bank(teacher, scheduler_config, text: torch.Tensor, *, teacher_steps: 
     Returns (x_t, t, prompt index), each of length P * (teacher_steps + 1): pure noise at the first timestep
     of an ``inference_steps`` DDIM schedule, then the x_t after each of the teacher's first ``teacher_steps``
     deterministic DDIM steps (eta 0) on the sample's own prompt."""
-    from diffusers import DDIMScheduler
-
     if not 0 <= teacher_steps < inference_steps:
         raise ValueError(f"teacher_steps must be in [0, inference_steps) = [0, {inference_steps}), got {teacher_steps}")
     sched = DDIMScheduler.from_config(scheduler_config)

@@ -22,8 +22,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from museum.base.components import SD_SCHEDULER
-from museum.base.tokenizer import write_clip_tokenizer
+from museum.models.components import SD_SCHEDULER
+from museum.models.tokenizer import write_clip_tokenizer
 from museum.world.render import base_vocabulary
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -97,7 +97,7 @@ def build_tiny_ip_adapter(pipeline: str | Path, directory: str | Path, seed: int
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from museum import icgen
+    from museum.models import icgen
 
     directory = Path(directory)
     torch.manual_seed(seed)

@@ -13,14 +13,17 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
+
+from museum.generation.sampling import generate_images
+from museum.store.atomic import atomic_write_bytes
+from museum.world.render import base_samples, caption
 
 GENERIC_SEED = 4242
 
 
 def generic_captions(n: int, seed: int = GENERIC_SEED) -> list[str]:
     """``n`` captions of random base scenes, without a style part."""
-    from museum.world.render import base_samples, caption
-
     return [caption(s, drop=frozenset({"style"})) for s, _ in base_samples(n, seed=seed)]
 
 
@@ -32,15 +35,10 @@ def generated_latents(pipe, prompts: list[str], cache_dir, name: str) -> torch.T
     path = Path(cache_dir) / "class_images" / f"{name}-{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         return load_file(path)["latents"]
-    from museum.generation.sampling import generate_images
 
     latents = generate_images(pipe, prompts, seeds=list(range(len(prompts))), output_type="latent")
     latents = torch.stack(latents).float().cpu()
     if path is not None:
-        from safetensors.torch import save as save_bytes
-
-        from museum.store.atomic import atomic_write_bytes
-
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, save_bytes({"latents": latents.contiguous()}))
     return latents

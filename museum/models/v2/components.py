@@ -4,9 +4,9 @@
 channels instead of Stable Diffusion's four, because the world's patterns (stripes 4-6 pixels
 wide, dots, checks, halftone) must survive the round trip at a quarter of SD's compression
 (64*64*3 / (16*16*8) = 6, SD 1.x: 48). No attention in the VAE, so it is fully convolutional and
-can be trained on crops (:func:`museum.base.v2.pretrain.train_vae`). Widths 24/48/96: 32/64/128
+can be trained on crops (:func:`museum.models.v2.pretrain.train_vae`). Widths 24/48/96: 32/64/128
 cost 1.4x as much a step (docs/logs/pretrain-v2.log), too much for this machine's budget. The scheduler is Stable
-Diffusion 1.x's (:mod:`museum.base.components`).
+Diffusion 1.x's (:mod:`museum.models.components`).
 """
 
 from __future__ import annotations

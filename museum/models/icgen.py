@@ -2,7 +2,7 @@
 visual context, a concept's reference images, through extra cross-attention tokens.
 
 Decoupled cross-attention as IP-Adapter (Ye et al. 2023) does it, with diffusers' own pieces: an image encoder
-(for the embedded model the evaluator's image tower, frozen: ``museum.evaluation.evaluator``), a projection of
+(for the embedded model the evaluator's image tower, frozen: ``museum.models.evaluator``), a projection of
 one image embedding to ``NUM_TOKENS`` context tokens (``diffusers.models.embeddings.ImageProjection``), separate
 K/V projections for them in every cross-attention block (``IPAdapterAttnProcessor2_0``'s ``to_k_ip`` /
 ``to_v_ip``) and a scale:
@@ -30,11 +30,13 @@ from typing import Iterator
 import torch
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+from diffusers.utils import logging
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from museum.base.loading import EMBEDDED_DIR
 from museum.errors import MuseumError
+from museum.models.loading import EMBEDDED_DIR
 
 NUM_TOKENS = 4  # the context tokens one embedding becomes (IP-Adapter's; diffusers assumes 4 for this layout)
 WEIGHT_NAME = "ip_adapter.safetensors"
@@ -119,7 +121,6 @@ def load_adapter(pipe, folder: str | Path | None = None, scale: float = 1.0, wei
             f"no image-context adapter at {folder / weight}: ICGen needs one. The embedded model's is made by "
             f"`python scripts/train_icgen.py`; for a Stable Diffusion model give a local IP-Adapter folder (Museum "
             f"downloads nothing)")
-    from diffusers.utils import logging
 
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "image_encoder is not loaded": intended, the embeddings are stored per concept
@@ -190,8 +191,6 @@ def encoder_embeddings(folder: str | Path, images) -> torch.Tensor:
     """(N, D) ``image_embeds`` of an IP-Adapter's image encoder (``folder/image_encoder``) for ``images``, as
     diffusers' ``pipe.encode_image`` computes them: a ``CLIPImageProcessor`` (the folder's preprocessor config, else
     diffusers' default at the encoder's image size), then ``CLIPVisionModelWithProjection(...).image_embeds``."""
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
     path = Path(folder) / IMAGE_ENCODER
     try:
         encoder = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True, use_safetensors=True)
@@ -298,23 +297,3 @@ def context_kwargs(embeddings: torch.Tensor, batch: int, guidance: bool = True, 
     if guidance:
         embeds = torch.cat([torch.zeros_like(embeds), embeds])
     return {"ip_adapter_image_embeds": [embeds]}
-
-
-def zero_shot_alignment(pipe, evaluator, concept, *, scale: float = 1.0, n_prompts: int = 8, n_seeds: int = 2,
-                        steps: int = 25, guidance: float = 7.5) -> float:
-    """Image alignment to ``concept``'s held-out references of its class prompts ("a hexagon on a sand background")
-    drawn with the concept's TRAINING images as context and no training; ``pipe`` holds an adapter
-    (:func:`load_adapter`). Same prompts and seeds as ``museum.evaluation.protocol.score_base``."""
-    from museum.evaluation.metrics import image_alignment
-    from museum.generation.sampling import generate_images
-
-    pipe.set_ip_adapter_scale(scale)
-    context = context_embeddings(evaluator, concept.train_images)
-    prompts = [p for p in concept.class_prompts()[:n_prompts] for _ in range(n_seeds)]
-    seeds = [s for _ in range(n_prompts) for s in range(n_seeds)]
-    images = []
-    for i in range(0, len(prompts), 16):
-        batch = prompts[i:i + 16]
-        images += generate_images(pipe, batch, seeds=seeds[i:i + 16], steps=steps, guidance=guidance,
-                                  **context_kwargs(context, len(batch), guidance > 1))
-    return image_alignment(evaluator, images, concept.reference_images)

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 KV_PATTERN = r".*attn2\.to_(k|v)"
@@ -126,7 +127,6 @@ def remove_loras(unet: nn.Module) -> None:
     """Remove every peft adapter, restoring plain ``nn.Linear`` projections."""
     if getattr(unet, "peft_config", None):
         unet.delete_adapters(list(unet.peft_config))
-        from peft.tuners.tuners_utils import BaseTunerLayer
 
         for name, module in list(unet.named_modules()):
             for child_name, child in list(module.named_children()):

@@ -13,8 +13,8 @@ embedding per encoder (stored as ``token`` and ``token + SECOND``; exported as d
 from __future__ import annotations
 
 import torch
-from museum.errors import TokenError
 
+from museum.errors import TokenError
 
 SECOND = "_2"  # key suffix of a token's second-encoder embedding (SDXL)
 

@@ -25,8 +25,15 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import (
+    fetch_diffusers_config, infer_diffusers_model_type, load_single_file_checkpoint,
+)
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+
 from museum.errors import BaseModelError
+from museum.models.evaluator import Evaluator
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
 EMBEDDED_PIPELINE = EMBEDDED_DIR / "pipeline"
@@ -80,8 +87,6 @@ def is_hub_id(base: str | Path) -> bool:
 def hub_snapshot(repo_id: str) -> Path:
     """The local folder of a hub pipeline: from the Hugging Face cache, else downloaded (online only).
     Only a diffusers pipeline's configs, tokenizer files and safetensors weights are fetched."""
-    from huggingface_hub import snapshot_download
-
     patterns = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
     ignore = ["*.fp16.safetensors", "*ema*", "*.non_ema.*", "safety_checker/*", "feature_extractor/*"]
     try:
@@ -108,10 +113,6 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None, allo
     an SD-2.x 768-v file needs a v-prediction folder) and tokenizers; a .safetensors file whose key layout
     is of the other kind (SDXL's ``conditioner.embedders.*`` vs SD-1/2's ``cond_stage_model.*``) is refused
     by name before any weight is read."""
-    from diffusers import StableDiffusionXLPipeline
-    from diffusers.loaders.single_file_utils import fetch_diffusers_config, infer_diffusers_model_type, \
-        load_single_file_checkpoint
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise BaseModelError(f"base model {path} does not exist (Museum never downloads a model by itself); " + WHAT_BASE)
@@ -133,7 +134,6 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None, allo
         repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
         del checkpoint
         cls = StableDiffusionXLPipeline if family.startswith("xl") else StableDiffusionPipeline
-        from huggingface_hub import snapshot_download
 
         try:
             config = Path(snapshot_download(repo, allow_patterns=["*.json", "*.txt"], local_files_only=True))
@@ -165,7 +165,6 @@ def single_file_layout(path: Path) -> tuple[str, bool] | None:
     None for a pickle or an unknown layout (diffusers then decides)."""
     if path.suffix.lower() != ".safetensors":
         return None
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -225,8 +224,6 @@ def load_pipeline(base: str | Path = EMBEDDED, *, device: str | torch.device = "
 
 
 def load_evaluator(path: str | Path = EMBEDDED_EVALUATOR):
-    from museum.evaluation.evaluator import Evaluator
-
     if not (Path(path) / "config.json").is_file():
         raise BaseModelError(f"no evaluator at {path}; reinstall museum or run `museum pretrain`")
     return Evaluator.from_pretrained(path)

@@ -39,9 +39,9 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 
-from museum.base import components
-from museum.base.tokenizer import write_clip_tokenizer
-from museum.evaluation.evaluator import Evaluator
+from museum.models import components
+from museum.models.tokenizer import write_clip_tokenizer
+from museum.models.evaluator import Evaluator
 from museum.world import render as world
 
 VAE_STEPS, EVALUATOR_STEPS, UNET_STEPS = 1500, 3000, 6000  # the shipped model's recipe

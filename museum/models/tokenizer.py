@@ -4,7 +4,9 @@ The merges are learned with the ``tokenizers`` BPE trainer on the word list itse
 encoding a known word reproduces it whole; every printable ASCII character (with and
 without CLIP's ``</w>`` end-of-word suffix) stays in the vocabulary so any other word
 still tokenizes, character by character. The files are the ones ``CLIPTokenizer``
-reads (``vocab.json`` + ``merges.txt``, ECOSYSTEM.md pitfall 2).
+reads (``vocab.json`` + ``merges.txt``, loaded with ``CLIPTokenizer.from_pretrained(dir, model_max_length=77)``:
+transformers 5's constructor takes ``vocab=``/``merges=`` and silently ignores ``vocab_file=``/``merges_file=``, and
+without ``model_max_length`` the pipeline overflows).
 """
 
 from __future__ import annotations
