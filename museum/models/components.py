@@ -47,18 +47,19 @@ def make_vae() -> AutoencoderKL:
     )
 
 
-def make_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+def make_text_encoder(tokenizer: CLIPTokenizer, width: int = TEXT_WIDTH, layers: int = 3) -> CLIPTextModel:
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer),  # must equal len(tokenizer): ECOSYSTEM.md pitfall 3
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=4 * TEXT_WIDTH,
-        num_hidden_layers=3,
+        # vocab_size must equal len(tokenizer), or load_textual_inversion shrinks the embedding table and fails
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        projection_dim=TEXT_WIDTH,
+        projection_dim=width,
     )
     return CLIPTextModel(config)
 

@@ -12,7 +12,9 @@ Diffusion 1.x's (:mod:`museum.models.components`).
 from __future__ import annotations
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from museum.models import components
 
 IMAGE_SIZE = 64
 LATENT_CHANNELS = 8
@@ -39,19 +41,7 @@ MODEL_MAX_LENGTH = 48  # the longest two-object caption with a style is ~42 toke
 
 
 def make_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),  # must equal len(tokenizer), or load_textual_inversion shrinks the table
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=4 * TEXT_WIDTH,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        projection_dim=TEXT_WIDTH,
-    )
-    return CLIPTextModel(config)
+    return components.make_text_encoder(tokenizer, width=TEXT_WIDTH, layers=4)
 
 
 def make_unet() -> UNet2DConditionModel:
