@@ -5,7 +5,8 @@ mean, decode), measured per pattern and per style on held-out renders.
 
 Per group: PSNR and mean absolute error (0-255) of the round trip against the render, and the
 independent patch similarity (museum.evaluation.independent) of the round trip to its own render
-(1 = every 6x6 patch found again). Writes vae.json, vae.md and vae.png (renders above, round trips below).
+(1 = every 6x6 patch found again). Writes vae.json, vae.md, vae-patterns.png and vae-styles.png (per group,
+three renders above their round trips).
 """
 
 import argparse
@@ -61,7 +62,7 @@ def measure(vae: AutoencoderKL, seed: int = 0) -> tuple[dict, list[np.ndarray]]:
         patches = [float(patch_similarity(rec[i:i + 1], images[i:i + 1])[0]) for i in range(len(images))]
         rows[name] = {"psnr": float(np.mean(10 * np.log10(255 ** 2 / np.maximum(mse, 1e-6)))),
                       "mae": float(err.mean()), "patch_similarity": float(np.mean(patches))}
-        strips.append(np.concatenate([np.concatenate(list(images[:6]), axis=1), np.concatenate(list(rec[:6]), axis=1)]))
+        strips.append(np.concatenate([np.concatenate(list(images[:3]), axis=1), np.concatenate(list(rec[:3]), axis=1)]))
     return rows, strips
 
 
@@ -78,5 +79,5 @@ if __name__ == "__main__":
     (args.out / "vae.md").write_text("\n".join(lines) + "\n")
     sheet = np.concatenate(strips[:len(render.PATTERNS)], axis=0), np.concatenate(strips[len(render.PATTERNS):], axis=0)
     for part, name in zip(sheet, ("vae-patterns.png", "vae-styles.png")):
-        Image.fromarray(part).resize((part.shape[1] * 2, part.shape[0] * 2), Image.NEAREST).save(args.out / name)
+        Image.fromarray(part).save(args.out / name)
     print("\n".join(lines))

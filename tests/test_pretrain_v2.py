@@ -106,11 +106,44 @@ def test_evaluator_trains_on_partial_captions_with_hard_negatives(tiny_set, tiny
     assert (tmp_path / "evaluator" / "config.json").exists()
 
 
-def test_perturb_changes_the_caption():
+def test_perturb_changes_what_the_caption_says():
     rng = random.Random(0)
-    for scene, _ in render.base_samples(200, seed=7, pair_fraction=0.0):
-        negative = P.perturb(scene, rng)
-        assert render.caption(negative) != render.caption(scene)
+    for scene, _ in render.base_samples(300, seed=7, pair_fraction=0.0):
+        drop = render.caption_drop(rng)
+        assert render.caption(P.perturb(scene, rng, drop), drop=drop) != render.caption(scene, drop=drop)
+
+
+def test_resume_skips_an_incomplete_checkpoint_and_refuses_other_settings(tiny_set, tiny_components, tmp_path):
+    """A process killed while saving leaves a newest checkpoint without step.json: resume falls back to the
+    one before it and still ends where an uninterrupted run ends; changed settings are refused."""
+    _, images, _ = tiny_set
+    assert P.train_vae(tmp_path / "a", images, steps=6, minutes=5, max_new_steps=4) is None  # checkpoints at 2 and 4
+    checkpoints = sorted((tmp_path / "a" / "vae-run" / "checkpoints").glob("checkpoint_*"), key=P._number)
+    (checkpoints[-1] / "step.json").unlink()  # the kill: step 4's state without its marker
+    resumed = P.train_vae(tmp_path / "a", images, steps=6, minutes=5)
+    assert not checkpoints[-1].exists()
+    assert _same_weights(resumed, P.train_vae(tmp_path / "b", images, steps=6, minutes=5))
+    P.train_vae(tmp_path / "c", images, steps=6, minutes=5, max_new_steps=2)
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(P, "VAE_LR", P.VAE_LR / 2)
+    with pytest.raises(P.StaleCacheError, match="saved with"):
+        P.train_vae(tmp_path / "c", images, steps=6, minutes=5)
+    monkeypatch.undo()
+
+
+def test_a_cache_made_by_other_code_is_refused(tiny_set, tiny_components, tmp_path, monkeypatch):
+    paths, images, _ = tiny_set
+    P.verify_chunks(paths, 0, chunk=20)  # made by this code: accepted
+    stale = tmp_path / "render" / paths[1].name
+    stale.parent.mkdir()
+    np.savez(stale, images=images[:20])  # chunk 0's pixels under chunk 1's name
+    with pytest.raises(P.StaleCacheError, match="delete"):
+        P.verify_chunks([stale], 0, chunk=20)
+    vae = P.train_vae(tmp_path, images, steps=2, minutes=5)
+    assert P.encode_latents(tmp_path, vae, paths[:1]) is not None
+    other = _tiny_vae()
+    with pytest.raises(P.StaleCacheError, match="another VAE"):
+        P.encode_latents(tmp_path, other, paths[:1])
 
 
 def test_pretrain_runs_the_stages_in_order_across_calls(tiny_components, monkeypatch, tmp_path):

@@ -3,7 +3,7 @@
 from dataclasses import replace
 
 from museum.evaluation import prompt_following as PF
-from museum.world.v2 import render
+from museum.world.v2 import concepts, render
 
 
 def test_candidates_hold_the_prompt_at_its_own_index_and_differ_in_one_attribute():
@@ -17,6 +17,7 @@ def test_candidates_hold_the_prompt_at_its_own_index_and_differ_in_one_attribute
 
 def test_held_out_scenes_show_no_pooled_concept_and_every_attribute_varies():
     scenes = PF.held_out_scenes(300, seed=1)
+    assert not set().union(*(render.scene_signatures(s) for s in scenes)) & concepts.reserved_signatures()
     assert len({s.look.pattern for s in scenes}) == len(render.PATTERNS)
     assert len({s.style.family for s in scenes if s.style}) == len(render.STYLES)
 

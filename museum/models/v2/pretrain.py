@@ -18,8 +18,11 @@ nothing. Stages:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import shutil
 import time
 from dataclasses import replace
 from multiprocessing import Pool
@@ -88,9 +91,9 @@ def render_chunks(work: Path, n: int, seed: int, *, workers: int = 2, chunk: int
     deadline = time.time() + 60 * minutes if minutes is not None else float("inf")
     with Pool(workers) as pool:
         for i, images in zip(todo, pool.imap(_render_chunk, [(i, seed, chunk) for i in todo])):
-            tmp = paths[i].with_suffix(".tmp.npz")
+            tmp = paths[i].with_suffix(f".{os.getpid()}.tmp.npz")
             np.savez(tmp, images=images)
-            tmp.rename(paths[i])
+            tmp.replace(paths[i])
             log(f"render chunk {i + 1}/{len(paths)}", logfile)
             if time.time() > deadline:
                 pool.terminate()
@@ -100,6 +103,26 @@ def render_chunks(work: Path, n: int, seed: int, *, workers: int = 2, chunk: int
 
 def load_images(paths: list[Path]) -> np.ndarray:
     return np.concatenate([np.load(p)["images"] for p in paths])
+
+
+class StaleCacheError(RuntimeError):
+    """A cached file no longer matches what the current code would make."""
+
+
+def verify_chunks(paths: list[Path], seed: int, chunk: int | None = None) -> None:
+    """Re-render the first and last image of every chunk and compare them with the cached pixels: captions are
+    drawn again from the seeds (:func:`chunk_scenes`), so a change to the world, the pools or the sampler that
+    moves the scenes must not meet pixels rendered before it."""
+    size = chunk or CHUNK
+    for path in paths:
+        index = int(path.stem.split("-")[-1])
+        images = np.load(path)["images"]
+        samples = render.base_samples(size, seed * 10_000 + index, reserved=concepts.reserved_signatures())
+        for k in (0, len(images) - 1):
+            if not np.array_equal(np.asarray(render.render(*samples[k])), images[k]):
+                raise StaleCacheError(f"{path} was rendered from another world or pool than the current code draws "
+                                      f"(image {k} differs); delete {path.parent} and {path.parent.parent / 'latents'} "
+                                      "to render them again")
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -127,19 +150,45 @@ def _accelerator(folder: Path) -> Accelerator:
         project_dir=str(folder), automatic_checkpoint_naming=True, total_limit=2))
 
 
-def _resume(accelerator: Accelerator, folder: Path) -> int:
-    """Load the latest ``checkpoint-N`` under ``folder/checkpoints``; the step it was saved at (0 if none)."""
-    checkpoints = sorted((folder / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
+def _number(path: Path) -> int:
+    return int(path.name.split("_")[-1])
+
+
+def _resume(accelerator: Accelerator, folder: Path, settings: dict) -> int:
+    """Load the latest complete ``checkpoint_N`` under ``folder/checkpoints`` (one with its ``step.json``,
+    written after the state: accelerate removes the oldest checkpoint before it writes the next, so a
+    process killed while saving leaves an incomplete newest one, which is deleted); the step it was saved at
+    (0 if none). A checkpoint saved with other ``settings`` (steps, batch, learning rate) is refused: the
+    schedule and data would silently change."""
+    checkpoints = sorted((folder / "checkpoints").glob("checkpoint_*"), key=_number)
     if not checkpoints:
         return 0
-    accelerator.load_state(str(checkpoints[-1]))
-    accelerator.project_configuration.iteration = int(checkpoints[-1].name.split("_")[-1]) + 1
-    return json.loads((checkpoints[-1] / "step.json").read_text())["step"]
+    accelerator.project_configuration.iteration = _number(checkpoints[-1]) + 1
+    complete = [c for c in checkpoints if (c / "step.json").exists()]
+    for incomplete in set(checkpoints) - set(complete):
+        shutil.rmtree(incomplete)
+    if not complete:
+        return 0
+    saved = json.loads((complete[-1] / "step.json").read_text())
+    if saved.get("settings", settings) != settings:
+        raise StaleCacheError(f"{complete[-1]} was saved with {saved['settings']}, this run has {settings}; "
+                              f"restore those settings or delete {folder} to start the stage again")
+    accelerator.load_state(str(complete[-1]))
+    return saved["step"]
 
 
-def _save(accelerator: Accelerator, step: int) -> None:
+def _save(accelerator: Accelerator, step: int, settings: dict) -> None:
     path = Path(accelerator.save_state())
-    (path / "step.json").write_text(json.dumps({"step": step}))
+    (path / "step.json").write_text(json.dumps({"step": step, "settings": settings}))
+
+
+def save_atomically(model, folder: Path, **kwargs) -> None:
+    """``model.save_pretrained`` into a temporary folder renamed to ``folder``: a finished stage is marked by
+    its folder, and diffusers writes a model's config before its weights."""
+    tmp = folder.with_name(folder.name + f".{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, **kwargs)
+    tmp.replace(folder)
 
 
 def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +203,8 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator) ->
 
 
 def _vae_batch(data: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
-    """``VAE_BATCH`` random 32x32 crops for the first ``VAE_CROP_STEPS`` steps, then half as many whole images."""
+    """``VAE_BATCH`` random images cropped to 32x32 (one random window for the batch) for the first
+    ``VAE_CROP_STEPS`` steps, then half as many whole images."""
     if step <= VAE_CROP_STEPS:
         x = data[torch.randint(0, len(data), (VAE_BATCH,), generator=generator)]
         i, j = torch.randint(0, components.IMAGE_SIZE - VAE_CROP + 1, (2,), generator=generator).tolist()
@@ -163,19 +213,21 @@ def _vae_batch(data: torch.Tensor, step: int, generator: torch.Generator) -> tor
 
 
 def run_stage(name: str, folder: Path, models: list[torch.nn.Module], optimizer, scheduler, loss_fn, *,
-              steps: int, minutes: float, seed: int, extra_state=(), after_step=None,
+              steps: int, minutes: float, seed: int, settings: dict, extra_state=(), after_step=None,
               max_grad_norm: float | None = None, max_new_steps: int | None = None, logfile: Path | None = None) -> bool:
     """Run (or resume) a training stage for at most ``minutes``: ``loss_fn(step, generator)`` gives the loss
     of one step; ``extra_state`` (objects with state_dict / load_state_dict, e.g. an EMA) is checkpointed
     with the models, optimizer, schedule and data sampler; ``after_step()`` runs after each optimizer step.
-    One process: ``loss_fn`` uses the models as given. ``max_new_steps`` bounds the call in steps as
-    ``minutes`` does in time. True once all ``steps`` are done."""
+    One process: ``loss_fn`` uses the models as given. ``settings`` (the stage's constants) are saved with
+    each checkpoint and must match on resume. ``max_new_steps`` bounds the call in steps as ``minutes``
+    does in time. True once all ``steps`` are done."""
     accelerator = _accelerator(folder)
     sampler = SamplerState(seed)
     *models, optimizer, scheduler = accelerator.prepare(*models, optimizer, scheduler)
     for state in (sampler, *extra_state):
         accelerator.register_for_checkpointing(state)
-    start = _resume(accelerator, folder)
+    settings = dict(settings, steps=steps, seed=seed)
+    start = _resume(accelerator, folder, settings)
     log(f"{name}: {'resumed at step ' + str(start) if start else 'from scratch'} of {steps}", logfile)
     params = [p for m in models for p in m.parameters() if p.requires_grad]
     deadline = time.time() + 60 * minutes
@@ -193,10 +245,11 @@ def run_stage(name: str, folder: Path, models: list[torch.nn.Module], optimizer,
         if step % 100 == 0 or step == start + 1:
             log(f"{name} step {step}/{steps} loss {loss.item():.4f}", logfile)
         if step % CHECKPOINT_EVERY == 0 and step < steps:
-            _save(accelerator, step)
+            _save(accelerator, step, settings)
     if step < steps:
-        _save(accelerator, step)
-        log(f"{name}: stopped at step {step}/{steps} (time budget); the same command resumes it", logfile)
+        if step % CHECKPOINT_EVERY or step == start:  # not saved just now
+            _save(accelerator, step, settings)
+        log(f"{name}: stopped at step {step}/{steps} (budget of this call); the same command resumes it", logfile)
         return False
     return True
 
@@ -212,9 +265,10 @@ def train_vae(work: Path, images: np.ndarray, *, steps: int = VAE_STEPS, minutes
     opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, 200, steps)
     data = to_tensor(images)
+    settings = {"lr": VAE_LR, "batch": VAE_BATCH, "crop": VAE_CROP, "crop_steps": VAE_CROP_STEPS, "images": len(images)}
     done = run_stage("vae", work / "vae-run", [vae], opt, sched,
-                     lambda step, gen: vae_loss(vae, _vae_batch(data, step, gen), gen),
-                     steps=steps, minutes=minutes, seed=seed, max_new_steps=max_new_steps, logfile=logfile)
+                     lambda step, gen: vae_loss(vae, _vae_batch(data, step, gen), gen), steps=steps,
+                     minutes=minutes, seed=seed, settings=settings, max_new_steps=max_new_steps, logfile=logfile)
     if not done:
         return None
     vae = vae.eval().requires_grad_(False)
@@ -224,7 +278,7 @@ def train_vae(work: Path, images: np.ndarray, *, steps: int = VAE_STEPS, minutes
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     log(f"vae done: reconstruction L1 {F.l1_loss(rec, data[:256]).item():.4f} on 256 training images, "
         f"scaling factor {vae.config.scaling_factor:.4f}", logfile)
-    vae.save_pretrained(work / "vae")
+    save_atomically(vae, work / "vae")
     return vae
 
 
@@ -242,11 +296,16 @@ def batch_rng(generator: torch.Generator) -> random.Random:
     return random.Random(int(torch.randint(0, 2 ** 31, (1,), generator=generator)))
 
 
-def perturb(scene: render.Scene, rng: random.Random) -> render.Scene:
-    """``scene`` with one captioned attribute changed (shape, main colour, pattern, background, style or
-    position): the hard negative of its caption (NegCLIP, Yuksekgonul et al. 2023)."""
+PERTURBED = {"shape": 3, "colour": 2, "pattern": 2, "background": 1, "style": 1, "position": 1}  # how often each
+
+
+def perturb(scene: render.Scene, rng: random.Random, drop: frozenset = frozenset()) -> render.Scene:
+    """``scene`` with one attribute its caption (without the parts in ``drop``) names changed: shape, main
+    colour, pattern, background, style or position. The hard negative of that caption (NegCLIP,
+    Yuksekgonul et al. 2023); the shape is always named, so there is always one to change."""
     look = scene.look
-    kind = rng.choices(("shape", "colour", "pattern", "background", "style", "position"), (3, 2, 2, 1, 1, 1))[0]
+    kinds = [k for k in PERTURBED if k not in drop and not (k == "position" and scene.position == "center")]
+    kind = rng.choices(kinds, [PERTURBED[k] for k in kinds])[0]
     if kind == "shape":
         return replace(scene, look=replace(look, shape=rng.choice([s for s in render.SHAPES if s != look.shape])))
     if kind == "colour":
@@ -272,8 +331,9 @@ def perturb(scene: render.Scene, rng: random.Random) -> render.Scene:
 def train_evaluator(work: Path, images: np.ndarray, scenes: list[render.Scene], *, steps: int = EVALUATOR_STEPS,
                     minutes: float, seed: int = 0, max_new_steps: int | None = None,
                     logfile: Path | None = None) -> Evaluator | None:
-    """The CLIP-style evaluator v2 on the pretraining set (no pooled concept: the zero-shot pool checks it
-    on combinations it never saw), partial captions, one hard negative per caption; None until done."""
+    """The CLIP-style evaluator v2 on ``images`` (the VAE's 40,000 of the pretraining set: no pooled concept,
+    so the zero-shot pool checks it on combinations it never saw), partial captions, one hard negative per
+    caption; None until done."""
     if (work / "evaluator" / "config.json").exists():
         return Evaluator.from_pretrained(work / "evaluator")
     torch.manual_seed(seed)
@@ -288,14 +348,15 @@ def train_evaluator(work: Path, images: np.ndarray, scenes: list[render.Scene], 
         rng = batch_rng(gen)
         drops = [render.caption_drop(rng) for _ in idx]
         texts = [render.caption(scenes[i], drop=d) for i, d in zip(idx, drops)]
-        negatives = [render.caption(perturb(scenes[i], rng), drop=d) for i, d in zip(idx, drops)]
+        negatives = [render.caption(perturb(scenes[i], rng, d), drop=d) for i, d in zip(idx, drops)]
         return evaluator.contrastive_loss(pixels[idx].float() / 255.0, texts, negatives=negatives)
 
+    settings = {"lr": EVALUATOR_LR, "batch": EVALUATOR_BATCH, "images": len(images)}
     if not run_stage("evaluator", work / "evaluator-run", [evaluator], opt, sched, loss_fn, steps=steps,
-                     minutes=minutes, seed=seed, max_new_steps=max_new_steps, logfile=logfile):
+                     minutes=minutes, seed=seed, settings=settings, max_new_steps=max_new_steps, logfile=logfile):
         return None
     evaluator = evaluator.eval().requires_grad_(False)
-    evaluator.save_pretrained(work / "evaluator")
+    save_atomically(evaluator, work / "evaluator")
     log("evaluator done", logfile)
     return evaluator
 
@@ -303,26 +364,40 @@ def train_evaluator(work: Path, images: np.ndarray, scenes: list[render.Scene], 
 # --------------------------------------------------------------------------- UNet + text encoder
 
 
-def encode_latents(work: Path, vae: AutoencoderKL, paths: list[Path], logfile: Path | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior's mean and std of every image, cached per chunk in ``work/latents``."""
+def _fingerprint(vae: AutoencoderKL) -> str:
+    """A hash of the VAE's weights: the latents cache belongs to one VAE."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def encode_latents(work: Path, vae: AutoencoderKL, paths: list[Path], *, minutes: float | None = None,
+                   logfile: Path | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The VAE posterior's mean and std of every image, cached per chunk in ``work/latents`` (for the VAE
+    recorded there); None when ``minutes`` ran out before every chunk was encoded."""
     folder = work / "latents"
     folder.mkdir(exist_ok=True)
-    means, stds = [], []
+    stamp, fingerprint = folder / "vae.sha256", _fingerprint(vae)
+    if stamp.exists() and stamp.read_text() != fingerprint:
+        raise StaleCacheError(f"{folder} holds latents of another VAE; delete it to encode them again")
+    stamp.write_text(fingerprint)
+    deadline = time.time() + 60 * minutes if minutes is not None else float("inf")
     for path in paths:
         cached = folder / path.name
-        if not cached.exists():
-            with torch.no_grad():
-                data = to_tensor(np.load(path)["images"])
-                dists = [vae.encode(data[i:i + 500]).latent_dist for i in range(0, len(data), 500)]
-            tmp = cached.with_suffix(".tmp.npz")
-            np.savez(tmp, mean=torch.cat([d.mean for d in dists]).numpy(), std=torch.cat([d.std for d in dists]).numpy())
-            tmp.rename(cached)
-            log(f"latents of {path.name}", logfile)
-        arrays = np.load(cached)
-        means.append(torch.from_numpy(arrays["mean"]))
-        stds.append(torch.from_numpy(arrays["std"]))
-    return torch.cat(means), torch.cat(stds)
+        if cached.exists():
+            continue
+        if time.time() > deadline:
+            return None
+        with torch.no_grad():
+            data = to_tensor(np.load(path)["images"])
+            dists = [vae.encode(data[i:i + 500]).latent_dist for i in range(0, len(data), 500)]
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, mean=torch.cat([d.mean for d in dists]).numpy(), std=torch.cat([d.std for d in dists]).numpy())
+        tmp.replace(cached)
+        log(f"latents of {path.name}", logfile)
+    arrays = [np.load(folder / p.name) for p in paths]
+    return torch.cat([torch.from_numpy(a["mean"]) for a in arrays]), torch.cat([torch.from_numpy(a["std"]) for a in arrays])
 
 
 def unet_loss(unet, text_encoder, scheduler, latents, ids) -> torch.Tensor:
@@ -350,7 +425,12 @@ def train_unet(work: Path, vae: AutoencoderKL, paths: list[Path], scenes: list[r
     opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=1e-2)
     sched = get_cosine_schedule_with_warmup(opt, 500, steps)
     ema = EMAModel(params, decay=0.9995, use_ema_warmup=True, power=0.75)
-    means, stds = encode_latents(work, vae, paths, logfile)
+    start = time.time()
+    latents = encode_latents(work, vae, paths, minutes=minutes, logfile=logfile)
+    if latents is None:
+        return None
+    means, stds = latents
+    minutes -= (time.time() - start) / 60
     scale = vae.config.scaling_factor
     noise_scheduler = old_components.make_train_scheduler()
 
@@ -364,8 +444,10 @@ def train_unet(work: Path, vae: AutoencoderKL, paths: list[Path], scenes: list[r
                         return_tensors="pt").input_ids
         return unet_loss(unet, text_encoder, noise_scheduler, latents, ids)
 
+    settings = {"lr": UNET_LR, "batch": UNET_BATCH, "cfg_dropout": CFG_DROPOUT, "min_snr": MIN_SNR_GAMMA,
+                "images": len(means)}
     if not run_stage("unet", work / "unet-run", [unet, text_encoder], opt, sched, loss_fn, steps=steps,
-                     minutes=minutes, seed=seed, extra_state=[ema], after_step=lambda: ema.step(params),
+                     minutes=minutes, seed=seed, settings=settings, extra_state=[ema], after_step=lambda: ema.step(params),
                      max_grad_norm=1.0, max_new_steps=max_new_steps, logfile=logfile):
         return None
     ema.copy_to(params)
@@ -374,7 +456,7 @@ def train_unet(work: Path, vae: AutoencoderKL, paths: list[Path], scenes: list[r
         scheduler=old_components.make_sample_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(work / "pipeline", safe_serialization=True)
+    save_atomically(pipe, work / "pipeline", safe_serialization=True)
     log("unet done: pipeline saved", logfile)
     return pipe
 
@@ -389,13 +471,16 @@ def pretrain(work: Path, *, minutes: float, seed: int = 0, logfile: Path | None 
     deadline = time.time() + 60 * minutes
     left = lambda: max(0.0, (deadline - time.time()) / 60)  # noqa: E731
     work.mkdir(parents=True, exist_ok=True)
-    images = load_images(render_chunks(work, N_VAE, seed, logfile=logfile))
+    vae_paths = render_chunks(work, N_VAE, seed, logfile=logfile)
+    verify_chunks(vae_paths, seed)
+    images = load_images(vae_paths)
     vae = train_vae(work, images, steps=VAE_STEPS, minutes=left(), seed=seed, logfile=logfile)
     if vae is None:
         return False
     paths = render_chunks(work, N_BASE, seed, minutes=left(), logfile=logfile)
     if not all(p.exists() for p in paths):
         return False
+    verify_chunks(paths[len(vae_paths):], seed)
     scenes = [s for i in range(len(paths)) for s in chunk_scenes(i, seed)]
     if train_unet(work, vae, paths, scenes, steps=UNET_STEPS, minutes=left(), seed=seed, logfile=logfile) is None:
         return False

@@ -545,11 +545,14 @@ def _mosaic(img, rng, tile, grout):
     return out
 
 
+HATCH = 6  # pixels between hatching lines; every 4 was lost in the VAE's round trip (docs/world-v2/README.md)
+
+
 def _sketch(img, rng, angle, paper):
     y = _luma(img) / 255.0
     ys, xs = _grid()
-    hatch = (((xs + ys) if angle > 0 else (xs - ys)) % 4 == 0) & (y < 0.55)
-    cross = (((xs - ys) if angle > 0 else (xs + ys)) % 4 == 0) & (y < 0.3)
+    hatch = (((xs + ys) if angle > 0 else (xs - ys)) % HATCH == 0) & (y < 0.55)
+    cross = (((xs - ys) if angle > 0 else (xs + ys)) % HATCH == 0) & (y < 0.3)
     ink = np.clip(_edges(img) + 0.6 * hatch + 0.6 * cross, 0, 1)[..., None]
     base = np.asarray({"white": (248, 248, 248), "cream": (240, 228, 200)}[paper], np.float32)
     return base * (1 - ink) + np.array([50, 50, 60], np.float32) * ink
@@ -569,13 +572,15 @@ STYLES: dict[str, StyleSpec] = {
     "neon": StyleSpec(_neon, (tuple(GLOWS), (1.0, 2.0))),
     "blueprint": StyleSpec(_blueprint, ((8, 16), ("blue", "teal"))),
     "thermal": StyleSpec(_thermal, (tuple(THERMAL), (False, True))),
-    "scanlines": StyleSpec(_scanlines, (tuple(TINTS), (2, 3))),
+    # the finest textures stay at 3 pixels or more: a 16x16 latent lost 2-pixel scanlines, 4-pixel halftone
+    # cells and 4-pixel mosaic tiles in the VAE's round trip (docs/world-v2/README.md)
+    "scanlines": StyleSpec(_scanlines, (tuple(TINTS), (3, 4))),
     "pixelated": StyleSpec(_pixelated, ((4, 8),)),
-    "halftone": StyleSpec(_halftone, ((4, 6), tuple(INKS))),
+    "halftone": StyleSpec(_halftone, ((6, 8), tuple(INKS))),
     "blurry": StyleSpec(_blurry, ((1.5, 2.5),)),
     "noisy": StyleSpec(_noisy, ((18, 32), (False, True))),
     "sepia": StyleSpec(_sepia, (("brown", "grey"), (False, True))),
-    "mosaic": StyleSpec(_mosaic, ((4, 8), ("cream", "dark"))),
+    "mosaic": StyleSpec(_mosaic, ((8, 16), ("cream", "dark"))),
     "sketch": StyleSpec(_sketch, ((1, -1), ("white", "cream"))),
 }
 
