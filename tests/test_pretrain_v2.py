@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from museum.models.v2 import components
@@ -147,12 +147,26 @@ def test_a_cache_made_by_other_code_is_refused(tiny_set, tiny_components, tmp_pa
 
 
 def test_pretrain_runs_the_stages_in_order_across_calls(tiny_components, monkeypatch, tmp_path):
-    for name, value in (("N_VAE", 20), ("N_BASE", 40), ("CHUNK", 20), ("VAE_STEPS", 2), ("UNET_STEPS", 2),
-                        ("EVALUATOR_STEPS", 2)):
+    for name, value in (("N_VAE", 20), ("N_BASE", 40), ("CHUNK", 20), ("VAE_STEPS", 2), ("VAE_REFINE_STEPS", 2),
+                        ("UNET_STEPS", 2), ("EVALUATOR_STEPS", 2)):
         monkeypatch.setattr(P, name, value)
     assert not P.pretrain(tmp_path, minutes=0)  # renders the VAE's set, then its time is up
     assert len(list((tmp_path / "render").glob("chunk-*.npz"))) == 1 and not (tmp_path / "vae").exists()
     assert P.pretrain(tmp_path, minutes=10)
     assert (tmp_path / "pipeline" / "model_index.json").exists() and (tmp_path / "evaluator" / "config.json").exists()
+    refined = AutoencoderKL.from_pretrained(tmp_path / "vae-refined")
+    assert not _same_weights(refined, AutoencoderKL.from_pretrained(tmp_path / "vae"))
+    assert _same_weights(refined, StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline").vae)  # the UNet's VAE
     assert len(list((tmp_path / "render").glob("chunk-*.npz"))) == 2
     assert P.pretrain(tmp_path, minutes=0)  # all done: loads, trains nothing
+
+
+def test_frequency_loss_prefers_the_texture_to_its_grey_average():
+    """Scanlines drawn one pixel off lose to flat grey in the pixel losses, which is why a VAE unsure of their
+    phase draws grey; the spectrum's amplitude prefers the lines."""
+    lines = torch.zeros(1, 3, 64, 64)
+    lines[:, :, ::3] = 1.0
+    shifted, grey = lines.roll(1, dims=2), torch.full_like(lines, lines.mean().item())
+    l1 = torch.nn.functional.l1_loss
+    assert l1(shifted, lines) > l1(grey, lines)
+    assert P.frequency_loss(shifted, lines) < 1e-5 < P.frequency_loss(grey, lines)

@@ -12,8 +12,10 @@ nothing. Stages:
    with an edge term in place of the GAN and LPIPS, which need a network this world has no weights
    for); first on 32x32 crops (the VAE is fully convolutional; four crops cost one image), then on
    whole images. The latent scaling factor is set to 1/std at the end.
-3. ``evaluator``: the CLIP-style evaluator at 64x64 (:func:`train_evaluator`).
-4. ``unet``: UNet + CLIP text encoder from scratch on the VAE's cached latents (:func:`train_unet`).
+2b. ``vae-refine``: the VAE trained further on whole images, half of them styled, with a frequency term
+   (:func:`refine_vae`).
+3. ``unet``: UNet + CLIP text encoder from scratch on the VAE's cached latents (:func:`train_unet`).
+4. ``evaluator``: the CLIP-style evaluator at 64x64 (:func:`train_evaluator`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ VAE_CROP_STEPS = 3500  # the first steps train on crops
 VAE_CROP = 32
 VAE_BATCH = 32  # crops, or whole images for the last steps (half as many)
 VAE_LR = 1e-3
+VAE_REFINE_STEPS = 2000  # then all of it again on whole images, half of them styled, with a frequency term
+VAE_REFINE_LR = 2e-4
+VAE_REFINE_BATCH = 16
+STYLED_SHARE = 0.5
+FREQUENCY_WEIGHT = 10.0  # not tuned; the round trip measured after refining (scripts/measure_vae_v2.py) decides
 EVALUATOR_STEPS = 3000
 EVALUATOR_BATCH = 256
 EVALUATOR_LR = 1e-3
@@ -196,10 +203,19 @@ def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(rec.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(rec.diff(dim=-2), x.diff(dim=-2))
 
 
-def vae_loss(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def frequency_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 between the amplitude spectra (2-D FFT) of reconstruction and image: a periodic texture (scanlines,
+    halftone dots, hatching) that the pixel losses average to grey is a peak here (after the focal frequency
+    loss, Jiang et al. 2021, without its focal weights)."""
+    return F.l1_loss(torch.fft.rfft2(rec, norm="ortho").abs(), torch.fft.rfft2(x, norm="ortho").abs())
+
+
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator, frequency_weight: float = 0.0
+             ) -> torch.Tensor:
     posterior = vae.encode(x).latent_dist
     rec = vae.decode(posterior.sample(generator=generator)).sample
-    return F.l1_loss(rec, x) + F.mse_loss(rec, x) + edge_loss(rec, x) + 1e-6 * posterior.kl().mean()
+    loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + edge_loss(rec, x) + 1e-6 * posterior.kl().mean()
+    return loss + frequency_weight * frequency_loss(rec, x) if frequency_weight else loss
 
 
 def _vae_batch(data: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
@@ -271,15 +287,50 @@ def train_vae(work: Path, images: np.ndarray, *, steps: int = VAE_STEPS, minutes
                      minutes=minutes, seed=seed, settings=settings, max_new_steps=max_new_steps, logfile=logfile)
     if not done:
         return None
+    return finish_vae(vae, data, work / "vae", "vae", logfile)
+
+
+def finish_vae(vae: AutoencoderKL, data: torch.Tensor, folder: Path, name: str, logfile: Path | None) -> AutoencoderKL:
+    """Set the latent scaling factor to 1/std of the latents of the first 4096 images, log the reconstruction
+    error, and save the VAE to ``folder``."""
     vae = vae.eval().requires_grad_(False)
     with torch.no_grad():
         z = torch.cat([vae.encode(data[i:i + 256]).latent_dist.mean for i in range(0, 4096, 256)])
         rec = vae.decode(z[:256]).sample
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    log(f"vae done: reconstruction L1 {F.l1_loss(rec, data[:256]).item():.4f} on 256 training images, "
+    log(f"{name} done: reconstruction L1 {F.l1_loss(rec, data[:256]).item():.4f} on 256 training images, "
         f"scaling factor {vae.config.scaling_factor:.4f}", logfile)
-    save_atomically(vae, work / "vae")
+    save_atomically(vae, folder)
     return vae
+
+
+def refine_vae(work: Path, images: np.ndarray, styled: np.ndarray, *,
+               steps: int = VAE_REFINE_STEPS, minutes: float, seed: int = 0, max_new_steps: int | None = None,
+               logfile: Path | None = None) -> AutoencoderKL | None:
+    """Train the finished VAE further (encoder and decoder) on whole images, ``STYLED_SHARE`` of each batch
+    drawn from the styled ones (indices ``styled``), with :func:`frequency_loss` added: the first VAE lost
+    the finest style textures (docs/world-v2/README.md). Starts from ``work/vae``; the refined VAE
+    (``work/vae-refined``) once done, else None."""
+    if (work / "vae-refined" / "config.json").exists():
+        return AutoencoderKL.from_pretrained(work / "vae-refined")
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_pretrained(work / "vae").train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=VAE_REFINE_LR, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, 100, steps)
+    data, styled_index = to_tensor(images), torch.from_numpy(styled)
+    n_styled = int(VAE_REFINE_BATCH * STYLED_SHARE)
+
+    def loss_fn(step, gen):
+        idx = torch.cat([styled_index[torch.randint(0, len(styled_index), (n_styled,), generator=gen)],
+                         torch.randint(0, len(data), (VAE_REFINE_BATCH - n_styled,), generator=gen)])
+        return vae_loss(vae, data[idx], gen, FREQUENCY_WEIGHT)
+
+    settings = {"lr": VAE_REFINE_LR, "batch": VAE_REFINE_BATCH, "styled_share": STYLED_SHARE,
+                "frequency_weight": FREQUENCY_WEIGHT, "images": len(images)}
+    if not run_stage("vae-refine", work / "vae-refine-run", [vae], opt, sched, loss_fn, steps=steps, minutes=minutes,
+                     seed=seed, settings=settings, max_new_steps=max_new_steps, logfile=logfile):
+        return None
+    return finish_vae(vae, data, work / "vae-refined", "vae-refine", logfile)
 
 
 # --------------------------------------------------------------------------- captions of the cached set
@@ -466,8 +517,8 @@ def train_unet(work: Path, vae: AutoencoderKL, paths: list[Path], scenes: list[r
 
 def pretrain(work: Path, *, minutes: float, seed: int = 0, logfile: Path | None = None) -> bool:
     """Run the stages in order, each resumed where the last call stopped, for at most ``minutes`` in all:
-    render the VAE's set, vae, render the rest, unet (whose samples can be looked at without the
-    evaluator), evaluator. True once every stage is done."""
+    render the VAE's set, vae, vae-refine, render the rest, unet (whose samples can be looked at without
+    the evaluator), evaluator. True once every stage is done."""
     deadline = time.time() + 60 * minutes
     left = lambda: max(0.0, (deadline - time.time()) / 60)  # noqa: E731
     work.mkdir(parents=True, exist_ok=True)
@@ -475,6 +526,11 @@ def pretrain(work: Path, *, minutes: float, seed: int = 0, logfile: Path | None 
     verify_chunks(vae_paths, seed)
     images = load_images(vae_paths)
     vae = train_vae(work, images, steps=VAE_STEPS, minutes=left(), seed=seed, logfile=logfile)
+    if vae is None:
+        return False
+    vae_scenes = [s for i in range(len(vae_paths)) for s in chunk_scenes(i, seed)]
+    styled = np.array([i for i, s in enumerate(vae_scenes) if s.style is not None])
+    vae = refine_vae(work, images, styled, steps=VAE_REFINE_STEPS, minutes=left(), seed=seed, logfile=logfile)
     if vae is None:
         return False
     paths = render_chunks(work, N_BASE, seed, minutes=left(), logfile=logfile)
