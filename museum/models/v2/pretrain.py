@@ -515,6 +515,19 @@ def train_unet(work: Path, vae: AutoencoderKL, paths: list[Path], scenes: list[r
 # --------------------------------------------------------------------------- all stages
 
 
+def refined_vae(work: Path, images: np.ndarray, vae_paths: list[Path], seed: int, left, logfile: Path | None
+                ) -> AutoencoderKL | None:
+    """The refined VAE: loaded when ``work/vae-refined`` exists (a copy of the committed one will do, see
+    docs/world-v2/README.md), else the vae and vae-refine stages, within the time ``left()``."""
+    if (work / "vae-refined" / "config.json").exists():
+        return AutoencoderKL.from_pretrained(work / "vae-refined")
+    if train_vae(work, images, steps=VAE_STEPS, minutes=left(), seed=seed, logfile=logfile) is None:
+        return None
+    scenes = [s for i in range(len(vae_paths)) for s in chunk_scenes(i, seed)]
+    styled = np.array([i for i, s in enumerate(scenes) if s.style is not None])
+    return refine_vae(work, images, styled, steps=VAE_REFINE_STEPS, minutes=left(), seed=seed, logfile=logfile)
+
+
 def pretrain(work: Path, *, minutes: float, seed: int = 0, logfile: Path | None = None) -> bool:
     """Run the stages in order, each resumed where the last call stopped, for at most ``minutes`` in all:
     render the VAE's set, vae, vae-refine, render the rest, unet (whose samples can be looked at without
@@ -525,12 +538,7 @@ def pretrain(work: Path, *, minutes: float, seed: int = 0, logfile: Path | None 
     vae_paths = render_chunks(work, N_VAE, seed, logfile=logfile)
     verify_chunks(vae_paths, seed)
     images = load_images(vae_paths)
-    vae = train_vae(work, images, steps=VAE_STEPS, minutes=left(), seed=seed, logfile=logfile)
-    if vae is None:
-        return False
-    vae_scenes = [s for i in range(len(vae_paths)) for s in chunk_scenes(i, seed)]
-    styled = np.array([i for i, s in enumerate(vae_scenes) if s.style is not None])
-    vae = refine_vae(work, images, styled, steps=VAE_REFINE_STEPS, minutes=left(), seed=seed, logfile=logfile)
+    vae = refined_vae(work, images, vae_paths, seed, left, logfile)
     if vae is None:
         return False
     paths = render_chunks(work, N_BASE, seed, minutes=left(), logfile=logfile)
