@@ -64,17 +64,19 @@ def make_text_encoder(tokenizer: CLIPTokenizer, width: int = TEXT_WIDTH, layers:
     return CLIPTextModel(config)
 
 
-def make_unet() -> UNet2DConditionModel:
+def make_unet(channels: tuple = (64, 96, 96), layers_per_block: int = 1, latent_channels: int = LATENT_CHANNELS,
+              text_width: int = TEXT_WIDTH, head_dim: int = 4) -> UNet2DConditionModel:
+    """Three levels (16x16, 8x8, 4x4 latents), cross-attention at the two lower ones."""
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(64, 96, 96),
-        layers_per_block=1,
-        cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=4,
+        block_out_channels=channels,
+        layers_per_block=layers_per_block,
+        cross_attention_dim=text_width,
+        attention_head_dim=head_dim,
         norm_num_groups=16,
     )
 

@@ -45,17 +45,7 @@ def make_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 
 def make_unet() -> UNet2DConditionModel:
-    """Three levels (16x16, 8x8, 4x4), two ResNet layers each, cross-attention at 8x8 and 4x4 (none at the
-    highest resolution, as SDXL): about twice the old model's cost per step for four times its parameters."""
-    return UNet2DConditionModel(
-        sample_size=LATENT_SIZE,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(64, 128, 192),
-        layers_per_block=2,
-        cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=32,
-        norm_num_groups=16,
-    )
+    """Wider and two ResNet layers a level (64/128/192; cross-attention at 8x8 and 4x4, none at the highest
+    resolution, as SDXL): about twice the old model's cost per step for four times its parameters."""
+    return components.make_unet(channels=(64, 128, 192), layers_per_block=2, latent_channels=LATENT_CHANNELS,
+                                text_width=TEXT_WIDTH, head_dim=32)
