@@ -479,6 +479,7 @@ def train_unet(work: Path, vae: AutoencoderKL, paths: list[Path], scenes: list[r
     start = time.time()
     latents = encode_latents(work, vae, paths, minutes=minutes, logfile=logfile)
     if latents is None:
+        log("unet: the latents are not all encoded yet (budget of this call); the same command continues", logfile)
         return None
     means, stds = latents
     minutes -= (time.time() - start) / 60
