@@ -3,8 +3,8 @@
     python scripts/measure_learning_v2.py --pool tuning --methods custom-diffusion c-lora --out docs/logs/tuning/v2-defaults.json
     python scripts/measure_learning_v2.py --pool benchmark --out docs/world-v2/learning.json   # never tune on this one
 
-For every concept: the base model draws the class prompts (8 quick prompts x 2 seeds); the concept's training
-images are the upper anchor. For every method: learn the concept in an empty museum on ``--pipeline`` with the
+For every concept: the base model draws the class prompts (8 quick prompts x 2 seeds); the upper anchor is the
+concept rendered in each prompt's own scene (``Concept.prompt_renders``, what a perfect method would draw). For every method: learn the concept in an empty museum on ``--pipeline`` with the
 method's defaults (and ``--set`` overrides), draw the concept prompts with the same seeds, and report
 (museum.evaluation.concept_fidelity) the gap closed by the evaluator's image alignment and by the independent
 reading, and the evaluator's top-1 recognition among all concepts of the pool. Writes JSON and prints a table.
@@ -12,6 +12,7 @@ reading, and the evaluator's top-1 recognition among all concepts of the pool. W
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import tempfile
@@ -67,7 +68,8 @@ def main() -> None:
     built = {n: pools.build_concept(n) for n in POOLS[args.pool]}
     bank = reference_bank(evaluator, {n: c.reference_images for n, c in built.items()})
     anchors = {n: (fidelity(evaluator, class_images(pipe, built[n]), built[n].reference_images),
-                   fidelity(evaluator, built[n].train_images, built[n].reference_images)) for n in names}
+                   fidelity(evaluator, built[n].prompt_renders(quick=True, per_prompt=N_SEEDS), built[n].reference_images))
+               for n in names}
     results = {"pool": args.pool, "overrides": overrides, "date": time.strftime("%Y-%m-%d"),
                "machine": f"{platform.platform()}, {torch.get_num_threads()} threads", "methods": {}}
     for method in args.methods:
@@ -86,17 +88,24 @@ def main() -> None:
 
 
 def table(results: dict) -> str:
-    """Markdown: per method and kind (objects, styles), the mean gap closed by both readings and recognition."""
+    """Markdown: per method and kind (objects, styles), the mean gap closed by both readings (over the concepts
+    with a gap to close: "mean (k of n)") and recognition."""
     lines = ["| method | kind | concepts | gap closed, evaluator | gap closed, independent | recognition |",
              "|---|---|---|---|---|---|"]
     for method, rows in results["methods"].items():
         for kind in ("object", "style"):
             r = [v for n, v in rows.items() if pools.spec(n).kind == kind]
             if r:
-                mean = lambda key: statistics.mean(x["gap_closed"][key] for x in r)  # noqa: E731
-                lines.append(f"| {method} | {kind} | {len(r)} | {mean('evaluator'):.2f} | {mean('independent'):.2f} | "
-                             f"{statistics.mean(x['recognition'] for x in r):.2f} |")
+                lines.append(f"| {method} | {kind} | {len(r)} | {_mean_of_gaps(r, 'evaluator')} | "
+                             f"{_mean_of_gaps(r, 'independent')} | {statistics.mean(x['recognition'] for x in r):.2f} |")
     return "\n".join(lines)
+
+
+def _mean_of_gaps(rows: list[dict], reading: str) -> str:
+    """"0.62 (7 of 8)": the mean over the concepts whose gap is wide enough to divide by (the others are NaN)."""
+    gaps = [x["gap_closed"][reading] for x in rows if not math.isnan(x["gap_closed"][reading])]
+    mean = f"{statistics.mean(gaps):.2f}" if gaps else "-"
+    return mean if len(gaps) == len(rows) else f"{mean} ({len(gaps)} of {len(rows)})"
 
 
 if __name__ == "__main__":

@@ -113,3 +113,22 @@ def test_concepts_are_deterministic_and_references_held_out():
     assert style.is_style and style.class_prompts()[0] + ", <g> style" == style.concept_prompts("<g>")[0]
     with pytest.raises(ValueError, match="unknown concept"):
         C.spec("nonesuch")
+
+
+@pytest.mark.parametrize("name", ["sunburst", "glowline"])
+def test_prompt_renders_draw_the_concept_in_each_prompts_own_scene(name):
+    """The upper anchor of gap closed: each render is the scene its prompt describes, with the concept in it."""
+    concept = C.build_concept(name, n_train=1, n_ref=1)
+    renders = concept.prompt_renders(quick=True, per_prompt=2)
+    assert len(renders) == 2 * C.N_QUICK_PROMPTS and all(im.size == (64, 64) for im in renders)
+    assert renders[0].tobytes() != renders[1].tobytes()  # two draws of one prompt
+    assert [im.tobytes() for im in renders] == [im.tobytes() for im in concept.prompt_renders(quick=True, per_prompt=2)]
+    rng = random.Random(0)
+    for template, scene in zip(concept.prompts, concept.prompt_scenes):
+        if scene is None:
+            continue
+        drawn = concept._scene_for(scene, rng)
+        if concept.is_style:
+            assert drawn.style == C.LOOKS[name] and W.caption(drawn, style_phrase="{}") == template
+        else:
+            assert drawn.look == C.LOOKS[name] and W.caption(drawn, object_phrase="{}") == template

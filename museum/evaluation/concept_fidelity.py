@@ -2,9 +2,11 @@
 by the evaluator (image alignment, CLIP-I style) and independently of any learned model
 (:mod:`museum.evaluation.independent`), and whether the evaluator recognises the concept.
 
-Gap closed = (learned - class prompt) / (training images - class prompt), per reading: 0 is the
-untouched base model drawing the class prompt, 1 is as close to the held-out references as the
-concept's own training images are.
+Gap closed = (learned - class prompt) / (upper - class prompt), per reading: 0 is the untouched base
+model drawing the class prompts, 1 is as close to the held-out references as the concept rendered in
+each prompt's own scene (:meth:`museum.world.v2.concepts.Concept.prompt_renders`, what a perfect method
+would draw) is. The concept's training images are not the anchor: the prompts ask for grounds and
+styles they never show, so even a perfect method would fall short of them.
 """
 
 from __future__ import annotations
@@ -35,22 +37,23 @@ def fidelity(evaluator, images: Sequence, references: Sequence) -> Fidelity:
 
 @dataclass
 class GapClosed:
-    """The three image sets' readings of one concept, and the gap closed by each reading."""
+    """The three image sets' readings of one concept, and the gap closed by each reading (NaN where the
+    gap is too small to divide by: :data:`museum.evaluation.independent.MIN_GAP`)."""
 
     learned: Fidelity
     class_prompt: Fidelity
-    training_images: Fidelity
+    upper: Fidelity
 
     def evaluator(self) -> float:
         return gap_closed(self.learned.image_alignment, self.class_prompt.image_alignment,
-                          self.training_images.image_alignment)
+                          self.upper.image_alignment)
 
     def independent(self) -> float:
-        return gap_closed(self.learned.independent, self.class_prompt.independent, self.training_images.independent)
+        return gap_closed(self.learned.independent, self.class_prompt.independent, self.upper.independent)
 
     def to_dict(self) -> dict:
         return {"learned": self.learned.to_dict(), "class_prompt": self.class_prompt.to_dict(),
-                "training_images": self.training_images.to_dict(),
+                "upper": self.upper.to_dict(),
                 "gap_closed": {"evaluator": self.evaluator(), "independent": self.independent()}}
 
 

@@ -11,9 +11,9 @@ Two terms, each in [0, 1], averaged:
   and pattern, wherever it sits in the frame.
 
 A reading alone depends on backgrounds and prompts; what is reported is the **gap closed**:
-``(learned - class prompt) / (training images - class prompt)`` (:func:`gap_closed`), the share of
-the distance between what the base model draws for the class prompt and what the concept's own
-images score that a method has covered.
+``(learned - class prompt) / (upper - class prompt)`` (:func:`gap_closed`), the share of the distance
+between what the base model draws for the class prompt and what a perfect method would draw (the
+concept rendered in each evaluation prompt's own scene) that a method has covered.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ BINS = 6
 PATCH = 6
 STRIDE = 3
 PATCH_SCALE = 0.35  # an RMS patch distance of 0.35 (of the 0-255 range) or more reads as 0
+MIN_GAP = 0.02  # a gap under this (in either reading's units) is too small to divide by: reported as NaN
 
 
 def _arrays(images) -> np.ndarray:
@@ -74,9 +75,9 @@ def independent_fidelity(images: Sequence, references: Sequence) -> dict[str, fl
     return {"colour": colour, "patches": patches, "fidelity": (colour + patches) / 2}
 
 
-def gap_closed(learned: float, class_prompt: float, training_images: float) -> float:
-    """(learned - class prompt) / (training images - class prompt); NaN when the concept's own images
-    score no better than the class prompt (no gap to close)."""
-    gap = training_images - class_prompt
-    return float("nan") if gap <= 1e-9 else (learned - class_prompt) / gap
+def gap_closed(learned: float, class_prompt: float, upper: float) -> float:
+    """(learned - class prompt) / (upper - class prompt); NaN when the upper anchor scores less than
+    ``MIN_GAP`` above the class prompt (no gap worth dividing by: report it, do not average it)."""
+    gap = upper - class_prompt
+    return float("nan") if gap < MIN_GAP else (learned - class_prompt) / gap
 

@@ -128,23 +128,35 @@ SLOT = "{}"
 N_QUICK_PROMPTS = 8
 
 
-def _object_templates(n: int = 24) -> tuple[str, ...]:
+@dataclass(frozen=True)
+class PromptTemplate:
+    """An evaluation prompt with one "{}" slot, and the scene its words describe (``None``: the prompt names
+    nothing but the concept, so any scene fits). A perfect method draws the concept in that scene
+    (:meth:`Concept.prompt_renders`)."""
+
+    text: str
+    scene: Optional[Scene]
+
+
+def _object_templates(n: int = 24) -> tuple[PromptTemplate, ...]:
     """Prompts for object concepts with one "{}" slot for "<tok> circle": the plainest first (class word
     alone, then on each kind of background), then sizes, positions and styles."""
     rng = random.Random("object-templates")
-    templates = ["a {}"] + [caption(Scene(background=bg), object_phrase=SLOT)
-                            for bg in ("sand", "grass", "sky", "night", "white", "blue", "brick")]
+    templates = [PromptTemplate("a {}", None)]
+    for bg in ("sand", "grass", "sky", "night", "white", "blue", "brick"):
+        scene = Scene(background=bg)
+        templates.append(PromptTemplate(caption(scene, object_phrase=SLOT), scene))
     while len(templates) < n:
         scene = Scene(background=rng.choice(BACKGROUNDS), size=rng.choice(list(SIZES)),
                       position=rng.choice(list(POSITIONS)),
                       style=StyleLook(rng.choice(list(STYLES))) if rng.random() < 0.3 else None)
         text = caption(scene, object_phrase=SLOT)
-        if text not in templates:
-            templates.append(text)
+        if text not in [t.text for t in templates]:
+            templates.append(PromptTemplate(text, scene))
     return tuple(templates)
 
 
-def _style_templates(n: int = 24) -> tuple[str, ...]:
+def _style_templates(n: int = 24) -> tuple[PromptTemplate, ...]:
     """Prompts for style concepts with one "{}" slot for "<tok>": random objects, plainest first."""
     rng = random.Random("style-templates")
     templates = []
@@ -153,7 +165,7 @@ def _style_templates(n: int = 24) -> tuple[str, ...]:
         if len(templates) < N_QUICK_PROMPTS:
             look = replace(look, pattern="plain", palette=look.palette[:1], orientation=None, layout=(), border=None)
         scene = Scene(look=look, background=rng.choice(TEXTURES), size=rng.choice(list(SIZES)) if len(templates) >= N_QUICK_PROMPTS else "medium")
-        templates.append(caption(scene, style_phrase=SLOT))
+        templates.append(PromptTemplate(caption(scene, style_phrase=SLOT), scene))
     return tuple(templates)
 
 
@@ -206,6 +218,8 @@ class Concept:
     prompts: list[str]
     train_scenes: list[Scene] = field(default_factory=list)
     reference_scenes: list[Scene] = field(default_factory=list)
+    prompt_scenes: list[Optional[Scene]] = field(default_factory=list)  # the scene each prompt describes
+    seed: int = 0
 
     @property
     def name(self) -> str:
@@ -244,6 +258,27 @@ class Concept:
         if self.is_style:
             return [caption(replace(s, style=None), style_phrase=token) for s in self.train_scenes]
         return [caption(s, object_phrase=self.phrase(token) if token else self.class_word) for s in self.train_scenes]
+
+    def prompt_renders(self, quick: bool = False, per_prompt: int = 2) -> list[Image.Image]:
+        """The concept drawn exactly as each evaluation prompt asks (its background, size, position, style;
+        the pose and, where a prompt names no scene, the scene drawn at random), ``per_prompt`` renders a
+        prompt, prompt by prompt: what a perfect method would draw, the upper anchor of gap closed."""
+        scenes = self.prompt_scenes[:N_QUICK_PROMPTS] if quick else self.prompt_scenes
+        base = zlib.crc32(f"v2:{self.name}:{self.seed}:prompts".encode()) * 100_003
+        rng = random.Random(f"{self.name}:{self.seed}:prompts")
+        return [render(self._scene_for(scene, rng), base + per_prompt * i + k)
+                for i, scene in enumerate(scenes) for k in range(per_prompt)]
+
+    def _scene_for(self, template_scene: Optional[Scene], rng: random.Random) -> Scene:
+        """The concept in a prompt's scene: styles restyle the prompt's object; objects keep a random pose."""
+        look = LOOKS[self.name]
+        if self.is_style:
+            return replace(template_scene, style=look)
+        scene = random_scene(rng, look=look, style_p=0.0)
+        if template_scene is None:
+            return scene
+        return replace(scene, background=template_scene.background, size=template_scene.size,
+                       position=template_scene.position, style=template_scene.style)
 
     def save(self, folder: Union[str, Path]) -> list[Path]:
         """Write the training images as ``00.png``, ``01.png``, ... into ``folder``; return the paths."""
@@ -284,12 +319,15 @@ def build_concept(name: str, n_train: int = 5, n_ref: int = 16, seed: int = 0) -
     base = zlib.crc32(f"v2:{name}:{seed}".encode()) * 100_003
     train = concept_scenes(name, random.Random(f"{name}:{seed}:train"), n_train)
     refs = concept_scenes(name, random.Random(f"{name}:{seed}:reference"), n_ref)
+    templates = STYLE_TEMPLATES if s.kind == "style" else OBJECT_TEMPLATES
     return Concept(
         spec=s,
         train_images=[render(sc, base + 2 * i) for i, sc in enumerate(train)],
         reference_images=[render(sc, base + 2 * i + 1) for i, sc in enumerate(refs)],
-        prompts=list(STYLE_TEMPLATES if s.kind == "style" else OBJECT_TEMPLATES),
+        prompts=[t.text for t in templates],
         train_scenes=train,
         reference_scenes=refs,
+        prompt_scenes=[t.scene for t in templates],
+        seed=seed,
     )
 
