@@ -89,7 +89,11 @@ def test_unet_resumed_equals_uninterrupted(tiny_set, tiny_components, tmp_path):
     for work in ("a", "b"):
         (tmp_path / work).mkdir()
         (tmp_path / work / "vae").symlink_to(tmp_path / "vae" / "vae")
-    assert P.train_unet(tmp_path / "a", vae, paths, scenes, steps=4, minutes=5, max_new_steps=1) is None
+    assert P.train_unet(tmp_path / "a", vae, paths, scenes, steps=4, minutes=5, max_new_steps=2) is None
+    (tmp_path / "a" / "vae-refined").symlink_to(tmp_path / "vae" / "vae")
+    snapshot, step = P.unet_snapshot(tmp_path / "a")  # the checkpoint's EMA weights (step 1 has lr 0: warm-up)
+    torch.manual_seed(0)
+    assert step == 2 and not _same_weights(snapshot.unet, components.make_unet())
     resumed = P.train_unet(tmp_path / "a", vae, paths, scenes, steps=4, minutes=5)
     straight = P.train_unet(tmp_path / "b", vae, paths, scenes, steps=4, minutes=5)
     assert _same_weights(resumed.unet, straight.unet) and _same_weights(resumed.text_encoder, straight.text_encoder)

@@ -38,6 +38,7 @@ from accelerate.utils import ProjectConfiguration
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
+from transformers import CLIPTokenizer
 
 from museum.models import components as old_components
 from museum.models.evaluator import Evaluator
@@ -503,14 +504,35 @@ def train_unet(work: Path, vae: AutoencoderKL, paths: list[Path], scenes: list[r
                      max_grad_norm=1.0, max_new_steps=max_new_steps, logfile=logfile):
         return None
     ema.copy_to(params)
-    pipe = StableDiffusionPipeline(
+    pipe = _pipeline(vae, text_encoder, tokenizer, unet)
+    save_atomically(pipe, work / "pipeline", safe_serialization=True)
+    log("unet done: pipeline saved", logfile)
+    return pipe
+
+
+def _pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
         scheduler=old_components.make_sample_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    save_atomically(pipe, work / "pipeline", safe_serialization=True)
-    log("unet done: pipeline saved", logfile)
-    return pipe
+
+
+def unet_snapshot(work: Path) -> tuple[StableDiffusionPipeline, int]:
+    """The pipeline as the UNet stage's latest complete checkpoint has it (EMA weights), and its step: to
+    look at samples while pretraining goes on. Reads the checkpoint only; the run is not touched."""
+    checkpoints = sorted((c for c in (work / "unet-run" / "checkpoints").glob("checkpoint_*")
+                          if (c / "step.json").exists()), key=_number)
+    if not checkpoints:
+        raise FileNotFoundError(f"no complete UNet checkpoint under {work / 'unet-run'}; run the UNet stage first")
+    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    unet, text_encoder = components.make_unet(), components.make_text_encoder(tokenizer)
+    ema = EMAModel(list(unet.parameters()) + list(text_encoder.parameters()))
+    ema.load_state_dict(torch.load(checkpoints[-1] / "custom_checkpoint_1.pkl", weights_only=False))  # [sampler, ema]
+    ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
+    vae = AutoencoderKL.from_pretrained(work / "vae-refined")
+    step = json.loads((checkpoints[-1] / "step.json").read_text())["step"]
+    return _pipeline(vae, text_encoder, tokenizer, unet), step
 
 
 # --------------------------------------------------------------------------- all stages

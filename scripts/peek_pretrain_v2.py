@@ -1,0 +1,36 @@
+"""Samples of the World v2 UNet as its latest pretraining checkpoint has it (EMA weights), while it trains.
+
+    OMP_NUM_THREADS=1 python scripts/peek_pretrain_v2.py --out /tmp/peek.png
+
+Draws ``--prompts`` held-out prompts (museum.evaluation.prompt_following.held_out_scenes; the
+Foundation benchmark's kind) plus two two-object prompts, two seeds each, in a grid beside the renders of
+the same scenes (left: render, right: samples), and writes the captions next to the grid (``.txt``).
+Looks only: the numbers come from scripts/bench_base_model_v2.py once the stage is done.
+"""
+
+import argparse
+from pathlib import Path
+
+from museum.evaluation import prompt_following as PF
+from museum.generation import generate_images, image_grid
+from museum.models.v2.pretrain import unet_snapshot
+from museum.world.v2 import render
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache/museum/pretrain-v2")
+    parser.add_argument("--prompts", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    pipe, step = unet_snapshot(args.work)
+    scenes = PF.held_out_scenes(args.prompts, seed=777) + PF.readable_pairs(2, seed=777)
+    captions = [render.caption(s) for s in scenes]
+    samples = generate_images(pipe, [c for c in captions for _ in range(2)], seeds=[0, 1] * len(captions),
+                              steps=args.steps)
+    cells = [im for i, s in enumerate(scenes) for im in (render.render(s, i), samples[2 * i], samples[2 * i + 1])]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(cells, cols=6, scale=2).save(args.out)
+    args.out.with_suffix(".txt").write_text(f"UNet step {step}; rows of two prompts, each: render, seed 0, seed 1\n"
+                                            + "\n".join(f"{i}: {c}" for i, c in enumerate(captions)) + "\n")
+    print(f"step {step}: {args.out}")
