@@ -219,6 +219,8 @@ class Method:
     #: how ``museum export --format diffusers`` writes this method's concepts:
     #: "textual_inversion", "lora", "custom_diffusion" or "museum" (needs Museum's own loader)
     export_format: ClassVar[str] = "textual_inversion"
+    #: why ``museum export --format kohya`` cannot write its concepts' effect as a LoRA ("" where it can: a K/V delta)
+    lora_export_why: ClassVar[str] = ""
     #: can one concept be removed without retraining the others?
     removable: ClassVar[bool] = True
     removable_why: ClassVar[str] = ""
@@ -317,3 +319,9 @@ class Method:
         files written into ``folder`` (which becomes ``out``); returns the lines that load them (after
         ``pipe = ...``) and the fields they add to museum_export.json."""
         return [], {}
+
+    @classmethod
+    def webui_leaves_out(cls, concepts: list[ConceptInfo]) -> str:
+        """What the AUTOMATIC1111/ComfyUI files of ``concepts`` (this method's ones; ``museum export --format kohya``:
+        a LoRA and the tokens) cannot carry of how Museum draws them, told to the user ("": nothing)."""
+        return ""
