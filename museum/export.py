@@ -54,7 +54,7 @@ from museum.store.faults import fault_point
 #: ``--format`` -> what it writes
 FORMATS = {
     "diffusers": "token embeddings + one LoRA for plain diffusers (load_textual_inversion, load_lora_weights)",
-    "kohya": "one LoRA with kohya/webui keys (models/Lora) + each token as an embedding, for AUTOMATIC1111 and ComfyUI",
+    "kohya": "one LoRA with kohya/webui keys + each token as an embedding, for AUTOMATIC1111 and ComfyUI",
     "a1111": "each concept's token as an AUTOMATIC1111/ComfyUI embedding (embeddings/NAME.safetensors)",
 }
 EXPORT_FILE = "museum_export.json"
@@ -71,9 +71,22 @@ pipe.load_textual_inversion(emb["clip_g"], token="{token}", text_encoder=pipe.te
 class LowRank:
     """A LoRA that factors dense deltas, and how far it is from them."""
 
-    state: dict[str, torch.Tensor]  # peft keys: {module}.lora_A.weight (r, in), {module}.lora_B.weight (out, r)
-    rank: int  # every layer's (smaller ranks zero-padded)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # per layer (B (out, r), A (r, in)), r by layer
     errors: dict[str, float]  # relative Frobenius error ||dW - B A|| / ||dW|| per layer
+
+    @property
+    def rank(self) -> int:
+        return max(a.shape[0] for _, a in self.factors.values())
+
+    def state(self, pad: bool) -> dict[str, torch.Tensor]:
+        """peft's keys, ``{module}.lora_A.weight`` and ``.lora_B.weight``; ``pad``: every layer zero-padded to
+        :attr:`rank` (one peft ``r``, as diffusers' adapter metadata has it; kohya files keep each layer's own)."""
+        state = {}
+        for name, (b, a) in self.factors.items():
+            extra = self.rank - a.shape[0] if pad else 0
+            state[f"{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(extra, a.shape[1])]).contiguous()
+            state[f"{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1).contiguous()
+        return state
 
     def record(self, cap: int | None) -> dict[str, Any]:
         """The rank and errors as museum_export.json keeps them."""
@@ -85,7 +98,7 @@ class LowRank:
 def deltas_to_lora(deltas: dict[str, torch.Tensor], max_rank: int | None = None, rel_tol: float = 1e-6) -> LowRank:
     """Low-rank factors of dense deltas by SVD, which gives the closest rank-r matrix in Frobenius norm
     (Eckart-Young): every singular value above ``rel_tol`` of the largest, at most ``max_rank`` of them."""
-    factors, errors, rank = {}, {}, 1
+    factors, errors = {}, {}
     for name, delta in deltas.items():
         u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
         kept = int((s > s[0] * rel_tol).sum()) if s.numel() and s[0] > 0 else 1
@@ -93,13 +106,7 @@ def deltas_to_lora(deltas: dict[str, torch.Tensor], max_rank: int | None = None,
         factors[name] = (u[:, :r] * s[:r].sqrt(), s[:r].sqrt()[:, None] * vh[:r])
         total = s.square().sum()
         errors[name] = float((s[r:].square().sum() / total).sqrt()) if total > 0 else 0.0
-        rank = max(rank, r)
-    state = {}
-    for name, (b, a) in factors.items():
-        pad = rank - a.shape[0]
-        state[f"{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
-        state[f"{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1).contiguous()
-    return LowRank(state, rank, errors)
+    return LowRank(factors, errors)
 
 
 class Job(NamedTuple):
@@ -128,9 +135,9 @@ def export_concepts(museum, names: list[str], out: Path, format: str = "diffuser
         raise MuseumError(f"--rank caps the LoRA of --format diffusers or kohya and must be at least 1 "
                           f"(got {rank} with --format {format})")
     entries = [museum.manifest.concept(n) for n in names]
+    deltas = museum.deltas_for(entries)  # loads and verifies every concept
     if format == "kohya":
         _check_lora_exportable(entries)
-    deltas = museum.deltas_for(entries)  # loads and verifies every concept
     if format == "kohya" and not deltas:
         raise MuseumError(f"{', '.join(names)} change(s) no UNet weights (a textual-inversion concept is its token "
                           "alone), so there is no LoRA to write: export with --format a1111")
@@ -147,8 +154,9 @@ def export_concepts(museum, names: list[str], out: Path, format: str = "diffuser
 
 
 def _check_lora_exportable(entries) -> None:
+    """Refuse concepts whose method says they are no LoRA (``Method.lora_export_why``), naming them and why."""
     for method in dict.fromkeys(e.method for e in entries):
-        why = get_method(method).lora_export_why
+        why = METHODS[method].lora_export_why
         if why:
             names = ", ".join(e.name for e in entries if e.method == method)
             raise MuseumError(f"cannot write {names} ({method}) as a LoRA for --format kohya: {why}")
@@ -156,9 +164,10 @@ def _check_lora_exportable(entries) -> None:
 
 def _token_tensors(job: Job, entry, info: ConceptInfo, key: str) -> dict[str, torch.Tensor]:
     """A token's embedding file: ``{key: (1, D)}``, or on SDXL one row per text encoder (``clip_l``, ``clip_g``)."""
+    rows = info.tensors
     if is_sdxl(job.pipe):
-        return {"clip_l": info.tensors[entry.token].contiguous(), "clip_g": info.tensors[entry.token + SECOND].contiguous()}
-    return {key: info.tensors[entry.token].contiguous()}
+        return {"clip_l": rows[entry.token].contiguous(), "clip_g": rows[entry.token + SECOND].contiguous()}
+    return {key: rows[entry.token].contiguous()}
 
 
 # ---------------------------------------------------------------------------------------------------- diffusers
@@ -186,7 +195,7 @@ def _write_diffusers(job: Job, base: str) -> dict[str, Any]:
     if job.deltas:
         low = deltas_to_lora(job.deltas, job.rank)
         config = LoraConfig(r=low.rank, lora_alpha=low.rank, target_modules=KV_PATTERN)
-        type(job.pipe).save_lora_weights(job.tmp, unet_lora_layers=low.state,
+        type(job.pipe).save_lora_weights(job.tmp, unet_lora_layers=low.state(pad=True),
                                          unet_lora_adapter_metadata=config.to_dict())
         loads.append(f'pipe.load_lora_weights("{out}")')
         approximation = low.record(job.rank)
@@ -221,7 +230,7 @@ def _write_embeddings(job: Job) -> list[dict[str, Any]]:
 
 def _token_only_note(method: str) -> str:
     """What an embedding alone misses of a concept learned with ``method`` (--format a1111)."""
-    kind = get_method(method).export_format
+    kind = METHODS[method].export_format
     if kind == "textual_inversion":
         return ""
     needs = "its LoRA (museum export --format kohya)" if kind == "lora" else "Museum's loader (--format diffusers)"
@@ -242,7 +251,8 @@ def _write_kohya(job: Job, base: str) -> dict[str, Any]:
     fault_point("export.partial")
     low = deltas_to_lora(job.deltas, job.rank)
     name = "+".join(e.name for e in job.entries)
-    kohya = convert_state_dict_to_kohya(type(job.pipe).pack_weights(low.state, type(job.pipe).unet_name))
+    mixin = type(job.pipe)  # diffusers' LoRA loader mixin: "unet." before each key, as its own files have
+    kohya = convert_state_dict_to_kohya(mixin.pack_weights(low.state(pad=False), mixin.unet_name))
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(low.rank),
                 "ss_network_alpha": str(low.rank), "ss_output_name": name, **_base_version(job.pipe)}
     (job.tmp / "lora").mkdir()
@@ -260,7 +270,8 @@ def _base_version(pipe) -> dict[str, str]:
 
 def _webui_record(job: Job, base: str, concepts: list[dict], lora: dict | None) -> dict[str, Any]:
     """The webui formats' fields of museum_export.json (concepts, lora, prompts, how to use), and README.txt."""
-    prompts = {"automatic1111": (f"<lora:{lora['name']}:1> " if lora else "") + ", ".join(c["phrase"] for c in concepts),
+    tag = f"<lora:{lora['name']}:1> " if lora else ""  # AUTOMATIC1111's extra-network syntax, strength 1
+    prompts = {"automatic1111": tag + ", ".join(c["phrase"] for c in concepts),
                "comfyui": ", ".join(c["comfyui_phrase"] for c in concepts)}
     use = _how_to_use(concepts, lora, prompts, base)
     (job.tmp / "README.txt").write_text("\n".join(use) + "\n")
