@@ -289,12 +289,15 @@ def _how_to_use(concepts: list[dict], lora: dict | None, prompts: dict[str, str]
              + f"{embeddings} into models/embeddings/; type in the prompt:", f"    {prompts['comfyui']}",
              "An embedding's word is its file name: rename the file to type another word."]
     if lora:
-        error = lora["approximation"]["relative_frobenius_error"]
-        lines.append(f"The LoRA has rank {lora['approximation']['rank']}; relative Frobenius error against Museum's "
-                     f"K/V deltas: max {error['max']:.2g}, mean {error['mean']:.2g} over {len(error['per_layer'])} "
-                     "layers.")
+        lines.append(_error_line(lora["approximation"]) + ".")
     lines += [f"{c['name']}: {c['missing']}." for c in concepts if c["missing"]]
     return lines
+
+
+def _error_line(approximation: dict[str, Any]) -> str:
+    error = approximation["relative_frobenius_error"]
+    return (f"The LoRA has rank {approximation['rank']}; relative Frobenius error against Museum's K/V deltas: "
+            f"max {error['max']:.2g}, mean {error['mean']:.2g} over {len(error['per_layer'])} layers")
 
 
 WRITERS = {"diffusers": _write_diffusers, "kohya": _write_kohya, "a1111": _write_a1111}
@@ -307,9 +310,6 @@ def summary(out: Path) -> list[str]:
     lines = [f"exported {names} to {out} (--format {record['format']})"]
     if record["format"] != "diffusers":
         return lines + record["how_to_use"]
-    approximation = record["lora_approximation"]
-    if approximation:
-        error = approximation["relative_frobenius_error"]
-        lines.append(f"LoRA rank {approximation['rank']}; relative Frobenius error against Museum's K/V deltas: "
-                     f"max {error['max']:.2g}, mean {error['mean']:.2g} over {len(error['per_layer'])} layers")
+    if record["lora_approximation"]:
+        lines.append(_error_line(record["lora_approximation"]))
     return lines + [f"see {Path(out) / EXPORT_FILE} for the lines that load it"]

@@ -12,7 +12,9 @@ the loop; a method only says
 * how its stored tensors change the UNet at generation time (:meth:`Method.kv_deltas`),
 * which settings it reads at generation time (:attr:`Method.generation_options`, applied by
   :meth:`Method.generation_settings`; ``museum generate``, ``Museum.generate(options=...)`` and the benchmark read
-  them from here), and what its export writes besides the token and K/V deltas (:meth:`Method.export_extras`),
+  them from here), what its export writes besides the token and K/V deltas (:meth:`Method.export_extras`), and
+  for AUTOMATIC1111/ComfyUI files why it has no LoRA form (:attr:`Method.lora_export_why`) or what they leave out
+  (:meth:`Method.webui_leaves_out`),
 * what a concept costs at a given model size (:meth:`Method.cost`; ``scripts/gpu_estimates.py`` applies it to
   Stable Diffusion 1.5's layer shapes for docs/GPU.md, tests/test_real_sd.py checks it against real runs).
 
