@@ -270,16 +270,18 @@ def remove(folder: Path = typer.Argument(..., metavar="DIR"), name: str = typer.
 @app.command()
 def export(folder: Path = typer.Argument(..., metavar="DIR"), names: List[str] = typer.Argument(..., metavar="NAME..."),
            out: Path = typer.Option(..., help="output folder"),
-           format: str = typer.Option("diffusers", help="only 'diffusers' (textual inversion + LoRA files)"),
+           format: str = typer.Option("diffusers", help="diffusers (plain diffusers), kohya (a LoRA + embeddings for "
+                                      "AUTOMATIC1111/ComfyUI) or a1111 (embeddings only)"),
+           rank: Optional[int] = typer.Option(None, help="cap the LoRA's rank (SVD; the error is printed)"),
            allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP)) -> None:
-    """Write concepts in files plain diffusers loads (several names: composed as Museum composes them)."""
-    if format != "diffusers":
-        fail(f"unknown --format {format!r}; supported: diffusers")
+    """Write concepts in files plain diffusers, AUTOMATIC1111 or ComfyUI load (several names: composed as Museum
+    composes them)."""
     _quiet()
+    from museum.export import summary
     from museum.museum import Museum
 
-    path = Museum.open(folder, allow_pickle=allow_pickle).export(names, out)
-    typer.echo(f"exported {', '.join(names)} to {path}; see {path / 'museum_export.json'} for the lines that load it")
+    path = Museum.open(folder, allow_pickle=allow_pickle).export(names, out, format, rank)
+    typer.echo("\n".join(summary(path)))
 
 
 @app.command()

@@ -379,9 +379,11 @@ class Museum:
         warn_if_truncated(self.pipe.tokenizer, prompts, [c.token for c in self.manifest.concepts])
 
     # ------------------------------------------------------------------ export
-    def export(self, names: str | Sequence[str], out: str | Path) -> Path:
-        """Write one concept, or several composed, in diffusers' formats (see ``museum.export``)."""
-        return export_concepts(self, [names] if isinstance(names, str) else list(names), Path(out))
+    def export(self, names: str | Sequence[str], out: str | Path, format: str = "diffusers",
+               rank: int | None = None) -> Path:
+        """Write one concept, or several composed, in ``format``: "diffusers", "kohya" (a LoRA and embeddings for
+        AUTOMATIC1111 and ComfyUI) or "a1111" (embeddings); ``rank`` caps the LoRA's rank (see ``museum.export``)."""
+        return export_concepts(self, [names] if isinstance(names, str) else list(names), Path(out), format, rank)
 
 
 def warn_if_truncated(tokenizer, prompts: Sequence[str], concept_tokens: Sequence[str] = ()) -> None:

@@ -12,7 +12,9 @@ the loop; a method only says
 * how its stored tensors change the UNet at generation time (:meth:`Method.kv_deltas`),
 * which settings it reads at generation time (:attr:`Method.generation_options`, applied by
   :meth:`Method.generation_settings`; ``museum generate``, ``Museum.generate(options=...)`` and the benchmark read
-  them from here), and what its export writes besides the token and K/V deltas (:meth:`Method.export_extras`),
+  them from here), what its export writes besides the token and K/V deltas (:meth:`Method.export_extras`), and
+  for AUTOMATIC1111/ComfyUI files why it has no LoRA form (:attr:`Method.lora_export_why`) or what they leave out
+  (:meth:`Method.webui_leaves_out`),
 * what a concept costs at a given model size (:meth:`Method.cost`; ``scripts/gpu_estimates.py`` applies it to
   Stable Diffusion 1.5's layer shapes for docs/GPU.md, tests/test_real_sd.py checks it against real runs).
 
@@ -219,6 +221,8 @@ class Method:
     #: how ``museum export --format diffusers`` writes this method's concepts:
     #: "textual_inversion", "lora", "custom_diffusion" or "museum" (needs Museum's own loader)
     export_format: ClassVar[str] = "textual_inversion"
+    #: why ``museum export --format kohya`` cannot write its concepts' effect as a LoRA ("" where it can: a K/V delta)
+    lora_export_why: ClassVar[str] = ""
     #: can one concept be removed without retraining the others?
     removable: ClassVar[bool] = True
     removable_why: ClassVar[str] = ""
@@ -317,3 +321,9 @@ class Method:
         files written into ``folder`` (which becomes ``out``); returns the lines that load them (after
         ``pipe = ...``) and the fields they add to museum_export.json."""
         return [], {}
+
+    @classmethod
+    def webui_leaves_out(cls, concepts: list[ConceptInfo]) -> str:
+        """What the AUTOMATIC1111/ComfyUI files of ``concepts`` (this method's ones; ``museum export --format kohya``:
+        a LoRA and the tokens) cannot carry of how Museum draws them, told to the user ("": nothing)."""
+        return ""

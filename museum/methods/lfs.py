@@ -114,6 +114,14 @@ class LFS(SharedLoRAMethod):
                                         "file": CONTEXT_FILE, "concepts": context.names, "call": CONTEXT_CALL}}
 
     @classmethod
+    def webui_leaves_out(cls, concepts: list[ConceptInfo]) -> str:
+        kept = [c.name for c in concepts if "context" in c.tensors]
+        if not kept:
+            return ""
+        return (f"the ICGen image context of {', '.join(kept)} (an IP-Adapter input these tools do not take as stored "
+                "embeddings): the LoRA and token draw as `museum generate --context-scale 0` does")
+
+    @classmethod
     def cost(cls, kv, width, config) -> ConceptCost:
         # the shared LoRA (+ N x 128 ICGen context values per concept on the embedded model, not counted: bases
         # without a fitting adapter store none); the distillation adds a student and a teacher pass

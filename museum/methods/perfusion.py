@@ -59,7 +59,8 @@ original processors on exit; a prompt without a Perfusion token is drawn by the 
 model. The processor computes ``attn.to_k(e)`` / ``attn.to_v(e)`` through the modules, so K/V
 deltas other methods apply to the same prompt (weights, peft LoRA) compose with the edit.
 
-Export: ``export_format = "museum"``; ``museum export`` writes the concept tensors, and
+Export: ``export_format = "museum"``; ``museum export`` writes the concept tensors (``--format kohya`` refuses: the
+gated edit is no LoRA, ``lora_export_why``), and
 :func:`load_into` installs them permanently in a plain ``StableDiffusionPipeline``:
 
     from diffusers import StableDiffusionPipeline
@@ -451,6 +452,12 @@ class Perfusion(Method):
     name = "perfusion"
     config_class = PerfusionConfig
     export_format = "museum"
+    lora_export_why = (
+        "Perfusion's edit is not a weight delta: each text token's K/V change is gated by a sigmoid of that token's "
+        "similarity to the concept (Tewel et al. 2023, sec. 4), which no LoRA can express, and the edit without its "
+        "gate would change every word of every prompt. Export it with --format diffusers (plain diffusers plus "
+        "museum.methods.perfusion.load_into), or learn the concept again with a LoRA-based method (custom-diffusion, "
+        "c-lora) for AUTOMATIC1111 and ComfyUI")
     removable = True
     generation_options = (
         GenerationOption("gate_bias", "Perfusion gate bias beta (default: each concept's, 0.7)", config_key="beta",
