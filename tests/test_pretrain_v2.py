@@ -6,9 +6,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from museum.models import icgen
 from museum.models.v2 import components
 from museum.models.v2 import pretrain as P
 from museum.world.v2 import render
@@ -110,6 +112,41 @@ def test_evaluator_trains_on_partial_captions_with_hard_negatives(tiny_set, tiny
     assert (tmp_path / "evaluator" / "config.json").exists()
 
 
+def test_icgen_resumed_equals_uninterrupted_and_loads_with_diffusers(tiny_set, tiny_components, monkeypatch, tmp_path):
+    paths, images, scenes = tiny_set
+    for name, value in (("ICGEN_OBJECTS", 3), ("ICGEN_VIEWS", 2), ("ICGEN_BATCH", 4)):
+        monkeypatch.setattr(P, name, value)
+    vae = P.train_vae(tmp_path / "vae", images, steps=2, minutes=5)
+    (tmp_path / "u").mkdir()
+    pipe = P.train_unet(tmp_path / "u", vae, paths, scenes, steps=2, minutes=5)
+    evaluator = P.train_evaluator(tmp_path / "e", images, scenes, steps=1, minutes=5)
+    for work in ("a", "b"):
+        (tmp_path / work).mkdir()
+    assert P.train_icgen(tmp_path / "a", pipe, evaluator, steps=4, minutes=5, max_new_steps=2) is None
+    resumed = P.train_icgen(tmp_path / "a", pipe, evaluator, steps=4, minutes=5)
+    straight = P.train_icgen(tmp_path / "b", pipe, evaluator, steps=4, minutes=5)
+    a, b = (load_file(folder / icgen.WEIGHT_NAME) for folder in (resumed, straight))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(k.startswith("ip_adapter") for k in pipe.unet.state_dict())  # the pipeline's UNet is untouched
+    data = torch.load(tmp_path / "a" / "icgen-data.pt")
+    assert data["latents"].shape[:2] == (3, 2) and all(len(c) == 2 for c in data["captions"])
+    icgen.load_adapter(pipe, resumed)  # diffusers' load_ip_adapter reads it
+    context = evaluator.embed_images(images[:1]).float()
+    image = pipe(render.caption(scenes[0]), num_inference_steps=2, ip_adapter_image_embeds=[torch.stack([0 * context, context])],
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_icgen_captions_leave_the_object_to_the_context():
+    rng = random.Random(0)
+    scene = render.random_scene(random.Random(1), style_p=1.0)
+    views = P.icgen_views(scene, rng, 3)
+    assert all(v.look == scene.look and v.style is None for v in views)
+    captions = [P.icgen_caption(views[0], rng) for _ in range(200)]
+    assert {c.split(" on ")[0].split()[-1] for c in captions} >= {scene.look.shape}
+    assert sum(render.caption(views[0]) == c for c in captions) in range(25, 75)  # fully named a quarter of the time
+
+
 def test_perturb_changes_what_the_caption_says():
     rng = random.Random(0)
     for scene, _ in render.base_samples(300, seed=7, pair_fraction=0.0):
@@ -152,12 +189,14 @@ def test_a_cache_made_by_other_code_is_refused(tiny_set, tiny_components, tmp_pa
 
 def test_pretrain_runs_the_stages_in_order_across_calls(tiny_components, monkeypatch, tmp_path):
     for name, value in (("N_VAE", 20), ("N_BASE", 40), ("CHUNK", 20), ("VAE_STEPS", 2), ("VAE_REFINE_STEPS", 2),
-                        ("UNET_STEPS", 2), ("EVALUATOR_STEPS", 2)):
+                        ("UNET_STEPS", 2), ("EVALUATOR_STEPS", 2), ("ICGEN_STEPS", 2), ("ICGEN_OBJECTS", 3),
+                        ("ICGEN_VIEWS", 2), ("ICGEN_BATCH", 4)):
         monkeypatch.setattr(P, name, value)
     assert not P.pretrain(tmp_path, minutes=0)  # renders the VAE's set, then its time is up
     assert len(list((tmp_path / "render").glob("chunk-*.npz"))) == 1 and not (tmp_path / "vae").exists()
     assert P.pretrain(tmp_path, minutes=10)
     assert (tmp_path / "pipeline" / "model_index.json").exists() and (tmp_path / "evaluator" / "config.json").exists()
+    assert (tmp_path / "icgen" / icgen.WEIGHT_NAME).exists()
     refined = AutoencoderKL.from_pretrained(tmp_path / "vae-refined")
     assert not _same_weights(refined, AutoencoderKL.from_pretrained(tmp_path / "vae"))
     assert _same_weights(refined, StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline").vae)  # the UNet's VAE

@@ -16,10 +16,13 @@ nothing. Stages:
    (:func:`refine_vae`).
 3. ``unet``: UNet + CLIP text encoder from scratch on the VAE's cached latents (:func:`train_unet`).
 4. ``evaluator``: the CLIP-style evaluator at 64x64 (:func:`train_evaluator`).
+5. ``icgen``: LFS-Diffusion's image-context adapter on the frozen UNet, context from the evaluator
+   (:func:`train_icgen`).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -41,6 +44,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTokenizer
 
 from museum.models import components as old_components
+from museum.models import icgen
 from museum.models.evaluator import Evaluator
 from museum.models.tokenizer import write_clip_tokenizer
 from museum.models.v2 import components
@@ -68,6 +72,12 @@ UNET_LR = 4e-4
 CFG_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0
 CHECKPOINT_EVERY = 250
+ICGEN_OBJECTS = 2048  # objects, each drawn in ICGEN_VIEWS settings
+ICGEN_VIEWS = 4
+ICGEN_STEPS = 1500
+ICGEN_BATCH = 32
+ICGEN_LR = 1e-3
+ICGEN_DROP = 0.1  # share of samples without context: the unconditional branch of guidance
 
 
 def log(msg: str, logfile: Path | None = None) -> None:
@@ -413,6 +423,100 @@ def train_evaluator(work: Path, images: np.ndarray, scenes: list[render.Scene], 
     return evaluator
 
 
+# --------------------------------------------------------------------------- ICGen adapter
+
+
+def icgen_views(scene: render.Scene, rng: random.Random, n: int) -> list[render.Scene]:
+    """``n`` settings of the scene's object: a new ground, position and size, no style."""
+    return [replace(scene, background=render.random_background(rng, scene.look), position=rng.choice(list(render.POSITIONS)),
+                    size=rng.choice(list(render.SIZES)), style=None, companion=None) for _ in range(n)]
+
+
+def icgen_caption(scene: render.Scene, rng: random.Random) -> str:
+    """The view's caption with the object named by its shape only (half the samples), by its main colour and
+    shape (a quarter) or fully (a quarter): the context must carry what the words leave out."""
+    r = rng.random()
+    if r >= 0.75:
+        return render.caption(scene)
+    phrase = scene.look.shape if r < 0.5 else f"{scene.look.palette[0]} {scene.look.shape}"
+    return render.caption(scene, object_phrase=phrase)
+
+
+@torch.no_grad()
+def icgen_data(work: Path, pipe: StableDiffusionPipeline, evaluator: Evaluator, seed: int) -> dict:
+    """Latents, evaluator embeddings and captions of ``ICGEN_OBJECTS`` pretraining objects (no pooled
+    concept) in ``ICGEN_VIEWS`` settings each, cached in ``work/icgen-data.pt``."""
+    path = work / "icgen-data.pt"
+    settings = {"objects": ICGEN_OBJECTS, "views": ICGEN_VIEWS, "seed": seed, "vae": _fingerprint(pipe.vae)}
+    if path.exists():
+        data = torch.load(path)
+        if data["settings"] == settings:
+            return data
+    rng = random.Random(f"icgen:{seed}")
+    images, captions = [], []
+    for scene, render_seed in render.base_samples(ICGEN_OBJECTS, seed + 2, reserved=concepts.reserved_signatures(),
+                                                  pair_fraction=0.0):
+        views = icgen_views(scene, rng, ICGEN_VIEWS)
+        images += [render.render(v, render_seed * 31 + k) for k, v in enumerate(views)]
+        captions.append([icgen_caption(v, rng) for v in views])
+    embeds = evaluator.embed_images(images).float().reshape(ICGEN_OBJECTS, ICGEN_VIEWS, -1)
+    x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
+    latents = torch.cat([pipe.vae.encode(x[i:i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
+    latents = (latents * pipe.vae.config.scaling_factor).reshape(ICGEN_OBJECTS, ICGEN_VIEWS, *latents.shape[1:])
+    data = {"settings": settings, "latents": latents, "embeds": embeds, "captions": captions}
+    torch.save(data, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return data
+
+
+def train_icgen(work: Path, pipe: StableDiffusionPipeline, evaluator: Evaluator, *, steps: int = ICGEN_STEPS,
+                minutes: float, seed: int = 0, max_new_steps: int | None = None, logfile: Path | None = None
+                ) -> Path | None:
+    """The image-context adapter LFS-Diffusion's ICGen uses (:mod:`museum.models.icgen`, IP-Adapter's layout):
+    one view of an object is the target, the mean evaluator embedding of its other views the context, so the
+    context shows the object and never the target's setting; only the adapter trains. The adapter folder
+    ``work/icgen`` once done, else None."""
+    if (work / "icgen" / icgen.WEIGHT_NAME).exists():
+        return work / "icgen"
+    data = icgen_data(work, pipe, evaluator, seed)
+    unet = copy.deepcopy(pipe.unet).requires_grad_(False)
+    torch.manual_seed(seed)
+    params = icgen.install(unet, data["embeds"].shape[-1])
+    opt = torch.optim.AdamW(params, lr=ICGEN_LR, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, 100, steps)
+    noise_scheduler = old_components.make_train_scheduler()
+    latents, embeds, captions = data["latents"], data["embeds"], data["captions"]
+
+    def loss_fn(step, gen):
+        obj = torch.randint(0, ICGEN_OBJECTS, (ICGEN_BATCH,), generator=gen)
+        target = torch.randint(0, ICGEN_VIEWS, (ICGEN_BATCH,), generator=gen)
+        others = torch.ones(ICGEN_BATCH, ICGEN_VIEWS)
+        others[torch.arange(ICGEN_BATCH), target] = 0
+        context = F.normalize((embeds[obj] * others[..., None]).sum(1), dim=-1)
+        context = context * (torch.rand(ICGEN_BATCH, 1, generator=gen) >= ICGEN_DROP)
+        x0 = latents[obj, target]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (ICGEN_BATCH,), generator=gen)
+        ids = pipe.tokenizer([captions[o][v] for o, v in zip(obj.tolist(), target.tolist())], padding="max_length",
+                             max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            text = pipe.text_encoder(ids)[0]
+        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, text,
+                    added_cond_kwargs={"image_embeds": [context[:, None]]}).sample
+        return F.mse_loss(pred, noise)
+
+    settings = {"lr": ICGEN_LR, "batch": ICGEN_BATCH, "drop": ICGEN_DROP, **data["settings"]}
+    if not run_stage("icgen", work / "icgen-run", [unet], opt, sched, loss_fn, steps=steps, minutes=minutes, seed=seed,
+                     settings=settings, max_new_steps=max_new_steps, logfile=logfile):
+        return None
+    tmp = work / f"icgen.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    icgen.save_adapter(unet, tmp)
+    tmp.replace(work / "icgen")
+    log("icgen done: adapter saved", logfile)
+    return work / "icgen"
+
+
 # --------------------------------------------------------------------------- UNet + text encoder
 
 
@@ -554,7 +658,7 @@ def refined_vae(work: Path, images: np.ndarray, vae_paths: list[Path], seed: int
 def pretrain(work: Path, *, minutes: float, seed: int = 0, logfile: Path | None = None) -> bool:
     """Run the stages in order, each resumed where the last call stopped, for at most ``minutes`` in all:
     render the VAE's set, vae, vae-refine, render the rest, unet (whose samples can be looked at without
-    the evaluator), evaluator. True once every stage is done."""
+    the evaluator), evaluator, icgen (LFS-Diffusion's image-context adapter). True once every stage is done."""
     deadline = time.time() + 60 * minutes
     left = lambda: max(0.0, (deadline - time.time()) / 60)  # noqa: E731
     work.mkdir(parents=True, exist_ok=True)
@@ -569,7 +673,11 @@ def pretrain(work: Path, *, minutes: float, seed: int = 0, logfile: Path | None 
         return False
     verify_chunks(paths[len(vae_paths):], seed)
     scenes = [s for i in range(len(paths)) for s in chunk_scenes(i, seed)]
-    if train_unet(work, vae, paths, scenes, steps=UNET_STEPS, minutes=left(), seed=seed, logfile=logfile) is None:
+    pipe = train_unet(work, vae, paths, scenes, steps=UNET_STEPS, minutes=left(), seed=seed, logfile=logfile)
+    if pipe is None:
         return False
-    return train_evaluator(work, images, scenes[:len(images)], steps=EVALUATOR_STEPS, minutes=left(), seed=seed,
-                           logfile=logfile) is not None
+    evaluator = train_evaluator(work, images, scenes[:len(images)], steps=EVALUATOR_STEPS, minutes=left(), seed=seed,
+                                logfile=logfile)
+    if evaluator is None:
+        return False
+    return train_icgen(work, pipe, evaluator, steps=ICGEN_STEPS, minutes=left(), seed=seed, logfile=logfile) is not None
