@@ -202,6 +202,16 @@ def test_pretrain_runs_the_stages_in_order_across_calls(tiny_components, monkeyp
     assert _same_weights(refined, StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline").vae)  # the UNet's VAE
     assert len(list((tmp_path / "render").glob("chunk-*.npz"))) == 2
     assert P.pretrain(tmp_path, minutes=0)  # all done: loads, trains nothing
+    sizes = P.ship(tmp_path, tmp_path / "package")
+    shipped = StableDiffusionPipeline.from_pretrained(tmp_path / "package" / "pipeline", dtype=torch.float32)
+    trained = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    assert shipped.unet.dtype == torch.float32 and set(sizes) == {"pipeline", "evaluator", "icgen"}
+    for (name, a), b in zip(shipped.unet.state_dict().items(), trained.unet.state_dict().values()):
+        assert torch.equal(a, b.half().float()), name  # stored in fp16, loaded as fp32
+    monkeypatch.setattr(P, "SHIPPED_LIMIT", sum(sizes.values()) - 1)
+    with pytest.raises(ValueError, match="over the"):
+        P.ship(tmp_path, tmp_path / "package-2")
+    assert not (tmp_path / "package-2").exists()
 
 
 def test_frequency_loss_prefers_the_texture_to_its_grey_average():

@@ -78,6 +78,7 @@ ICGEN_STEPS = 1500
 ICGEN_BATCH = 32
 ICGEN_LR = 1e-3
 ICGEN_DROP = 0.1  # share of samples without context: the unconditional branch of guidance
+SHIPPED_LIMIT = 60 * 2**20  # bytes: everything the package ships (issue "World v2")
 
 
 def log(msg: str, logfile: Path | None = None) -> None:
@@ -681,3 +682,38 @@ def pretrain(work: Path, *, minutes: float, seed: int = 0, logfile: Path | None 
     if evaluator is None:
         return False
     return train_icgen(work, pipe, evaluator, steps=ICGEN_STEPS, minutes=left(), seed=seed, logfile=logfile) is not None
+
+
+# --------------------------------------------------------------------------- the package
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def ship(work: Path, out: Path) -> dict[str, int]:
+    """Write the finished models as the package ships them: ``out/pipeline`` with its UNet stored in fp16
+    (as Stable Diffusion checkpoints ship; ``from_pretrained(..., dtype=torch.float32)`` loads it back as fp32),
+    ``out/evaluator`` and ``out/icgen``; their sizes in bytes. Refuses, writing nothing, when all of it would
+    exceed ``SHIPPED_LIMIT``."""
+    for stage in ("pipeline", "evaluator", "icgen"):
+        if not (work / stage).is_dir():
+            raise FileNotFoundError(f"{work / stage} is missing: finish pretraining first (scripts/pretrain_v2.py)")
+    staging = out.with_name(out.name + f".{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe = StableDiffusionPipeline.from_pretrained(work / "pipeline", safety_checker=None)
+    pipe.unet.to(torch.float16)
+    pipe.save_pretrained(staging / "pipeline", safe_serialization=True)
+    for stage in ("evaluator", "icgen"):
+        shutil.copytree(work / stage, staging / stage)
+    sizes = {stage: _bytes(staging / stage) for stage in ("pipeline", "evaluator", "icgen")}
+    if sum(sizes.values()) > SHIPPED_LIMIT:
+        shutil.rmtree(staging)
+        raise ValueError(f"the package would hold {sum(sizes.values()) / 2**20:.1f} MB ({sizes}), over the "
+                         f"{SHIPPED_LIMIT / 2**20:.0f} MB limit")
+    out.mkdir(parents=True, exist_ok=True)
+    for stage in sizes:
+        shutil.rmtree(out / stage, ignore_errors=True)
+        (staging / stage).replace(out / stage)
+    shutil.rmtree(staging)
+    return sizes
