@@ -100,7 +100,7 @@ def generate(
     _check_sampling(prompt, n, steps, guidance)
     _check_writable(out)
     _quiet()
-    from museum.generation.sampling import generate_images, image_grid
+    from museum.generation.sampling import generate_images, image_grid, warn_if_truncated
 
     # the methods' generation options (``Method.generation_options``), passed on by name
     options = {"gate_bias": gate_bias, "gate_temp": gate_temp, "strength": _by_name("--strength", strength),
@@ -115,7 +115,6 @@ def generate(
         if given:
             fail(f"--{given[0].replace('_', '-')} applies to a museum's concepts; give the museum DIR")
         from museum.models.loading import load_pipeline, resolve_base
-        from museum.museum import warn_if_truncated
         from museum.store.manifest import check_pipeline_files
 
         check_pipeline_files(resolve_base(base), allow_pickle=allow_pickle)

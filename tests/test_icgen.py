@@ -101,7 +101,7 @@ def test_lfs_concept_keeps_context_embeddings_and_draws_with_them(tmp_path):
     concept = build_concept("sunburst")
     m = Museum.init(tmp_path / "museum")
     m.learn("sunburst", concept.train_images, method="lfs", class_word="circle", steps=2, progress=False)
-    stored = m._concept_tensors["sunburst"]
+    stored = m.collection.tensors["sunburst"]
     torch.testing.assert_close(stored["context"], icgen.context_embeddings(load_evaluator(), concept.train_images))
     prompt = "a <sunburst> circle on a sand background"
     pixels = lambda images: np.stack([np.asarray(im, dtype=np.int16) for im in images])  # noqa: E731

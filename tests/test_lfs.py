@@ -191,7 +191,7 @@ def test_ip_adapter_context_is_the_encoders_image_embeds_and_recorded(ip_museum,
     from museum.training.data import read_image_folder
 
     _, m = ip_museum
-    stored = m._concept_tensors["sunburst"]
+    stored = m.collection.tensors["sunburst"]
     images, _ = read_image_folder(concept_images["sunburst"][0])
     plain = load_pipeline(tiny_base)
     plain.load_ip_adapter(str(ip_adapter_dir), subfolder="", weight_name="ip-adapter_tiny.safetensors")
@@ -217,11 +217,11 @@ def test_ip_adapter_context_changes_the_image_and_survives_reopening(ip_museum):
     assert np.abs(with_context - scale_zero).max() > 10
     reopened = Museum.open(folder)
     assert np.array_equal(pixels(reopened.generate(IP_PROMPT, n=2, steps=4)), with_context)
-    context = reopened._concept_tensors["sunburst"].pop("context")  # the same concept without context
+    context = reopened.collection.tensors["sunburst"].pop("context")  # the same concept without context
     try:
         assert np.array_equal(pixels(reopened.generate(IP_PROMPT, n=2, steps=4)), scale_zero)
     finally:
-        reopened._concept_tensors["sunburst"]["context"] = context
+        reopened.collection.tensors["sunburst"]["context"] = context
 
 
 def test_ip_adapter_export_reproduces_the_image_in_plain_diffusers(ip_museum, ip_adapter_dir, tmp_path):
@@ -314,7 +314,8 @@ def test_cli_ip_adapter_options(tiny_base, ip_adapter_dir, concept_images, tmp_p
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("warning: no IP-Adapter given: this lfs concept keeps no image context (pass "
                              "--ip-adapter DIR") == 1
-    assert "context" not in Museum.open(folder)._read_concept_tensors(Museum.open(folder).manifest.concept("sunburst"))
+    stored = Museum.open(folder)
+    assert "context" not in stored.concept_info(stored.manifest.concept("sunburst")).tensors
     two, _, _ = _two_weights(ip_adapter_dir, tmp_path / "two")
     refused = run_cli("learn", str(folder), "checker", "--images", images, "--method", "lfs", "--class-word",
                       "square", "--ip-adapter", str(two))

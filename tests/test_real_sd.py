@@ -354,7 +354,7 @@ def test_perfusion_on_sdxl_reads_both_encoders(tiny_family, concept_images, tmp_
     m = Museum.init(tmp_path / "m", base=base)
     m.learn("sunburst", concept_images["sunburst"][0], method="perfusion", class_word="circle", steps=2,
             progress=False)
-    pipe, stored = m.pipe, m._concept_tensors["sunburst"]
+    pipe, stored = m.pipe, m.collection.tensors["sunburst"]
     width = pipe.unet.config.cross_attention_dim
     assert width == pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
     assert stored["perfusion.i_star"].shape == (width,)
@@ -382,7 +382,7 @@ def test_sdxl_token_trains_in_both_text_encoders(tiny_family, concept_images, tm
     c = m.learn("sunburst", concept_images["sunburst"][0], method="textual-inversion", class_word="circle",
                 steps=3, token_lr=0.5, progress=False, echo=lines.append)
     assert any("memory estimate" in line for line in lines)
-    stored = m._concept_tensors["sunburst"]
+    stored = m.collection.tensors["sunburst"]
     fresh = load_pipeline(base)
     for which, key in enumerate(("<sunburst>", "<sunburst>" + tokens.SECOND)):
         start = tokens.word_vector(fresh, "circle", which)

@@ -1,7 +1,9 @@
-"""Seeded sampling with a diffusers pipeline, and grids a person can look at."""
+"""Seeded sampling with a diffusers pipeline, a warning for prompts the text encoder truncates, and grids a
+person can look at."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -24,6 +26,20 @@ def generate_images(pipe, prompts: Sequence[str], *, seeds: Sequence[int], steps
                    height=size, width=size, generator=gens, **pipe_kwargs)
         images.extend(out.images)
     return images
+
+
+def warn_if_truncated(tokenizer, prompts: Sequence[str], concept_tokens: Sequence[str] = ()) -> None:
+    """Warn about prompts longer than the text encoder's limit (they are truncated), naming concepts cut off."""
+    limit = tokenizer.model_max_length
+    for p in dict.fromkeys(prompts):
+        ids = tokenizer(p).input_ids
+        if len(ids) <= limit:
+            continue
+        kept = set(tokenizer.convert_ids_to_tokens(ids[:limit - 1]))
+        lost = [t for t in concept_tokens if t in p and t not in kept]
+        extra = f"; {', '.join(lost)} fall(s) after the limit and will not be drawn" if lost else ""
+        warnings.warn(f"prompt has {len(ids)} tokens, more than the model's {limit}; it is truncated to the first "
+                      f"{limit}{extra}: {p[:60]}...", stacklevel=3)
 
 
 def image_grid(images: Sequence[Image.Image], cols: int, scale: int = 4) -> Image.Image:
