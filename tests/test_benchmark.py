@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import museum.evaluation.benchmark.run as bench_run
 from museum.evaluation import benchmark as bm
 from museum.evaluation.benchmark import BenchmarkError, build_prototypes, kid, run_benchmark, summarize
 from museum.evaluation.metrics import backward_transfer, forgetting, image_alignment
@@ -266,17 +267,17 @@ def test_interrupted_run_continues(bench, tiny_base, evaluator, tmp_path, monkey
     finds in the museum (without relearning it), learns the third and ends as an uninterrupted run."""
     out = tmp_path / "out"
     kw = dict(RUN, base=tiny_base, evaluator=evaluator, base_row=False)
-    original = bm._Run.generate
+    original = bench_run._Run.generate
 
     def interrupt(self, m, name):
         if name == CONCEPTS[1]:
             raise KeyboardInterrupt
         return original(self, m, name)
 
-    monkeypatch.setattr(bm._Run, "generate", interrupt)
+    monkeypatch.setattr(bench_run._Run, "generate", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_benchmark(["textual-inversion"], CONCEPTS, out, **kw)
-    monkeypatch.setattr(bm._Run, "generate", original)
+    monkeypatch.setattr(bench_run._Run, "generate", original)
     museum_dir = out / "textual-inversion" / "museum"
     progress = json.loads((out / "textual-inversion" / "progress.json").read_text())
     assert [t["task"] for t in progress["tasks"]] == [0]
@@ -352,7 +353,8 @@ def test_killed_run_resumes_with_the_same_results(bench, tiny_base, tmp_path):
 SHARED_RUN = """
 import sys
 from pathlib import Path
-sys.path.insert(0, sys.argv[1])
+# the tests, and this checkout's museum (a script's own folder comes first on sys.path, not the working directory)
+sys.path[:0] = [sys.argv[1], str(Path(sys.argv[1]).parent)]
 import os
 import test_benchmark as tb
 from museum.evaluation.benchmark import run_benchmark
