@@ -12,7 +12,7 @@ from museum.generation.sampling import generate_images
 from museum.models.loading import (
     EMBEDDED_EVALUATOR, EMBEDDED_MODELS, EMBEDDED_PIPELINE, EMBEDDED_TWO_OBJECTS, load_evaluator, load_pipeline,
 )
-from museum.world import render as world
+from museum.world.render import SHAPES, base_vocabulary, caption, random_scene, render, replace
 
 
 @needs_embedded
@@ -25,7 +25,7 @@ def test_shipped_model_loads_with_plain_diffusers():
     assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
     assert pipe.tokenizer.model_max_length <= pipe.text_encoder.config.max_position_embeddings
     # every world word is one token
-    for word in world.base_vocabulary():
+    for word in base_vocabulary():
         assert len(pipe.tokenizer.tokenize(word)) == 1, word
     def megabytes(folder):
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
@@ -43,9 +43,9 @@ def test_two_object_model_draws_each_object_on_its_side():
     ``embedded`` model draws one object, 0 of 100)."""
     pipe = load_pipeline(EMBEDDED_TWO_OBJECTS)
     scenes = readable_pairs(8, seed=7)
-    images = generate_images(pipe, [world.caption(s) for s in scenes], seeds=list(range(len(scenes))), steps=25)
+    images = generate_images(pipe, [caption(s) for s in scenes], seeds=list(range(len(scenes))), steps=25)
     placed = [read_placement(image, scene)["placed"] for image, scene in zip(images, scenes)]
-    assert sum(placed) >= 6, [world.caption(s) for s, ok in zip(scenes, placed) if not ok]
+    assert sum(placed) >= 6, [caption(s) for s, ok in zip(scenes, placed) if not ok]
 
 
 @needs_two_object_model
@@ -81,12 +81,12 @@ def test_evaluator_prefers_matching_captions():
 
     evaluator = load_evaluator(EMBEDDED_EVALUATOR)
     rng = random.Random(99)
-    scenes = [world.random_scene(rng, base_styles=False) for _ in range(40)]
-    images = [world.render(s, 1000 + i) for i, s in enumerate(scenes)]
+    scenes = [random_scene(rng, base_styles=False) for _ in range(40)]
+    images = [render(s, 1000 + i) for i, s in enumerate(scenes)]
     wins = 0
     for scene, image in zip(scenes, images):
-        other_shape = next(s for s in world.SHAPES if s != scene.shape)
-        texts = [world.caption(scene), world.caption(world.replace(scene, shape=other_shape))]
+        other_shape = next(s for s in SHAPES if s != scene.shape)
+        texts = [caption(scene), caption(replace(scene, shape=other_shape))]
         sims = evaluator.embed_texts(texts) @ evaluator.embed_images([image])[0]
         wins += int(sims[0] > sims[1])
     assert wins >= 36, f"matching caption preferred in only {wins}/40 renders"
@@ -186,7 +186,7 @@ def test_contrastive_loss_lets_hard_negatives_compete(tmp_path):
     from museum.models.tokenizer import write_clip_tokenizer
 
     torch.manual_seed(0)
-    evaluator = Evaluator.create(write_clip_tokenizer(world.base_vocabulary(), tmp_path / "tokenizer"))
+    evaluator = Evaluator.create(write_clip_tokenizer(base_vocabulary(), tmp_path / "tokenizer"))
     pixels = torch.rand(3, 3, 32, 32)
     texts = ["a red star on a sand background", "a blue circle on a sky background", "a green cross"]
     plain = evaluator.contrastive_loss(pixels, texts)
