@@ -180,7 +180,7 @@ def learn(
         fail(f"--checkpoint-every must be at least 1 (got {checkpoint_every})")
     if mixed_precision is not None and mixed_precision not in ("no", "fp16", "bf16"):
         fail(f"--mixed-precision must be no, fp16 or bf16 (got {mixed_precision!r})")
-    from museum.methods.base import parse_setting
+    from museum.methods.base import methods_with_setting, parse_setting
 
     overrides = {}
     for item in set_:
@@ -189,8 +189,9 @@ def learn(
         except ValueError as error:
             fail(str(error))
         overrides[key] = value
-    if (ip_adapter is not None or ip_adapter_weight is not None) and method != "lfs":
-        fail(f"--ip-adapter and --ip-adapter-weight are for --method lfs (its image context), not {method}")
+    if (ip_adapter is not None or ip_adapter_weight is not None) and method not in methods_with_setting("ip_adapter"):
+        fail(f"--ip-adapter and --ip-adapter-weight are for --method {' or '.join(methods_with_setting('ip_adapter'))} "
+             f"(its image context), not {method}")
     for key, value in (("ip_adapter", ip_adapter), ("ip_adapter_weight", ip_adapter_weight)):
         if value is not None:
             if key in overrides:
@@ -298,8 +299,6 @@ def merge(folder: Path = typer.Argument(..., metavar="DIR"), names: List[str] = 
 @app.command()
 def methods() -> None:
     """List the registered methods and their default settings."""
-    import sys
-
     from museum.methods import METHODS, method_names
 
     for name in method_names():
