@@ -10,11 +10,15 @@ import diffusers
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 import transformers
 
 import museum.learning as learning
+from museum.generation.sampling import generate_images
 from museum.models.icgen import EMBEDDED_ICGEN, WEIGHT_NAME
-from museum.models.loading import EMBEDDED_EVALUATOR, EMBEDDED_MODELS, EMBEDDED_PIPELINE, EMBEDDED_TWO_OBJECTS
+from museum.models.loading import (
+    EMBEDDED_EVALUATOR, EMBEDDED_MODELS, EMBEDDED_PIPELINE, EMBEDDED_TWO_OBJECTS, load_pipeline,
+)
 from museum.museum import Museum
 from museum.plumbing import kv
 from museum.world.concepts import build_concept
@@ -26,8 +30,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # CLI processes it starts use one thread (two 1-thread workers do ~1.4x the work of one 2-thread
     # process on a 2-core machine).
     os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
     torch.set_num_threads(1)
 
 
@@ -147,12 +149,9 @@ def warm_imports(tiny_base):
     2-core machine). Modules that fork use it: ``pytestmark = pytest.mark.usefixtures("warm_imports")``."""
     import rich.console  # noqa: F401  (for `museum list`)
     import rich.table  # noqa: F401
-    import torch
 
     import museum.cli  # noqa: F401
     from museum.export import export_concepts  # noqa: F401
-    from museum.generation.sampling import generate_images
-    from museum.models.loading import load_pipeline
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
