@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    if name == "Museum":
+    if name == "Museum":  # imported on first use: ``import museum`` (and the CLI's --help) stays light, no torch
         from museum.museum import Museum
 
         return Museum

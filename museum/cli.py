@@ -100,7 +100,7 @@ def generate(
     _check_sampling(prompt, n, steps, guidance)
     _check_writable(out)
     _quiet()
-    from museum.generation.sampling import generate_images, image_grid
+    from museum.generation.sampling import generate_images, image_grid, warn_if_truncated
 
     # the methods' generation options (``Method.generation_options``), passed on by name
     options = {"gate_bias": gate_bias, "gate_temp": gate_temp, "strength": _by_name("--strength", strength),
@@ -115,7 +115,6 @@ def generate(
         if given:
             fail(f"--{given[0].replace('_', '-')} applies to a museum's concepts; give the museum DIR")
         from museum.models.loading import load_pipeline, resolve_base
-        from museum.museum import warn_if_truncated
         from museum.store.manifest import check_pipeline_files
 
         check_pipeline_files(resolve_base(base), allow_pickle=allow_pickle)
@@ -181,7 +180,7 @@ def learn(
         fail(f"--checkpoint-every must be at least 1 (got {checkpoint_every})")
     if mixed_precision is not None and mixed_precision not in ("no", "fp16", "bf16"):
         fail(f"--mixed-precision must be no, fp16 or bf16 (got {mixed_precision!r})")
-    from museum.methods.base import parse_setting
+    from museum.methods.base import methods_with_setting, parse_setting
 
     overrides = {}
     for item in set_:
@@ -190,8 +189,9 @@ def learn(
         except ValueError as error:
             fail(str(error))
         overrides[key] = value
-    if (ip_adapter is not None or ip_adapter_weight is not None) and method != "lfs":
-        fail(f"--ip-adapter and --ip-adapter-weight are for --method lfs (its image context), not {method}")
+    if (ip_adapter is not None or ip_adapter_weight is not None) and method not in methods_with_setting("ip_adapter"):
+        fail(f"--ip-adapter and --ip-adapter-weight are for --method {' or '.join(methods_with_setting('ip_adapter'))} "
+             f"(its image context), not {method}")
     for key, value in (("ip_adapter", ip_adapter), ("ip_adapter_weight", ip_adapter_weight)):
         if value is not None:
             if key in overrides:
@@ -301,8 +301,6 @@ def merge(folder: Path = typer.Argument(..., metavar="DIR"), names: List[str] = 
 @app.command()
 def methods() -> None:
     """List the registered methods and their default settings."""
-    import sys
-
     from museum.methods import METHODS, method_names
 
     for name in method_names():

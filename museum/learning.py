@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 
+from museum.drawing import Drawing
 from museum.errors import MuseumError, TrainingDivergedError
 from museum.generation.sampling import image_grid
 from museum.methods.base import ConceptInfo, Method
@@ -22,7 +23,7 @@ from museum.plumbing.objectives import concept_prompt
 from museum.store.atomic import atomic_dir, atomic_write_bytes, remove_leftovers
 from museum.store.faults import fault_point
 from museum.store.lock import writer_lock
-from museum.store.manifest import TENSORS, ConceptEntry, Manifest, sha256_file
+from museum.store.manifest import TENSORS, ConceptEntry, Manifest, remove_unreferenced, sha256_file
 from museum.training.trainer import Checkpointer, LearnResult, TrainOptions, get_accelerator, train_concept
 
 
@@ -109,12 +110,11 @@ class LearningSession:
                 progress=self.progress, options=self.options, echo=self.echo,
             )
             if not self.main:
-                museum._pipe = None  # holds the token; the main process commits the concept
+                museum.collection.unload()  # the pipeline holds the token; the main process commits the concept
                 return False
             self._commit(info, result)
         except BaseException as err:
-            museum._pipe = None  # the pipeline holds the uncommitted token: reload from disk next time
-            museum._loaded_state = {}
+            museum.collection.unload()  # the pipeline holds the uncommitted token: reload from disk next time
             if self.main and isinstance(err, TrainingDivergedError):  # resuming would diverge again
                 shutil.rmtree(self.work, ignore_errors=True)
             raise
@@ -126,7 +126,6 @@ class LearningSession:
         entry = ConceptEntry(info.name, info.token, m.name, info.task_index, info.class_word, info.is_style,
                              folder=f"concepts/{info.task_index:03d}-{info.name}")
         info.tensors = result.tensors
-        museum._concept_tensors[info.name] = result.tensors
         record = {
             "name": info.name, "token": info.token, "phrase": m.phrase(info), "method": m.name,
             "config": m.config.to_dict(), "task_index": info.task_index, "class_word": info.class_word,
@@ -134,12 +133,12 @@ class LearningSession:
             "steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
             "base_hash": museum.manifest.base_hash, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        # the sample is drawn with the new state but before the commit
-        museum._concept_records[info.name] = record
-        museum._loaded_state[m.name] = result.state
+        # the sample is drawn before the commit, with the new concept and, where the manifest already records a state
+        # of this method, its new state (a method's first concept is drawn without it: Museum.method_state)
+        museum.collection.hold(info.name, result.tensors, record, m.name, result.state)
         pending = [*museum.manifest.concepts, entry]
         prompt = concept_prompt(m, info)
-        sample = image_grid(museum._generate([prompt] * 4, list(range(4)), entries=pending), cols=4, scale=2)
+        sample = image_grid(Drawing(museum, pending).images([prompt] * 4, list(range(4))), cols=4, scale=2)
         fault_point("commit.sampled")
         with atomic_dir(museum.folder / entry.folder) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in result.tensors.items()}, tmp / TENSORS)
@@ -160,7 +159,7 @@ class LearningSession:
         new.write(museum.folder)  # the commit point
         fault_point("commit.manifest")
         museum.manifest = new
-        museum._remove_unreferenced()
+        remove_unreferenced(museum.folder, new)
         fault_point("commit.cleaned")
 
 

@@ -44,44 +44,47 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from museum.generation.sampling import generate_images, image_grid  # noqa: E402
 from museum.evaluation.placement import COLOUR_GAP, MIN_PIXELS, NEAR, read_placement, readable_pairs  # noqa: E402
 from museum.models.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline, resolution  # noqa: E402
-from museum.world import render as world  # noqa: E402
+from museum.world.render import (  # noqa: E402
+    BACKGROUNDS, COLOURS, SHAPES, Scene, caption, random_scene, render, render_batch,
+)
 
 HELD_OUT_SEED = 12345  # pretraining draws its scenes from seeds 0 (base set) and 1 (evaluator set)
 BATCH = 16
 TARGET = 0.90
 GRID_PROMPTS, GRID_SEEDS, GRID_SCALE = 8, 4, 4
 ATTRIBUTES = {
-    "shape": tuple(world.SHAPES),
-    "colour": tuple(world.COLOURS),
-    "background": tuple(world.BACKGROUNDS),
+    "shape": tuple(SHAPES),
+    "colour": tuple(COLOURS),
+    "background": tuple(BACKGROUNDS),
 }
 
 
 # --------------------------------------------------------------------------- prompts
 
 
-def held_out_scenes(n: int, seed: int = HELD_OUT_SEED) -> list[tuple[world.Scene, int]]:
+def held_out_scenes(n: int, seed: int = HELD_OUT_SEED) -> list[tuple[Scene, int]]:
     """``n`` (scene, render-seed) pairs: random base scenes with style "none" and pattern "plain"."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        scene = replace(world.random_scene(rng, base_styles=False), pattern="plain", style="none")
+        scene = replace(random_scene(rng, base_styles=False), pattern="plain", style="none")
         out.append((scene, seed * 1_000_003 + i))
     return out
 
 
-def swapped_captions(scene: world.Scene, attribute: str) -> list[str]:
+def swapped_captions(scene: Scene, attribute: str) -> list[str]:
     """The scene's caption with ``attribute`` set to every value of its vocabulary, in vocabulary order."""
-    return [world.caption(replace(scene, **{attribute: value})) for value in ATTRIBUTES[attribute]]
+    return [caption(replace(scene, **{attribute: value})) for value in ATTRIBUTES[attribute]]
 
 
-def read_attributes(evaluator, images: np.ndarray, scenes: list[world.Scene]) -> dict[str, list[str]]:
+def read_attributes(evaluator, images: np.ndarray, scenes: list[Scene]) -> dict[str, list[str]]:
     """Zero-shot reading: for each attribute, the evaluator's pick among the swapped captions, per image."""
     readings = {}
     for attribute, values in ATTRIBUTES.items():
@@ -90,7 +93,7 @@ def read_attributes(evaluator, images: np.ndarray, scenes: list[world.Scene]) ->
     return readings
 
 
-def accuracies(readings: dict[str, list[str]], scenes: list[world.Scene]) -> dict[str, dict]:
+def accuracies(readings: dict[str, list[str]], scenes: list[Scene]) -> dict[str, dict]:
     result = {}
     hits_all = np.ones(len(scenes), bool)
     for attribute, picks in readings.items():
@@ -106,34 +109,27 @@ def accuracies(readings: dict[str, list[str]], scenes: list[world.Scene]) -> dic
 # --------------------------------------------------------------------------- generation
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, size: int,
-             device: str) -> np.ndarray:
-    """(N, size, size, 3) uint8; image i is drawn from ``torch.Generator().manual_seed(seeds[i])``."""
-    out = []
-    for i in range(0, len(prompts), BATCH):
-        gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds[i:i + BATCH]]
-        images = pipe(prompts[i:i + BATCH], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                      height=size, width=size, output_type="np").images
-        out.append(np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(np.uint8))
-    return np.concatenate(out)
+def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float) -> np.ndarray:
+    """(N, size, size, 3) uint8; image i is drawn from ``seeds[i]`` (``museum.generation.generate_images``)."""
+    images = generate_images(pipe, prompts, seeds=seeds, steps=steps, guidance=guidance, batch_size=BATCH)
+    return np.stack([np.asarray(im) for im in images])
 
 
 def image_seed(seed: int, prompt_index: int, k: int = 0) -> int:
     return seed * 1_000_000 + prompt_index * 100 + k
 
 
-def time_batch(pipe, prompts: list[str], *, steps: int, guidance: float, size: int, device: str,
-               runs: int) -> list[float]:
+def time_batch(pipe, prompts: list[str], *, steps: int, guidance: float, device: str, runs: int) -> list[float]:
     """Seconds per batch of 16 prompts (after one untimed warm-up)."""
     batch = (prompts * BATCH)[:BATCH]
     seeds = list(range(BATCH))
-    generate(pipe, batch, seeds, steps=steps, guidance=guidance, size=size, device=device)  # warm-up
+    generate(pipe, batch, seeds, steps=steps, guidance=guidance)  # warm-up
     times = []
     for _ in range(runs):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        generate(pipe, batch, seeds, steps=steps, guidance=guidance, size=size, device=device)
+        generate(pipe, batch, seeds, steps=steps, guidance=guidance)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -143,23 +139,13 @@ def time_batch(pipe, prompts: list[str], *, steps: int, guidance: float, size: i
 # --------------------------------------------------------------------------- figures
 
 
-def grid(rows: list[list[np.ndarray]], scale: int = GRID_SCALE, pad: int = 2) -> Image.Image:
-    """Rows of uint8 HxWx3 tiles -> one image, each tile nearest-neighbour upscaled, row numbers on the left."""
-    h, w = rows[0][0].shape[:2]
-    th, tw = h * scale, w * scale
-    label = 22
-    ncols = max(len(r) for r in rows)
-    canvas = Image.new("RGB", (label + ncols * (tw + pad) + pad, len(rows) * (th + pad) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for r, row in enumerate(rows):
-        y = pad + r * (th + pad)
-        draw.text((4, y + th // 2 - 5), str(r + 1), fill=(0, 0, 0))
-        for c, tile in enumerate(row):
-            canvas.paste(Image.fromarray(tile).resize((tw, th), Image.NEAREST), (label + pad + c * (tw + pad), y))
-    return canvas
+def grid(rows: list[list[np.ndarray]]) -> Image.Image:
+    """Rows of ``GRID_SEEDS`` uint8 HxWx3 tiles -> one image, tiles upscaled x``GRID_SCALE``, row numbers on the left."""
+    tiles = [Image.fromarray(tile) for row in rows for tile in row]
+    return image_grid(tiles, cols=GRID_SEEDS, scale=GRID_SCALE, pad=2, numbered=True)
 
 
-def pose_variants(scene: world.Scene, k: int, seed: int) -> list[world.Scene]:
+def pose_variants(scene: Scene, k: int, seed: int) -> list[Scene]:
     """The scene and ``k - 1`` re-posed copies (rotation/jitter are not captioned: all match the caption)."""
     rng = random.Random(seed)
     out = [scene]
@@ -236,23 +222,23 @@ def machine() -> dict:
     }
 
 
-def write_markdown(path: Path, r: dict) -> None:
+def timing_line(r: dict) -> str:
     a, t, m = r["args"], r["timing"], r["machine"]
-    captions = "\n".join(f"{i + 1}. {c}" for i, c in enumerate(r["grid_captions"]))
-    chance = ", ".join(f"{k} {pct(v['chance'])}" for k, v in r["generated"].items() if k != "all three")
-    sweep = ""
-    if r.get("sweep"):
-        sweep = (f"\n## Guidance sweep\n\nGenerated accuracy on the same {a['prompts']} prompts and seeds, "
-                 f"{a['steps']} steps:\n\n{sweep_table(r['sweep'])}\n")
-    timing_line = (f"**Timing**: a batch of 16 images at {a['steps']} steps (guidance {a['guidance']:g}) takes\n"
-                   f"**{t['median_s']:.2f} s** (median of {len(t['runs_s'])} runs after one warm-up; runs:\n"
-                   f"{', '.join(f'{x:.2f}' for x in t['runs_s'])} s) on {a['device']} with "
-                   f"torch.get_num_threads() = {m['torch_num_threads']}.") if t["runs_s"] else \
-        f"**Timing**: not measured (`--timing-runs 0`); torch.get_num_threads() = {m['torch_num_threads']}."
-    two = r.get("two_objects")
-    pair_captions = "" if not two else "\n".join(
-        f"{i + 1}. {p['caption']}" for i, p in enumerate(two["per_prompt"][:GRID_PROMPTS // 2]))
-    two_objects = "" if not two else f"""
+    if not t["runs_s"]:
+        return f"**Timing**: not measured (`--timing-runs 0`); torch.get_num_threads() = {m['torch_num_threads']}."
+    return (f"**Timing**: a batch of 16 images at {a['steps']} steps (guidance {a['guidance']:g}) takes\n"
+            f"**{t['median_s']:.2f} s** (median of {len(t['runs_s'])} runs after one warm-up; runs:\n"
+            f"{', '.join(f'{x:.2f}' for x in t['runs_s'])} s) on {a['device']} with "
+            f"torch.get_num_threads() = {m['torch_num_threads']}.")
+
+
+def two_objects_section(two: dict | None) -> str:
+    if not two:
+        return ""
+    pair_captions = "\n".join(f"{i + 1}. {p['caption']}" for i, p in enumerate(two["per_prompt"][:GRID_PROMPTS // 2]))
+    placed, drawn = f"{pct(two['placed'] / two['n'])} ({two['placed']}/{two['n']})", \
+        f"{pct(two['both_drawn'] / two['n'])} ({two['both_drawn']}/{two['n']})"
+    return f"""
 ## Two objects side by side
 
 {two['n']} held-out two-object prompts ("{two['per_prompt'][0]['caption']}":
@@ -264,7 +250,7 @@ as in the other half. Renders of the same scenes are read right {two['placed_ren
 
 | generated | both objects placed right | both colours drawn |
 |---|---|---|
-| {two['n']} | {pct(two['placed'] / two['n'])} ({two['placed']}/{two['n']}) | {pct(two['both_drawn'] / two['n'])} ({two['both_drawn']}/{two['n']}) |
+| {two['n']} | {placed} | {drawn} |
 
 The first {min(GRID_PROMPTS // 2, two['n'])} prompts x {GRID_SEEDS} seeds (column 1 is the image that was read):
 
@@ -272,6 +258,16 @@ The first {min(GRID_PROMPTS // 2, two['n'])} prompts x {GRID_SEEDS} seeds (colum
 
 {pair_captions}
 """
+
+
+def write_markdown(path: Path, r: dict) -> None:
+    a, m = r["args"], r["machine"]
+    captions = "\n".join(f"{i + 1}. {c}" for i, c in enumerate(r["grid_captions"]))
+    chance = ", ".join(f"{k} {pct(v['chance'])}" for k, v in r["generated"].items() if k != "all three")
+    sweep = ""
+    if r.get("sweep"):
+        sweep = (f"\n## Guidance sweep\n\nGenerated accuracy on the same {a['prompts']} prompts and seeds, "
+                 f"{a['steps']} steps:\n\n{sweep_table(r['sweep'])}\n")
     text = f"""# Base model quality (Foundation benchmark)
 
 Does the base model draw what the prompt says? {a['prompts']} held-out prompts (random base scenes
@@ -293,8 +289,8 @@ Pipeline: `{a['pipeline']}`; evaluator: `{a['evaluator']}`.
 Where the misses come from:
 
 {error_budget(r['generated'], r['vae_round_trip'], r['renders'])}
-{sweep}{two_objects}
-{timing_line}
+{sweep}{two_objects_section(r.get('two_objects'))}
+{timing_line(r)}
 
 ## Samples
 
@@ -324,20 +320,20 @@ torch {m['torch']}, diffusers {m['diffusers']}. Per-prompt readings are in `base
     path.write_text(text)
 
 
-def read_two_objects(pipe, args, size: int, out: Path) -> dict:
+def read_two_objects(pipe, args, out: Path) -> dict:
     """Placement readings of ``args.two_objects`` held-out two-object prompts (one image each) and of their
     renders, and the grid ``images/base_two_objects.png`` (the first 4 prompts x 4 seeds)."""
     pairs = readable_pairs(args.two_objects, seed=HELD_OUT_SEED + 1)
-    captions = [world.caption(s) for s in pairs]
+    captions = [caption(s) for s in pairs]
 
     def draw(indices_seeds):
         return generate(pipe, [captions[i] for i, _ in indices_seeds],
                         [image_seed(args.seed, i, j) for i, j in indices_seeds], steps=args.steps,
-                        guidance=args.guidance, size=size, device=args.device)
+                        guidance=args.guidance)
 
     images = draw([(i, 0) for i in range(len(pairs))])
     readings = [read_placement(img, s) for img, s in zip(images, pairs)]
-    renders = [read_placement(np.asarray(world.render(s, i)), s) for i, s in enumerate(pairs)]
+    renders = [read_placement(np.asarray(render(s, i)), s) for i, s in enumerate(pairs)]
     rows = min(GRID_PROMPTS // 2, len(pairs))
     more = draw([(i, j) for i in range(rows) for j in range(1, GRID_SEEDS)])
     grid([[images[i], *more[i * (GRID_SEEDS - 1):(i + 1) * (GRID_SEEDS - 1)]] for i in range(rows)]).save(
@@ -354,7 +350,7 @@ def read_two_objects(pipe, args, size: int, out: Path) -> dict:
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", default=EMBEDDED, help="diffusers pipeline directory, or 'embedded' (default)")
     parser.add_argument("--evaluator", default=EMBEDDED, help="evaluator directory, or 'embedded' (default)")
@@ -370,8 +366,65 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="docs/", help="directory for BASE_MODEL.md, base_model.json, images/")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def read_single_objects(pipe, evaluator, args, samples: list[tuple[Scene, int]], seeds: list[int]) -> dict:
+    """Readings of real renders (the evaluator's own accuracy), of their VAE round trip and of generated images
+    (at ``--guidance`` and at each ``--sweep`` scale) of the held-out scenes."""
+    scenes = [s for s, _ in samples]
+    prompts = [caption(s) for s in scenes]
+    renders = render_batch(samples)
+    ren_readings = read_attributes(evaluator, renders, scenes)
+    vae_acc = accuracies(read_attributes(evaluator, vae_round_trip(pipe, renders, args.device), scenes), scenes)
+
+    def read_generated(guidance: float):
+        images = generate(pipe, prompts, seeds, steps=args.steps, guidance=guidance)
+        readings = read_attributes(evaluator, images, scenes)
+        return readings, accuracies(readings, scenes)
+
+    gen_readings, gen_acc = read_generated(args.guidance)
+    sweep = []
+    for g in args.sweep or []:
+        acc = gen_acc if g == args.guidance else read_generated(g)[1]
+        sweep.append({"guidance": g, "accuracy": acc})
+        print(f"guidance {g:g}: " + ", ".join(f"{k} {pct(v['accuracy'])}" for k, v in acc.items()), flush=True)
+    return {"generated": gen_acc, "renders": accuracies(ren_readings, scenes), "vae_round_trip": vae_acc,
+            "sweep": sweep, "gen_readings": gen_readings, "ren_readings": ren_readings}
+
+
+def save_grids(pipe, args, samples: list[tuple[Scene, int]], out: Path) -> list[str]:
+    """``images/base_samples.png`` (the first 8 prompts x 4 seeds) and ``images/base_renders.png`` (renders of the
+    same scenes, re-posed); returns the grid's captions."""
+    k = min(GRID_PROMPTS, len(samples))
+    captions = [caption(s) for s, _ in samples[:k]]
+    grid_prompts = [p for p in captions for _ in range(GRID_SEEDS)]
+    grid_seeds = [image_seed(args.seed, i, j) for i in range(k) for j in range(GRID_SEEDS)]
+    grid_images = generate(pipe, grid_prompts, grid_seeds, steps=args.steps, guidance=args.guidance)
+    grid([list(grid_images[i * GRID_SEEDS:(i + 1) * GRID_SEEDS]) for i in range(k)]).save(out / "images" / "base_samples.png")
+    grid([[np.asarray(render(v, seed)) for v in pose_variants(scene, GRID_SEEDS, seed)]
+          for scene, seed in samples[:k]]).save(out / "images" / "base_renders.png")
+    return captions
+
+
+def print_summary(result: dict, out: Path) -> None:
+    gen_acc, vae_acc, ren_acc, timing = result["generated"], result["vae_round_trip"], result["renders"], result["timing"]
+    print()
+    print(results_table(gen_acc, vae_acc, ren_acc))
+    print()
+    print(error_budget(gen_acc, vae_acc, ren_acc))
+    if result["sweep"]:
+        print()
+        print(sweep_table(result["sweep"]))
+    median = f"{timing['median_s']:.2f} s" if timing["runs_s"] else "not measured"
+    print(f"\nbatch of {BATCH} at {timing['steps']} steps: median {median} "
+          f"({len(timing['runs_s'])} runs), torch threads {timing['torch_num_threads']}")
+    print(f"wrote {out / 'BASE_MODEL.md'}, {out / 'base_model.json'}, {out / 'images'}/base_*.png "
+          f"({result['wall_s']:.0f}s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     for lib in ("diffusers", "transformers"):  # quiet loading bars and warnings; results go to stdout
@@ -384,91 +437,42 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = load_pipeline(args.pipeline, device=args.device)
     evaluator = load_evaluator(EMBEDDED_EVALUATOR if args.evaluator == EMBEDDED else args.evaluator).to(args.device)
-    size = resolution(pipe)
-
     samples = held_out_scenes(args.prompts)
-    scenes = [s for s, _ in samples]
-    prompts = [world.caption(s) for s in scenes]
+    prompts = [caption(s) for s, _ in samples]
     seeds = [image_seed(args.seed, i) for i in range(len(prompts))]
-
-    # readings on real renders (the evaluator's own accuracy) and on generated images
-    renders = world.render_batch(samples)
-    ren_readings = read_attributes(evaluator, renders, scenes)
-    ren_acc = accuracies(ren_readings, scenes)
-    vae_acc = accuracies(read_attributes(evaluator, vae_round_trip(pipe, renders, args.device), scenes), scenes)
-
-    def run_generation(guidance: float):
-        images = generate(pipe, prompts, seeds, steps=args.steps, guidance=guidance, size=size, device=args.device)
-        readings = read_attributes(evaluator, images, scenes)
-        return images, readings, accuracies(readings, scenes)
-
-    _, gen_readings, gen_acc = run_generation(args.guidance)
+    readings = read_single_objects(pipe, evaluator, args, samples, seeds)
     print(f"generated and read {len(prompts)} prompts ({time.time() - t_start:.0f}s)", flush=True)
+    grid_captions = save_grids(pipe, args, samples, out)
+    two_objects = read_two_objects(pipe, args, out) if args.two_objects > 0 else None
+    times = time_batch(pipe, prompts[:BATCH], steps=args.steps, guidance=args.guidance, device=args.device,
+                       runs=args.timing_runs) if args.timing_runs > 0 else []
 
-    sweep = []
-    for g in args.sweep or []:
-        acc = gen_acc if g == args.guidance else run_generation(g)[2]
-        sweep.append({"guidance": g, "accuracy": acc})
-        print(f"guidance {g:g}: " + ", ".join(f"{k} {pct(v['accuracy'])}" for k, v in acc.items()), flush=True)
-
-    # grids: 8 prompts x 4 seeds, and renders of the same prompts
-    k = min(GRID_PROMPTS, len(prompts))
-    grid_prompts = [p for p in prompts[:k] for _ in range(GRID_SEEDS)]
-    grid_seeds = [image_seed(args.seed, i, j) for i in range(k) for j in range(GRID_SEEDS)]
-    grid_images = generate(pipe, grid_prompts, grid_seeds, steps=args.steps, guidance=args.guidance, size=size,
-                           device=args.device)
-    grid([list(grid_images[i * GRID_SEEDS:(i + 1) * GRID_SEEDS]) for i in range(k)]).save(out / "images" / "base_samples.png")
-    render_rows = [[np.asarray(world.render(v, samples[i][1])) for v in pose_variants(scenes[i], GRID_SEEDS, samples[i][1])]
-                   for i in range(k)]
-    grid(render_rows).save(out / "images" / "base_renders.png")
-
-    two_objects = read_two_objects(pipe, args, size, out) if args.two_objects > 0 else None
-
-    times = time_batch(pipe, prompts[:BATCH], steps=args.steps, guidance=args.guidance, size=size,
-                       device=args.device, runs=args.timing_runs) if args.timing_runs > 0 else []
-    timing = {"batch": BATCH, "steps": args.steps, "runs_s": times,
-              "median_s": statistics.median(times) if times else None,
-              "torch_num_threads": torch.get_num_threads()}
-
+    gen_readings, ren_readings = readings.pop("gen_readings"), readings.pop("ren_readings")
     result = {
         "args": {**vars(args), "pipeline": str(args.pipeline), "evaluator": str(args.evaluator)},
         "command": shlex.join(["python", "scripts/bench_base_model.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
-        "resolution": size,
+        "resolution": resolution(pipe),
         "held_out_seed": HELD_OUT_SEED,
         "target": TARGET,
-        "generated": gen_acc,
-        "renders": ren_acc,
-        "vae_round_trip": vae_acc,
-        "sweep": sweep,
+        **{k: readings[k] for k in ("generated", "renders", "vae_round_trip", "sweep")},
         "two_objects": two_objects,
-        "timing": timing,
-        "grid_captions": prompts[:k],
+        "timing": {"batch": BATCH, "steps": args.steps, "runs_s": times,
+                   "median_s": statistics.median(times) if times else None,
+                   "torch_num_threads": torch.get_num_threads()},
+        "grid_captions": grid_captions,
         "per_prompt": [
             {"caption": p, "seed": sd, "render_seed": rs, **{a: getattr(s, a) for a in ATTRIBUTES},
              "generated_reading": {a: gen_readings[a][i] for a in ATTRIBUTES},
              "render_reading": {a: ren_readings[a][i] for a in ATTRIBUTES}}
             for i, (p, sd, (s, rs)) in enumerate(zip(prompts, seeds, samples))
         ],
-        "wall_s": None,
+        "wall_s": round(time.time() - t_start, 1),
     }
-    result["wall_s"] = round(time.time() - t_start, 1)
     (out / "base_model.json").write_text(json.dumps(result, indent=2))
     write_markdown(out / "BASE_MODEL.md", result)
-
-    print()
-    print(results_table(gen_acc, vae_acc, ren_acc))
-    print()
-    print(error_budget(gen_acc, vae_acc, ren_acc))
-    if sweep:
-        print()
-        print(sweep_table(sweep))
-    median = f"{timing['median_s']:.2f} s" if times else "not measured"
-    print(f"\nbatch of {BATCH} at {args.steps} steps: median {median} "
-          f"({len(times)} runs), torch threads {timing['torch_num_threads']}")
-    print(f"wrote {out / 'BASE_MODEL.md'}, {out / 'base_model.json'}, {out / 'images'}/base_*.png "
-          f"({result['wall_s']:.0f}s)")
+    print_summary(result, out)
     return 0
 
 

@@ -38,12 +38,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import diffusers
 import matplotlib
 import torch
 
 from museum.evaluation.protocol import composition_table, score_concept
 from museum.generation.sampling import image_grid
-from museum.methods import perfusion
+from museum.methods import METHODS, perfusion
+from museum.methods.base import generation_settings
 from museum.models.loading import EMBEDDED_TWO_OBJECTS, load_evaluator
 from museum.museum import Museum
 from museum.world.concepts import build_concept
@@ -96,8 +98,6 @@ def main() -> int:
     parser.add_argument("--two-object-gate-temps", nargs="*", type=float, default=[0.15],
                         help="part two_object_composition: Perfusion's table again at each of these gate temperatures")
     args = parser.parse_args()
-    import diffusers
-
     diffusers.utils.logging.disable_progress_bar()
     evaluator = load_evaluator()
     work = Path(tempfile.mkdtemp(prefix="museum-perfusion-"))
@@ -150,10 +150,12 @@ def two_object_composition(args, evaluator, work: Path) -> dict:
                 args.out / "images" / "two_objects_base.png")
         for name in names:
             learn(m, name, concepts[name], work / "images", method=method)
-        settings = [{}] + ([{"tau": t} for t in args.two_object_gate_temps] if method == "perfusion" else [])
-        for gate in settings:
+        # the table again at each gate temperature, for a method with one (Perfusion), recorded as its tau
+        temps = args.two_object_gate_temps if any(o.name == "gate_temp" for o in METHODS[method].generation_options) \
+            else []
+        for gate in [{}] + [{"tau": t} for t in temps]:
             print(f"{method}, generation gate {gate or 'as stored'}:", flush=True)
-            with perfusion.gate(**gate):
+            with generation_settings({"gate_temp": gate.get("tau")}):
                 rows += [{**row, "gate": gate} for row in composition_table(
                     m, pairs, concepts, evaluator, echo=lambda line: print(line, flush=True), layout="side-by-side")]
         prompts = []
@@ -162,8 +164,8 @@ def two_object_composition(args, evaluator, work: Path) -> dict:
             for left, right in ((pa, pb), (concepts[a].class_word, pb), (pa, concepts[b].class_word)):
                 prompts.append(f"a small {left} on the left and a small {right} on the right on a sky background")
         image_grid(m.generate(prompts, n=6, seed=0), cols=6).save(args.out / "images" / f"two_objects_{method}.png")
-        for tau in args.two_object_gate_temps if method == "perfusion" else ():
-            with perfusion.gate(tau=tau):
+        for tau in temps:
+            with generation_settings({"gate_temp": tau}):
                 image_grid(m.generate(prompts, n=6, seed=0), cols=6).save(
                     args.out / "images" / f"two_objects_{method}_tau{tau:g}.png")
     return {"base": str(args.two_object_base), "rows": rows}
@@ -171,7 +173,7 @@ def two_object_composition(args, evaluator, work: Path) -> dict:
 
 def gate_sweep(args, evaluator, work: Path) -> dict[str, list[dict]]:
     """{concept: [{beta, tau, image_alignment, text_alignment}]}, one trained concept each."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use("Agg") at the top: no display here
 
     m = Museum.init(work / "gate")
     sweeps = {}

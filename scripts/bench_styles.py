@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+import diffusers
+
 from museum.evaluation.benchmark import run_benchmark
 from museum.world.concepts import STYLE_SEQUENCE
 
@@ -42,8 +44,6 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("bench-styles"))
     args = parser.parse_args()
-    import diffusers
-
     diffusers.utils.logging.disable_progress_bar()
     styles = list(STYLE_SEQUENCE[:args.tasks])
     table, base = {}, None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from museum.evaluation.benchmark import read_results
+from museum.evaluation.benchmark.results import read_results
 from museum.report.benchmark_report import (
     RESULTS_HEADER,
     curves_plot,

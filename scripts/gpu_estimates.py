@@ -109,10 +109,8 @@ def main() -> None:
         cfg = get_method(name, family="sd1").config.to_dict()
         cost = METHODS[name].cost(kv, width, cfg)
         flops = cfg["steps"] * (cost.passes_per_step * step + text_step) + cost.once_forward_passes * fwd
-        extra_params = 0 if name in ("textual-inversion", "perfusion", "custom-diffusion") else cost.trained_values
         trained_bytes = 4 * (cost.trained_values - width) + table  # grads + 2 Adam moments of what trains
-        memory = (weights + 4 * extra_params + 3 * trained_bytes
-                  + 2 * acts * cfg["batch_size"] * (2 if name == "custom-diffusion" else 1))
+        memory = weights + 4 * cost.added_values + 3 * trained_bytes + 2 * acts * cost.batch_samples
         row = [name, f"{cfg['steps']} x {cfg['batch_size']}", f"{cost.trained_values:,}",
                size(4 * cost.concept_values), size(4 * cost.state_values) if cost.state_values else "-",
                f"{flops / 1e12:,.0f}"]

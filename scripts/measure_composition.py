@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+import diffusers
+
 from museum.evaluation.protocol import LAYOUTS, composition_table
 from museum.models.loading import load_evaluator
 from museum.museum import Museum
@@ -27,8 +29,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--layout", choices=LAYOUTS, default="together")
     args = parser.parse_args()
-    import diffusers
-
     diffusers.utils.logging.disable_progress_bar()
     m, evaluator = Museum.open(args.museum), load_evaluator()
     pairs = [tuple(p.split(":")) for p in args.pairs]

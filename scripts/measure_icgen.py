@@ -13,14 +13,17 @@ value. Prints the markdown tables of docs/METHODS.md.
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
+import diffusers
 import torch
 
-from museum.evaluation.protocol import score_base, zero_shot_alignment
+from museum.evaluation.protocol import score_base, score_concept, zero_shot_alignment
 from museum.models import icgen
 from museum.models.loading import load_evaluator, load_pipeline
+from museum.museum import Museum
 from museum.world.concepts import ZERO_SHOT_CONCEPTS, build_concept
 
 
@@ -33,8 +36,6 @@ def main() -> None:
                         "learn_with_context on")
     parser.add_argument("--out", type=Path, default=Path("docs/icgen.json"))
     args = parser.parse_args()
-    import diffusers
-
     diffusers.utils.logging.disable_progress_bar()
     evaluator, pipe = load_evaluator(), load_pipeline()
     concepts = {n: build_concept(n) for n in ZERO_SHOT_CONCEPTS}
@@ -49,11 +50,6 @@ def main() -> None:
         print(scale, results["icgen"][f"{scale:g}"], flush=True)
     results["lfs"] = {}
     for name in args.lfs:
-        import tempfile
-
-        from museum.evaluation.protocol import score_concept
-        from museum.museum import Museum
-
         concept = build_concept(name)
         with tempfile.TemporaryDirectory() as tmp:
             m = Museum.init(Path(tmp) / "museum")

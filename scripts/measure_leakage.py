@@ -15,9 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import diffusers
 import torch
 
 from museum.evaluation.leakage import base_reading, content_leakage
+from museum.generation.sampling import image_grid
 from museum.models.loading import load_evaluator, load_pipeline
 
 
@@ -30,8 +32,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/leakage.json"))
     parser.add_argument("--grid", type=Path, default=None, help="also save the drawn circles as a PNG grid per run")
     args = parser.parse_args()
-    import diffusers
-
     diffusers.utils.logging.disable_progress_bar()
     evaluator = load_evaluator()
     results = {"base": base_reading(evaluator, load_pipeline()), "styles": {},
@@ -45,8 +45,6 @@ def main() -> None:
                 kw = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v}
                 r = content_leakage(evaluator, Path(tmp) / "museum", style=style, style_weight=weight, **kw)
             if args.grid:
-                from museum.generation.sampling import image_grid
-
                 args.grid.mkdir(parents=True, exist_ok=True)
                 image_grid(r["images"], cols=8).save(args.grid / f"leakage-{style}-{cond}{f'-lr{args.lr:g}' if args.lr else ''}.png")
             rows[cond] = {k: v for k, v in r.items() if k != "images"}

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import diffusers
 import torch
 
 from museum.evaluation.protocol import score_base, score_concept
@@ -43,8 +44,6 @@ def main() -> None:
     if args.table:
         print(table(json.loads(args.table.read_text())))
         return
-    import diffusers
-
     diffusers.utils.logging.disable_progress_bar()
     evaluator = load_evaluator(args.evaluator)
     pipe = load_pipeline(args.pipeline)

@@ -17,9 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import diffusers
 import torch
 
 from museum.evaluation.relevant import CIRCLE_CONCEPTS, base_images, compare_to_base, relevant_forgetting
+from museum.generation.sampling import image_grid
 from museum.methods.base import parse_setting
 from museum.models.loading import load_evaluator, load_pipeline
 from museum.world.concepts import build_concept
@@ -35,8 +37,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/lfs.json"))
     parser.add_argument("--grid", type=Path, default=None, help="also save the class-prompt images as PNG grids")
     args = parser.parse_args()
-    import diffusers
-
     diffusers.utils.logging.disable_progress_bar()
     evaluator = load_evaluator()
     concepts = [build_concept(n) for n in CIRCLE_CONCEPTS]
@@ -51,8 +51,6 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             r = relevant_forgetting(evaluator, Path(tmp) / "museum", base, concepts=concepts, distill_weight=weight, **kw)
         if args.grid:
-            from museum.generation.sampling import image_grid
-
             args.grid.mkdir(parents=True, exist_ok=True)
             image_grid(base[2], cols=12).save(args.grid / "lfs-base.png")
             image_grid(r["images"], cols=12).save(args.grid / f"lfs-distill-{weight:g}.png")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler
 
 from museum.models import icgen
 from museum.models.loading import EMBEDDED, EMBEDDED_EVALUATOR, load_evaluator, load_pipeline
@@ -87,8 +88,6 @@ def main() -> None:
     print(f"data: {args.objects} objects x {args.views} views in {data_seconds:.0f} s", flush=True)
     params = icgen.install(pipe.unet, embeds.shape[-1])
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    from diffusers import DDPMScheduler
-
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     gen = torch.Generator().manual_seed(args.seed)
     log = []

@@ -6,12 +6,23 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import diffusers
 import numpy as np
+import PIL.Image
 import pytest
+import torch
+import transformers
 
+import museum.learning as learning
+from museum.generation.sampling import generate_images
 from museum.models.icgen import EMBEDDED_ICGEN, WEIGHT_NAME
-from museum.models.loading import EMBEDDED_EVALUATOR, EMBEDDED_MODELS, EMBEDDED_PIPELINE, EMBEDDED_TWO_OBJECTS
+from museum.models.loading import (
+    EMBEDDED_EVALUATOR, EMBEDDED_MODELS, EMBEDDED_PIPELINE, EMBEDDED_TWO_OBJECTS, load_pipeline,
+)
 from museum.museum import Museum
+from museum.plumbing import kv
+from museum.world.concepts import build_concept
+from tiny_models import build_tiny_pipeline
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -19,8 +30,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # CLI processes it starts use one thread (two 1-thread workers do ~1.4x the work of one 2-thread
     # process on a 2-core machine).
     os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
     torch.set_num_threads(1)
 
 
@@ -48,8 +57,6 @@ def stop_at(step: int):
 def interrupted_learning(step: int):
     """Inside the block, ``Museum.learn`` stops with KeyboardInterrupt (as Ctrl-C) once ``step`` training steps are
     done."""
-    import museum.learning as learning
-
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(learning, "train_concept", functools.partial(learning.train_concept, on_step=stop_at(step)))
         yield
@@ -64,13 +71,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny random Stable Diffusion pipeline folder (built offline, saved with save_pretrained)."""
-    import diffusers
-    import transformers
-
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    from tiny_models import build_tiny_pipeline
-
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline")
 
 
@@ -78,8 +80,6 @@ def tiny_base(tmp_path_factory) -> Path:
 def tiny_family(tiny_base, tmp_path_factory):
     """``tiny_family(name)``: a tiny random pipeline folder of a base family (``FAMILIES`` in tests/tiny_models.py),
     built offline once per session; "sd1" is ``tiny_base``."""
-    from tiny_models import build_tiny_pipeline
-
     built = {"sd1": tiny_base}
 
     def get(family: str) -> Path:
@@ -92,9 +92,7 @@ def tiny_family(tiny_base, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def concept_images(tmp_path_factory):
-    """Training-image folders of two benchmark concepts."""
-    from museum.world.concepts import build_concept
-
+    """Training-image folders of three benchmark concepts, with the concepts: {name: (folder, Concept)}."""
     root = tmp_path_factory.mktemp("images")
     out = {}
     for name in ("sunburst", "checker", "neon"):
@@ -122,10 +120,6 @@ def record_task(monkeypatch):
     ``opened``, and each training step of that method appends its loss terms to ``seen["terms"]``;
     ``seen["teacher"]`` holds the teacher's LoRA factors at the first step (for data-free methods:
     the earlier images must never be read, and the teacher must be the model before the task)."""
-    import PIL.Image
-
-    from museum.plumbing import kv
-
     def install(method_class):
         opened, seen = [], {}
         original_open, original_terms = PIL.Image.open, method_class.loss_terms
@@ -155,12 +149,9 @@ def warm_imports(tiny_base):
     2-core machine). Modules that fork use it: ``pytestmark = pytest.mark.usefixtures("warm_imports")``."""
     import rich.console  # noqa: F401  (for `museum list`)
     import rich.table  # noqa: F401
-    import torch
 
     import museum.cli  # noqa: F401
     from museum.export import export_concepts  # noqa: F401
-    from museum.generation.sampling import generate_images
-    from museum.models.loading import load_pipeline
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

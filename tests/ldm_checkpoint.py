@@ -29,6 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"), ("out_layers.3", "conv2"),
           ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
@@ -156,8 +157,6 @@ def write_ldm_checkpoint(pipe, path: str | Path, family: str | None = None) -> P
     path = Path(path)
     state = {k: v.detach().contiguous().clone() for k, v in ldm_state_dict(pipe, family).items()}
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         save_file(state, path)
     else:
         torch.save({"state_dict": state}, path)

@@ -15,13 +15,17 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from tqdm import std
 
+from museum.cli import main
 from museum.museum import Museum
 
 FAST = dict(steps=2, progress=False)
@@ -40,7 +44,6 @@ def spawn(fn, *, env: dict | None = None, log: Path | None = None) -> int:
             os.dup2(fd, 2)
             sys.stdout = open(1, "w", closefd=False)  # not pytest's capture objects
             sys.stderr = open(2, "w", closefd=False)
-            import torch
 
             torch.set_num_threads(1)  # the parent's thread pool is not inherited; 1 thread is also faster here
             own_progress_bar_lock()
@@ -63,10 +66,6 @@ def own_progress_bar_lock() -> None:
     """Give a forked child its own tqdm write lock. tqdm's default lock includes a multiprocessing semaphore
     that forked processes share: a child SIGKILLed while it held it (a progress bar being created) left the
     parent waiting for it forever at its next progress bar."""
-    import threading
-
-    from tqdm import std
-
     pending = [std.tqdm]
     while pending:
         cls = pending.pop()
@@ -104,8 +103,6 @@ def fork(fn, *, env: dict | None = None, log: Path | None = None, kill_after: fl
 
 def cli(*args) -> int:
     """``museum ARGS`` as the console script runs it; returns the exit code."""
-    from museum.cli import main
-
     sys.argv = ["museum", *map(str, args)]
     try:
         main()

@@ -5,6 +5,7 @@ the metrics on cases whose answer is known."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,13 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import museum.evaluation.benchmark.run as bench_run
+from museum import cli
 from museum.evaluation import benchmark as bm
 from museum.evaluation.benchmark import BenchmarkError, build_prototypes, kid, run_benchmark, summarize
 from museum.evaluation.metrics import backward_transfer, forgetting, image_alignment
+from museum.generation.sampling import image_grid
 from museum.methods.perfusion import PerfusionConfig
-from museum.report.benchmark_report import write_report
+from museum.models.evaluator import Evaluator
+from museum.models.tokenizer import write_clip_tokenizer
+from museum.museum import Museum
+from museum.report.benchmark_report import grid_cells, write_report
 from museum.world.concepts import build_concept
+from museum.world.render import base_vocabulary, held_out_vocabulary
 
 METHODS = ["textual-inversion", "c-lora"]
 CONCEPTS = ["sunburst", "neon", "checker"]  # an object, a style, an object
@@ -31,10 +40,6 @@ RUN = dict(steps=2, n_prompts=1, n_seeds=4, gen_steps=2, progress=False,
 
 def make_evaluator(folder):
     """A tiny random evaluator (the same weights every call: a killed run's subprocess builds it too)."""
-    from museum.models.evaluator import Evaluator
-    from museum.models.tokenizer import write_clip_tokenizer
-    from museum.world.render import base_vocabulary, held_out_vocabulary
-
     tokenizer = write_clip_tokenizer(base_vocabulary() + held_out_vocabulary(), folder)
     torch.manual_seed(0)
     return Evaluator.create(tokenizer).eval().requires_grad_(False)
@@ -113,10 +118,6 @@ def test_storage_is_the_concept_files_plus_state(bench):
 def test_grid_rows_are_padded_to_whole_rows():
     """A concept with fewer samples than a grid row still fills exactly one row, so row j of a task's
     grid is always concept j (the report cuts the grids into cells by row)."""
-    from PIL import Image
-
-    from museum.generation.sampling import image_grid
-
     red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
     row = bm.grid_row([red, red])
     assert len(row) == bm.GRID_IMAGES and row[2].getpixel((0, 0)) == (255, 255, 255)
@@ -127,11 +128,6 @@ def test_grid_rows_are_padded_to_whole_rows():
 
 
 def test_grid_cells_cut_a_grid_by_rows(tmp_path):
-    from PIL import Image
-
-    from museum.generation.sampling import image_grid
-    from museum.report.benchmark_report import grid_cells
-
     colors = ["red", "green", "blue", "yellow"]
     rows = [[Image.new("RGB", (8, 8), c)] * 4 for c in colors[:3]]
     image_grid([im for r in rows for im in r], cols=4, scale=2).save(tmp_path / "g.png")
@@ -143,8 +139,6 @@ def test_grid_cells_cut_a_grid_by_rows(tmp_path):
 
 
 def test_grids_hold_one_row_per_seen_concept(bench):
-    from PIL import Image
-
     out, results = bench
     for method in METHODS:
         grids = results["methods"][method]["grids"]
@@ -206,8 +200,6 @@ def test_report_has_a_row_per_method_base_and_upper_bound(bench):
 
 
 def test_report_cli(bench, monkeypatch, capsys):
-    from museum import cli
-
     out, _ = bench
     (out / "report.html").unlink(missing_ok=True)
     monkeypatch.setattr(sys, "argv", ["museum", "report", str(out)])
@@ -222,8 +214,6 @@ def test_report_cli(bench, monkeypatch, capsys):
     (["--steps", "0"], "--steps must be at least 1"),
 ])
 def test_bench_cli_rejects_bad_options(args, message, monkeypatch, capsys, tmp_path):
-    from museum import cli
-
     monkeypatch.setattr(sys, "argv", ["museum", "bench", "--out", str(tmp_path / "b"), *args])
     with pytest.raises(SystemExit) as exc:
         cli.main()
@@ -266,17 +256,17 @@ def test_interrupted_run_continues(bench, tiny_base, evaluator, tmp_path, monkey
     finds in the museum (without relearning it), learns the third and ends as an uninterrupted run."""
     out = tmp_path / "out"
     kw = dict(RUN, base=tiny_base, evaluator=evaluator, base_row=False)
-    original = bm._Run.generate
+    original = bench_run._Run.generate
 
     def interrupt(self, m, name):
         if name == CONCEPTS[1]:
             raise KeyboardInterrupt
         return original(self, m, name)
 
-    monkeypatch.setattr(bm._Run, "generate", interrupt)
+    monkeypatch.setattr(bench_run._Run, "generate", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_benchmark(["textual-inversion"], CONCEPTS, out, **kw)
-    monkeypatch.setattr(bm._Run, "generate", original)
+    monkeypatch.setattr(bench_run._Run, "generate", original)
     museum_dir = out / "textual-inversion" / "museum"
     progress = json.loads((out / "textual-inversion" / "progress.json").read_text())
     assert [t["task"] for t in progress["tasks"]] == [0]
@@ -322,7 +312,6 @@ def test_killed_run_resumes_with_the_same_results(bench, tiny_base, tmp_path):
     ti, cl = out / "textual-inversion", out / "c-lora"
     assert [t["task"] for t in json.loads((ti / "progress.json").read_text())["tasks"]] == [0, 1, 2]
     assert [t["task"] for t in json.loads((cl / "progress.json").read_text())["tasks"]] == [0]
-    from museum.museum import Museum
 
     assert [c.name for c in Museum.open(cl / "museum").concepts] == CONCEPTS[:1]  # the second was not committed
     kept = {m: concept_files(out / m / "museum") for m in ("textual-inversion", "c-lora")}
@@ -352,7 +341,8 @@ def test_killed_run_resumes_with_the_same_results(bench, tiny_base, tmp_path):
 SHARED_RUN = """
 import sys
 from pathlib import Path
-sys.path.insert(0, sys.argv[1])
+# the tests, and this checkout's museum (a script's own folder comes first on sys.path, not the working directory)
+sys.path[:0] = [sys.argv[1], str(Path(sys.argv[1]).parent)]
 import os
 import test_benchmark as tb
 from museum.evaluation.benchmark import run_benchmark
@@ -365,8 +355,6 @@ run_benchmark(tb.METHODS, tb.CONCEPTS, Path(sys.argv[2]), base=sys.argv[3], eval
 def test_two_processes_share_the_units_and_match_one(bench, tiny_base, tmp_path):
     """`accelerate launch --num_processes 2` (CPU, gloo): the processes split the units (base row, each
     method's sequence, each upper bound), each taken once, and the results equal the one-process run's."""
-    import shutil
-
     if shutil.which("accelerate") is None:
         pytest.skip("the accelerate command is not installed")
     script = tmp_path / "shared_run.py"

@@ -10,11 +10,15 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from museum.museum import Museum
 from reliability_support import (
@@ -73,8 +77,6 @@ def read_trace(path: Path) -> list[str]:
 def run_fault_loop(tmp: Path, base: Path, images: dict, *, kills: int, seed: int, per_museum: int = 5) -> dict:
     """Learn concepts one after another, killing `museum learn` (and `museum merge`) at random points; after
     each kill check the museum, and finish the concept with `museum learn --resume`. Returns counts."""
-    from safetensors.torch import load_file
-
     rng = random.Random(seed)
     straight_runs: dict[str, tuple[list[str], float]] = {}  # method -> (fault points passed, seconds)
     counts = {"kills": 0, "by_phase": {p: 0 for p in ("loading", *PHASES)}, "by_mode": {"fault point": 0, "timer": 0},
@@ -202,10 +204,6 @@ def run_fault_loop(tmp: Path, base: Path, images: dict, *, kills: int, seed: int
 def test_a_child_killed_inside_a_progress_bar_does_not_block_the_parent(tmp_path):
     """The harness itself: a child SIGKILLed while it holds tqdm's write lock (as a random kill can land)
     leaves the parent's next progress bar free (``own_progress_bar_lock``)."""
-    import threading
-
-    from tqdm.auto import tqdm
-
     tqdm(disable=True).close()  # the parent's lock exists before the fork, as after any earlier progress bar
     holding = tmp_path / "holding"
 
@@ -253,7 +251,6 @@ def test_kill_9_of_a_fresh_museum_process(tiny_base, concept_images, tmp_path):
     m.learn("sunburst", concept_images["sunburst"][0], method="textual-inversion", class_word="circle", **FAST)
     before = committed_files(folder)
     env = dict(os.environ, MUSEUM_FAULT="commit.folder", OMP_NUM_THREADS="1")
-    import subprocess
 
     r = subprocess.run([sys.executable, "-m", "museum", "learn", str(folder), "checker", "--images",
                         str(concept_images["checker"][0]), "--class-word", "square", "--method", "c-lora", "--steps",

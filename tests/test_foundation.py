@@ -1,7 +1,11 @@
 """The embedded model, seeded generation, the evaluator and the CLI's handling of bad input."""
 
+import json
+import random
+
 import numpy as np
 import pytest
+import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel
@@ -9,10 +13,15 @@ from transformers import CLIPTextModel
 from conftest import needs_embedded, needs_evaluator, needs_two_object_model, run_cli
 from museum.evaluation.placement import read_placement, readable_pairs
 from museum.generation.sampling import generate_images
+from museum.models.evaluator import Evaluator
 from museum.models.loading import (
     EMBEDDED_EVALUATOR, EMBEDDED_MODELS, EMBEDDED_PIPELINE, EMBEDDED_TWO_OBJECTS, load_evaluator, load_pipeline,
 )
-from museum.world import render as world
+from museum.models.pretrain import SWAPS, hard_negative, pretrain
+from museum.models.tokenizer import write_clip_tokenizer
+from museum.museum import Museum
+from museum.world.concepts import build_concept
+from museum.world.render import SHAPES, base_vocabulary, caption, random_scene, render, replace
 
 
 @needs_embedded
@@ -21,11 +30,12 @@ def test_shipped_model_loads_with_plain_diffusers():
     assert isinstance(pipe.unet, UNet2DConditionModel)
     assert isinstance(pipe.vae, AutoencoderKL)
     assert isinstance(pipe.text_encoder, CLIPTextModel)
-    # pitfall 3: the embedding table matches the tokenizer, so load_textual_inversion works
+    # load_textual_inversion resizes the embedding table to len(tokenizer): a table of another size would be
+    # shrunk and the load would fail
     assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
     assert pipe.tokenizer.model_max_length <= pipe.text_encoder.config.max_position_embeddings
     # every world word is one token
-    for word in world.base_vocabulary():
+    for word in base_vocabulary():
         assert len(pipe.tokenizer.tokenize(word)) == 1, word
     def megabytes(folder):
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
@@ -43,20 +53,14 @@ def test_two_object_model_draws_each_object_on_its_side():
     ``embedded`` model draws one object, 0 of 100)."""
     pipe = load_pipeline(EMBEDDED_TWO_OBJECTS)
     scenes = readable_pairs(8, seed=7)
-    images = generate_images(pipe, [world.caption(s) for s in scenes], seeds=list(range(len(scenes))), steps=25)
+    images = generate_images(pipe, [caption(s) for s in scenes], seeds=list(range(len(scenes))), steps=25)
     placed = [read_placement(image, scene)["placed"] for image, scene in zip(images, scenes)]
-    assert sum(placed) >= 6, [world.caption(s) for s, ok in zip(scenes, placed) if not ok]
+    assert sum(placed) >= 6, [caption(s) for s, ok in zip(scenes, placed) if not ok]
 
 
 @needs_two_object_model
 def test_a_museum_on_the_two_object_model_records_its_name(tmp_path):
     """A shipped model is recorded by name (the museum moves with the package, not with a path)."""
-    import json
-
-    import torch
-
-    from museum.museum import Museum
-
     done = run_cli("init", str(tmp_path / "m"), "--base", EMBEDDED_TWO_OBJECTS)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "m" / "museum.json").read_text())["base"]["path"] == EMBEDDED_TWO_OBJECTS
@@ -77,16 +81,14 @@ def test_seeded_generation_is_deterministic(tiny_base):
 
 @needs_evaluator
 def test_evaluator_prefers_matching_captions():
-    import random
-
     evaluator = load_evaluator(EMBEDDED_EVALUATOR)
     rng = random.Random(99)
-    scenes = [world.random_scene(rng, base_styles=False) for _ in range(40)]
-    images = [world.render(s, 1000 + i) for i, s in enumerate(scenes)]
+    scenes = [random_scene(rng, base_styles=False) for _ in range(40)]
+    images = [render(s, 1000 + i) for i, s in enumerate(scenes)]
     wins = 0
     for scene, image in zip(scenes, images):
-        other_shape = next(s for s in world.SHAPES if s != scene.shape)
-        texts = [world.caption(scene), world.caption(world.replace(scene, shape=other_shape))]
+        other_shape = next(s for s in SHAPES if s != scene.shape)
+        texts = [caption(scene), caption(replace(scene, shape=other_shape))]
         sims = evaluator.embed_texts(texts) @ evaluator.embed_images([image])[0]
         wins += int(sims[0] > sims[1])
     assert wins >= 36, f"matching caption preferred in only {wins}/40 renders"
@@ -94,8 +96,6 @@ def test_evaluator_prefers_matching_captions():
 
 @needs_evaluator
 def test_evaluator_knows_held_out_concepts():
-    from museum.world.concepts import build_concept
-
     evaluator = load_evaluator(EMBEDDED_EVALUATOR)
     a, b = build_concept("sunburst", n_ref=8), build_concept("checker", n_ref=8)
     ea, eb = evaluator.embed_images(a.reference_images), evaluator.embed_images(b.reference_images)
@@ -143,10 +143,6 @@ def test_cli_generate_writes_a_grid(tiny_base, tmp_path):
 def test_continued_pretraining_keeps_the_latent_space(tmp_path):
     """pretrain(continue_from=...) trains the VAE decoder only (encoder and scaling factor, hence the
     latent space the UNet was trained on, stay) and continues the UNet, text encoder and evaluator."""
-    import torch
-
-    from museum.models.pretrain import pretrain
-
     pretrain(tmp_path / "out", tmp_path / "work", n_base=64, n_eval=64, vae_steps=2, evaluator_steps=2, unet_steps=2,
              continue_from=EMBEDDED_PIPELINE.parent)
     old = StableDiffusionPipeline.from_pretrained(EMBEDDED_PIPELINE, safety_checker=None)
@@ -160,10 +156,6 @@ def test_continued_pretraining_keeps_the_latent_space(tmp_path):
 
 
 def test_hard_negative_swaps_one_attribute_word():
-    import random
-
-    from museum.models.pretrain import SWAPS, hard_negative
-
     rng = random.Random(0)
     caption = "a large red star with stripes on the left on a sand background, outline style"
     swapped = {}
@@ -180,13 +172,8 @@ def test_hard_negative_swaps_one_attribute_word():
 
 
 def test_contrastive_loss_lets_hard_negatives_compete(tmp_path):
-    import torch
-
-    from museum.models.evaluator import Evaluator
-    from museum.models.tokenizer import write_clip_tokenizer
-
     torch.manual_seed(0)
-    evaluator = Evaluator.create(write_clip_tokenizer(world.base_vocabulary(), tmp_path / "tokenizer"))
+    evaluator = Evaluator.create(write_clip_tokenizer(base_vocabulary(), tmp_path / "tokenizer"))
     pixels = torch.rand(3, 3, 32, 32)
     texts = ["a red star on a sand background", "a blue circle on a sky background", "a green cross"]
     plain = evaluator.contrastive_loss(pixels, texts)

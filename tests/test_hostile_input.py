@@ -7,18 +7,27 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import shutil
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from conftest import museum_snapshot
 from museum.errors import BaseModelError, ImageFolderError, MuseumError
+from museum.models.loading import base_hash
 from museum.museum import Museum
+from museum.store.manifest import sha256_file
 from reliability_support import FAST, cli_captured, error_lines, fork, fork_cli, prompt_for, time_limit
+from tiny_models import build_tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("warm_imports")  # forked children start at once
 
@@ -26,9 +35,6 @@ pytestmark = pytest.mark.usefixtures("warm_imports")  # forked children start at
 
 def png_header(width: int, height: int) -> bytes:
     """A tiny PNG file that claims ``width`` x ``height`` pixels (a decompression bomb's header)."""
-    import struct
-    import zlib
-
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -163,10 +169,6 @@ def test_hand_edited_manifest(one_concept_museum, tmp_path, case, change, messag
 
 def rewrite_tensors(folder: Path, name: str, change) -> None:
     """Replace a concept's tensors and record the new checksum, as a careful forger would."""
-    from safetensors.torch import load_file, save_file
-
-    from museum.store.manifest import sha256_file
-
     entry = next(c for c in json.loads((folder / "museum.json").read_text())["concepts"] if c["name"] == name)
     path = folder / entry["folder"] / "tensors.safetensors"
     tensors = load_file(path)
@@ -205,8 +207,6 @@ def _nan(tensors):
 
 
 def torch_zeros(*shape):
-    import torch
-
     return torch.zeros(*shape)
 
 
@@ -317,7 +317,6 @@ def test_museum_for_another_base_model(two_concept_museum, concept_images, tmp_p
         Museum.open(m.folder).generate("a <sunburst> circle", n=1, steps=2)
     # another model at the recorded path (different weights, same architecture)
     other = tmp_path / "other"
-    from tiny_models import build_tiny_pipeline
 
     build_tiny_pipeline(other, seed=1)
     edit_manifest(m.folder, lambda d: d["base"].update(path=str(other)))
@@ -345,11 +344,6 @@ class Payload:
 
 def pickle_base(tiny_base: Path, tmp_path: Path, *, evil: bool) -> Path:
     """A copy of the tiny pipeline whose UNet weights are a pickle file (.bin) instead of safetensors."""
-    import pickle
-
-    import torch
-    from diffusers import UNet2DConditionModel
-
     base = tmp_path / ("evil-base" if evil else "bin-base")
     shutil.copytree(tiny_base, base)
     unet_dir = base / "unet"
@@ -375,7 +369,6 @@ def test_pickle_weights_are_refused(tiny_base, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: base model") and "--allow-pickle" in lines[0]
     assert fork_cli("generate", "a red star", "--base", evil, "--out", tmp_path / "x.png", log=log) == 2
     # a museum whose base model was swapped for pickle weights after it was made
-    from museum.models.loading import base_hash
 
     folder = tmp_path / "m3"
     Museum.init(folder, base=tiny_base)

@@ -2,14 +2,22 @@
 pieces, saved in IP-Adapter's layout and loaded back by plain diffusers' ``load_ip_adapter``; the measured
 zero-shot test on the embedded model with the shipped adapter is marked slow."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
-from conftest import needs_icgen
+from conftest import needs_icgen, run_cli
 from museum.evaluation.protocol import score_base, zero_shot_alignment
+from museum.generation.sampling import generate_images
+from museum.methods import get_method
+from museum.methods.base import ConceptInfo
 from museum.models import icgen
 from museum.models.loading import load_evaluator, load_pipeline
+from museum.museum import Museum
 from museum.plumbing.objectives import encode_prompts
+from museum.training.trainer import train_concept
 from museum.world.concepts import ZERO_SHOT_CONCEPTS, build_concept
 
 # Measured with scripts/measure_icgen.py (docs/icgen.json, docs/METHODS.md "ICGen"): base model vs ICGen at scale
@@ -93,15 +101,10 @@ def test_lfs_concept_keeps_context_embeddings_and_draws_with_them(tmp_path):
     """An lfs concept on the embedded model stores its images' embeddings (not the images) and is drawn with them;
     scale 0 draws exactly as without context, the UNet is restored after drawing, and the export's lines draw the
     same image in plain diffusers (about 25 s)."""
-    import numpy as np
-
-    from conftest import run_cli
-    from museum.museum import Museum
-
     concept = build_concept("sunburst")
     m = Museum.init(tmp_path / "museum")
     m.learn("sunburst", concept.train_images, method="lfs", class_word="circle", steps=2, progress=False)
-    stored = m._concept_tensors["sunburst"]
+    stored = m.collection.tensors["sunburst"]
     torch.testing.assert_close(stored["context"], icgen.context_embeddings(load_evaluator(), concept.train_images))
     prompt = "a <sunburst> circle on a sand background"
     pixels = lambda images: np.stack([np.asarray(im, dtype=np.int16) for im in images])  # noqa: E731
@@ -111,9 +114,6 @@ def test_lfs_concept_keeps_context_embeddings_and_draws_with_them(tmp_path):
     assert m.pipe.unet.encoder_hid_proj is None
     assert not any("IPAdapter" in type(p).__name__ for p in m.pipe.unet.attn_processors.values())
     # the export's written lines (plain diffusers, the shipped adapter) draw Museum's image
-    import json
-
-    from museum.generation.sampling import generate_images
 
     info = json.loads((m.export("sunburst", tmp_path / "export") / "museum_export.json").read_text())
     scope = {}
@@ -140,10 +140,6 @@ def test_lfs_learn_with_context_trains_with_it_and_restores_the_unet():
     """learn_with_context: every UNet call of the task gets the concept's context (a different result from the same seed),
     the distillation runs at context scale 0 (teacher and student agree at the first step), and the UNet is
     restored after the task (about 15 s)."""
-    from museum.methods import get_method
-    from museum.methods.base import ConceptInfo
-    from museum.training.trainer import train_concept
-
     images = build_concept("sunburst").train_images
     results = {}
     for flag in (False, True):

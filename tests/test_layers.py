@@ -18,7 +18,7 @@ LAYERS = [
     ["museum.plumbing"],
     ["museum.methods"],
     ["museum.training"],
-    ["museum.museum", "museum.learning", "museum.export"],
+    ["museum.collection", "museum.drawing", "museum.learning", "museum.export", "museum.museum"],
     ["museum.evaluation"],
     ["museum.report"],
     ["museum.demo"],

@@ -3,23 +3,32 @@ pipeline: inputs from noise and teacher DDIM steps, the prompts it protects, the
 no earlier image read, resume with a lazily drawn bank."""
 
 import copy
+import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
-from conftest import needs_embedded, stop_at
+from conftest import museum_snapshot, needs_embedded, run_cli, stop_at
+from museum.errors import MuseumError
 from museum.evaluation.relevant import CIRCLE_CONCEPTS, base_images, relevant_forgetting
+from museum.generation.sampling import generate_images
 from museum.methods import get_method
 from museum.methods.base import ConceptInfo, TrainContext
 from museum.methods.distill import DataFreeDistillation, noise_bank
 from museum.methods.lfs import LFS
+from museum.models import icgen
 from museum.models.loading import load_evaluator, load_pipeline
 from museum.museum import Museum
 from museum.plumbing.objectives import encode_prompts
+from museum.training.data import read_image_folder
 from museum.training.trainer import Checkpointer, train_concept
 from museum.world.concepts import build_concept
+from tiny_models import build_tiny_ip_adapter
 
 FAST = dict(steps=4, lr=2e-2, token_lr=0.5, num_prompts=4)
 # Measured with scripts/measure_lfs.py --steps 100 --set lr=6e-4 token_lr=3e-3 (docs/lfs-100steps.json), the class
@@ -159,8 +168,6 @@ def test_distillation_keeps_plain_class_prompts_closer_to_the_base(tmp_path):
 @pytest.fixture(scope="module")
 def ip_adapter_dir(tiny_base, tmp_path_factory):
     """A random IP-Adapter for the tiny SD-1.x pipeline in diffusers' layout (weights + image_encoder/)."""
-    from tiny_models import build_tiny_ip_adapter
-
     return build_tiny_ip_adapter(tiny_base, tmp_path_factory.mktemp("ip-adapter") / "adapter")
 
 
@@ -177,8 +184,6 @@ IP_PROMPT = "a <sunburst> circle on a grass background"
 
 
 def pixels(images):
-    import numpy as np
-
     return np.stack([np.asarray(im, dtype=np.int16) for im in images])
 
 
@@ -186,12 +191,8 @@ def test_ip_adapter_context_is_the_encoders_image_embeds_and_recorded(ip_museum,
                                                                       concept_images):
     """The concept keeps diffusers' own ``encode_image`` embeddings of its images (not the images), and its config
     names the adapter folder and weight file it was learned with."""
-    from PIL import Image
-
-    from museum.training.data import read_image_folder
-
     _, m = ip_museum
-    stored = m._concept_tensors["sunburst"]
+    stored = m.collection.tensors["sunburst"]
     images, _ = read_image_folder(concept_images["sunburst"][0])
     plain = load_pipeline(tiny_base)
     plain.load_ip_adapter(str(ip_adapter_dir), subfolder="", weight_name="ip-adapter_tiny.safetensors")
@@ -205,10 +206,6 @@ def test_ip_adapter_context_is_the_encoders_image_embeds_and_recorded(ip_museum,
 
 
 def test_ip_adapter_context_changes_the_image_and_survives_reopening(ip_museum):
-    import numpy as np
-
-    from museum.models import icgen
-
     folder, m = ip_museum
     with_context = pixels(m.generate(IP_PROMPT, n=2, steps=4))
     with icgen.context_scale(0.0):
@@ -217,20 +214,14 @@ def test_ip_adapter_context_changes_the_image_and_survives_reopening(ip_museum):
     assert np.abs(with_context - scale_zero).max() > 10
     reopened = Museum.open(folder)
     assert np.array_equal(pixels(reopened.generate(IP_PROMPT, n=2, steps=4)), with_context)
-    context = reopened._concept_tensors["sunburst"].pop("context")  # the same concept without context
+    context = reopened.collection.tensors["sunburst"].pop("context")  # the same concept without context
     try:
         assert np.array_equal(pixels(reopened.generate(IP_PROMPT, n=2, steps=4)), scale_zero)
     finally:
-        reopened._concept_tensors["sunburst"]["context"] = context
+        reopened.collection.tensors["sunburst"]["context"] = context
 
 
 def test_ip_adapter_export_reproduces_the_image_in_plain_diffusers(ip_museum, ip_adapter_dir, tmp_path):
-    import json
-
-    import numpy as np
-
-    from museum.generation.sampling import generate_images
-
     _, m = ip_museum
     out = m.export("sunburst", tmp_path / "export")
     info = json.loads((out / "museum_export.json").read_text())
@@ -264,8 +255,6 @@ def _no_encoder(good, tmp):
 
 
 def _wrong_width(good, tmp):
-    from safetensors.torch import load_file, save_file
-
     shutil.copytree(good, tmp)
     state = load_file(tmp / "ip-adapter_tiny.safetensors")
     state = {k: torch.randn(v.shape[0], 24) if "_ip." in k else v for k, v in state.items()}  # text width 24, not 16
@@ -288,9 +277,6 @@ BAD = {"missing": lambda good, tmp: (tmp / "nowhere", {}, r"no IP-Adapter folder
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_ip_adapters_are_explained_and_change_nothing(case, tiny_base, ip_adapter_dir, concept_images, tmp_path):
-    from conftest import museum_snapshot
-    from museum.errors import MuseumError
-
     folder = tmp_path / "museum"
     Museum.init(folder, base=tiny_base)
     before = museum_snapshot(folder)
@@ -304,8 +290,6 @@ def test_bad_ip_adapters_are_explained_and_change_nothing(case, tiny_base, ip_ad
 def test_cli_ip_adapter_options(tiny_base, ip_adapter_dir, concept_images, tmp_path):
     """Without --ip-adapter on a non-embedded base the warning says so once; two weight files without
     --ip-adapter-weight are an error naming both; the options are refused for other methods."""
-    from conftest import run_cli
-
     folder = tmp_path / "museum"
     Museum.init(folder, base=tiny_base)
     images = str(concept_images["sunburst"][0])
@@ -314,7 +298,8 @@ def test_cli_ip_adapter_options(tiny_base, ip_adapter_dir, concept_images, tmp_p
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("warning: no IP-Adapter given: this lfs concept keeps no image context (pass "
                              "--ip-adapter DIR") == 1
-    assert "context" not in Museum.open(folder)._read_concept_tensors(Museum.open(folder).manifest.concept("sunburst"))
+    stored = Museum.open(folder)
+    assert "context" not in stored.concept_info(stored.manifest.concept("sunburst")).tensors
     two, _, _ = _two_weights(ip_adapter_dir, tmp_path / "two")
     refused = run_cli("learn", str(folder), "checker", "--images", images, "--method", "lfs", "--class-word",
                       "square", "--ip-adapter", str(two))
@@ -330,8 +315,6 @@ def test_cli_ip_adapter_options(tiny_base, ip_adapter_dir, concept_images, tmp_p
 
 
 def test_a_moved_ip_adapter_is_named_when_drawing(tiny_base, ip_adapter_dir, concept_images, tmp_path):
-    from museum.errors import MuseumError
-
     adapter = tmp_path / "adapter"
     shutil.copytree(ip_adapter_dir, adapter)
     m = Museum.init(tmp_path / "museum", base=tiny_base)

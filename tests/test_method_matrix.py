@@ -9,16 +9,20 @@ method, written as that one file would be, registered while this module's tests 
 whole matrix like the shipped ones."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import typer.main
 from diffusers import StableDiffusionPipeline
 
+from museum.cli import app
 from museum.errors import MuseumError
 from museum.generation.sampling import generate_images
 from museum.methods import METHODS, method_names
 from museum.methods.base import ConceptCost, ConceptInfo, Method, TrainContext, register
+from museum.models.loading import load_pipeline
 from museum.museum import Museum
 from museum.plumbing.kv import kv_modules
 from museum.plumbing.tokens import text_pairs
@@ -42,7 +46,8 @@ class ValueDelta(Method):
     @classmethod
     def cost(cls, kv, width, config) -> ConceptCost:
         values = sum(out * inp for name, (out, inp) in kv.items() if name.endswith("to_v")) + width
-        return ConceptCost(values, 0, values, config["batch_size"], 0)
+        b = config["batch_size"]  # the V weights train in place: nothing is added to the model
+        return ConceptCost(values, 0, values, b, 0, added_values=0, batch_samples=b)
 
     def setup(self, ctx: TrainContext) -> list[dict]:
         self.values = {n: m for n, m in kv_modules(ctx.pipe.unet).items() if n.endswith("to_v")}
@@ -89,8 +94,6 @@ def learned(request, toy_registered, tiny_family, concept_images, tmp_path_facto
 def test_families_differ_as_their_checkpoints_do(tiny_family, family):
     """SD-2.x is v-prediction with linear projections; SD-1.x epsilon with convolutions; SDXL has two text
     encoders whose states the UNet attends to together, and pooled text + time ids as added conditioning."""
-    from museum.models.loading import load_pipeline
-
     pipe = load_pipeline(tiny_family(family))
     assert pipe.scheduler.config.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
     assert pipe.unet.config.use_linear_projection == (family != "sd1")
@@ -191,8 +194,6 @@ def test_export_loads_in_plain_diffusers(learned, tmp_path):
 
 
 def test_remove(learned, tmp_path):
-    import shutil
-
     method, folder, _ = learned
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
@@ -214,10 +215,6 @@ def test_remove(learned, tmp_path):
 def test_generation_options_reach_the_cli_and_the_api(tiny_base, tmp_path):
     """Every generation option a method declares is a ``museum generate`` flag, passed on by name; the API refuses
     an option no method declares, naming those that exist, and a value below an option's minimum."""
-    import typer.main
-
-    from museum.cli import app
-
     command = typer.main.get_command(app).commands["generate"]
     flags = {flag for param in command.params for flag in param.opts}
     declared = {o.flag for cls in METHODS.values() for o in cls.generation_options}

@@ -4,20 +4,24 @@ test on the embedded model is marked slow."""
 
 import copy
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
 from conftest import needs_embedded, stop_at
+from museum.evaluation.leakage import content_leakage
 from museum.methods import get_method
 from museum.methods.base import ConceptInfo, TrainContext
-from museum.methods.ewc import FISHER
+from museum.methods.ewc import EWC, FISHER
 from museum.methods.lora import SharedLoRAMethod
+from museum.methods.lwf import LwF
 from museum.methods.museummaker import self_similarity, style_statistics, task_update
 from museum.models.loading import load_evaluator, load_pipeline
 from museum.museum import Museum
 from museum.plumbing import kv, tokens
-from museum.plumbing.objectives import noisy_batch
+from museum.plumbing.objectives import encode_prompts, noisy_batch
 from museum.training import trainer
 from museum.training.data import encode_variants
 from museum.training.trainer import Checkpointer, train_concept
@@ -113,7 +117,6 @@ def _term_gradients(pipe, method, concept, images, state, earlier):
     """Set the method up as the trainer does, move the LoRA off its start, and return, per loss term,
     the gradient norms on the LoRA and on the new token's embedding row."""
     token_id = tokens.add_token(pipe, concept.token, tokens.initial_vector(pipe, "random", "style", torch.Generator()))
-    from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     latents = encode_variants(pipe.vae, images, 32, variants=2, flip=False, seed=0)
@@ -131,7 +134,6 @@ def _term_gradients(pipe, method, concept, images, state, earlier):
     embedding.weight.requires_grad_(True)
     gen = torch.Generator().manual_seed(0)
     b = noisy_batch(latents, sched, 2, gen, "cpu", torch.float32)
-    from museum.plumbing.objectives import encode_prompts
 
     text = encode_prompts(pipe, [ctx.prompt]).expand(2, -1, -1)
     terms = method.loss_terms(ctx, dict(b, text=text, generator=gen, scheduler=sched, step=0))
@@ -229,7 +231,6 @@ def test_ewc_fisher_accumulates_in_the_museum_and_reloads(tiny_base, concept_ima
         return result
 
     monkeypatch.setattr("museum.learning.train_concept", spy)
-    from museum.methods.ewc import EWC
 
     original_setup = EWC.setup
 
@@ -280,8 +281,6 @@ def test_lwf_needs_no_earlier_images(tiny_base, concept_images, tmp_path, record
     state_before = dict(m.method_state("lwf"))
     shutil.rmtree(first)  # the earlier images are gone
 
-    from museum.methods.lwf import LwF
-
     opened, seen = record_task(LwF)
     m.learn("neon", second, method="lwf", style=True, progress=False, **kw)
     assert opened and all(p.startswith(str(second)) for p in opened), opened
@@ -298,8 +297,6 @@ def test_lwf_needs_no_earlier_images(tiny_base, concept_images, tmp_path, record
 
 def test_teacher_only_when_there_is_something_to_distil(tiny_base, concept_images, monkeypatch):
     """The trainer copies the UNet only for a method that asks (an earlier concept to protect, weight > 0)."""
-    from types import SimpleNamespace
-
     made = []
     monkeypatch.setattr(trainer, "copy", SimpleNamespace(
         deepcopy=lambda obj: made.append(type(obj).__name__) or copy.deepcopy(obj)))
@@ -325,8 +322,6 @@ def test_style_distillation_keeps_the_content_out(tmp_path):
     """Learn a style (sepia) from images of stars only, at a learning rate that breaks the content without the
     distillation; "a <colour> circle ..., <s> style" must still read as a circle, far more often with the style
     distillation on than off (about 2 x 1 minute)."""
-    from museum.evaluation.leakage import content_leakage
-
     evaluator = load_evaluator()
     on = content_leakage(evaluator, tmp_path / "on", style_weight=1.0, lr=LEAKAGE_LR)
     off = content_leakage(evaluator, tmp_path / "off", style_weight=0.0, lr=LEAKAGE_LR)

@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from conftest import needs_two_object_model
-from museum.evaluation.protocol import score_composition
+from museum.evaluation.protocol import COMPOSITION_BACKGROUNDS, composition_table, score_composition
 from museum.generation.sampling import generate_images
 from museum.methods import get_method, perfusion
 from museum.methods.base import ConceptInfo
@@ -19,6 +19,7 @@ from museum.plumbing.objectives import encode_prompts
 from museum.training.data import read_image_folder
 from museum.training.trainer import train_concept
 from museum.world.concepts import build_concept
+from test_benchmark import make_evaluator
 
 FAST = dict(steps=4, lr=2e-2, token_lr=0.5)
 
@@ -172,11 +173,6 @@ def museum_ab(tiny_base, concept_images, tmp_path_factory):
 def test_composition_table_scores_both_directions(museum_ab, tmp_path):
     """The composition table (scripts/bench_perfusion.py, scripts/measure_composition.py): one row per concept
     of each pair, echoed as it comes, each an image alignment of a different prompt set."""
-    from test_benchmark import make_evaluator
-
-    from museum.evaluation.protocol import composition_table
-    from museum.world.concepts import build_concept
-
     m = museum_ab[0]
     lines = []
     concepts = {n: build_concept(n) for n in ("sunburst", "checker")}
@@ -193,11 +189,6 @@ def test_composition_table_scores_both_directions(museum_ab, tmp_path):
 def test_side_by_side_composition_prompts(museum_ab, tmp_path, monkeypatch):
     """layout "side-by-side" (two-object scenes): each concept is scored on the two-object prompt against the
     same prompt with its class word in its place, the other concept kept; a style cannot take a side."""
-    from test_benchmark import make_evaluator
-
-    from museum.evaluation.protocol import COMPOSITION_BACKGROUNDS, score_composition
-    from museum.world.concepts import build_concept
-
     m = museum_ab[0]
     concepts = {n: build_concept(n) for n in ("sunburst", "checker", "sepia")}
     drawn = []

@@ -4,15 +4,30 @@ The per-method matrix on SD-1.x, SD-2.x and SDXL pipelines lives in test_method_
 checks the family-specific pieces: the v-prediction target, single-file checkpoints, offline errors,
 the GPU-practice options, storage formulas, data-parallel processes and SDXL's two token rows."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+import torch.utils.checkpoint as cp
+from safetensors.torch import load_file
 
-from museum.methods.base import ConceptInfo, get_method
+from conftest import run_cli
+from ldm_checkpoint import write_ldm_checkpoint
+from museum.errors import BaseModelError, MuseumError
+from museum.generation.sampling import generate_images
+from museum.methods import perfusion
+from museum.methods.base import ConceptInfo, family_of, get_method
+from museum.methods.textual_inversion import TextualInversionConfig
 from museum.models.loading import load_pipeline
-from museum.plumbing import objectives
-from museum.training import trainer
-from museum.training.trainer import train_concept
+from museum.museum import Museum
+from museum.plumbing import objectives, tokens
+from museum.training import memory, trainer
+from museum.training.trainer import TrainOptions, train_concept
 
 
 @pytest.mark.parametrize("family,kind", [("sd1", "epsilon"), ("sd2", "v_prediction")])
@@ -45,8 +60,6 @@ def test_trainer_regresses_the_family_target(tiny_family, concept_images, monkey
 @pytest.fixture(scope="module")
 def single_files(tiny_base, tmp_path_factory):
     """The SD-1.x tiny pipeline as original-layout single files (.safetensors and pickle .ckpt)."""
-    from ldm_checkpoint import write_ldm_checkpoint
-
     root = tmp_path_factory.mktemp("single")
     pipe = load_pipeline(tiny_base)
     return {s: write_ldm_checkpoint(pipe, root / f"tiny-sd1.{s}") for s in ("safetensors", "ckpt")}
@@ -56,8 +69,6 @@ def single_files(tiny_base, tmp_path_factory):
 def single_file(single_files, tiny_family, tmp_path_factory):
     """``single_file(family)``: the tiny pipeline of ``family`` (sd1, sd2 v-prediction, sdxl) as one original-layout
     .safetensors file: SD-2's text encoder as an OpenCLIP tower, SDXL's two under ``conditioner.embedders``."""
-    from ldm_checkpoint import write_ldm_checkpoint
-
     root = tmp_path_factory.mktemp("single-families")
     written = {"sd1": single_files["safetensors"]}
 
@@ -78,12 +89,6 @@ def test_init_from_a_single_file_checkpoint(single_file, tiny_family, concept_im
     """SD-1.x, SD-2.x (v-prediction, OpenCLIP text tower) and SDXL (two text encoders, added text/time
     embedding) single files: init saves the same weights as the pipeline folder the file was written from, the
     base keeps the family's scheduler and pipeline class, and a concept learns on it. SD-1 goes through the CLI."""
-    import json
-
-    from conftest import run_cli
-    from museum.generation.sampling import generate_images
-    from museum.museum import Museum
-
     folder, config = tmp_path / "museum", tiny_family(family)
     if family == "sd1":
         result = run_cli("init", str(folder), "--base", str(single_file(family)), "--config", str(config))
@@ -110,9 +115,6 @@ def test_init_from_a_single_file_checkpoint(single_file, tiny_family, concept_im
 
 
 def test_single_file_errors_say_what_to_do(single_files, tiny_base, tmp_path):
-    from museum.errors import BaseModelError
-    from museum.museum import Museum
-
     with pytest.raises(BaseModelError, match=r"pickle checkpoint.*--allow-pickle"):
         Museum.init(tmp_path / "a", base=single_files["ckpt"], config=tiny_base)
     assert not (tmp_path / "a").exists()  # refused before anything was written
@@ -131,9 +133,6 @@ def test_single_file_of_another_family_than_its_config_is_refused(single_file, t
     """An SDXL file (conditioner.embedders.*) with an SD-1/2 --config, or an SD-2 file with an SDXL one, is refused
     by name from the file's key layout before diffusers reads a weight; SD-1 vs SD-2 mismatches get diffusers'
     shape error, wrapped to name --config."""
-    from museum.errors import BaseModelError
-    from museum.museum import Museum
-
     cases = [("sdxl", "sd1", r"is an SDXL checkpoint.*conditioner\.embedders.*StableDiffusionPipeline folder.*"
                              r"--config FOLDER.*a StableDiffusionXLPipeline"),
              ("sd2", "sdxl", r"is an SD-2\.x checkpoint.*cond_stage_model.*StableDiffusionXLPipeline folder.*"
@@ -146,8 +145,6 @@ def test_single_file_of_another_family_than_its_config_is_refused(single_file, t
 
 
 def test_missing_model_offline_names_the_path(tmp_path):
-    from conftest import run_cli
-
     missing = tmp_path / "models" / "sd-1-5"
     result = run_cli("init", str(tmp_path / "m"), "--base", str(missing))
     assert result.returncode == 2
@@ -156,10 +153,6 @@ def test_missing_model_offline_names_the_path(tmp_path):
 
 
 def test_hub_id_offline_is_a_clear_error(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TRANSFORMERS_VERBOSITY="error")
     result = subprocess.run([sys.executable, "-m", "museum", "init", str(tmp_path / "m"), "--base",
                              "someone/no-such-model"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
@@ -172,16 +165,12 @@ def test_hub_id_offline_is_a_clear_error(tmp_path):
 
 
 def _learn(pipe, images, method="finetune", **options):
-    from museum.training.trainer import TrainOptions
-
     m = get_method(method, steps=3, batch_size=2, lr=2e-2)
     return train_concept(pipe, m, ConceptInfo("sunburst", "<sunburst>", "circle", False), images, progress=False,
                          options=TrainOptions(**options))
 
 
 def test_gradient_checkpointing_recomputes_and_learns_the_same(tiny_base, concept_images, monkeypatch):
-    import torch.utils.checkpoint as cp
-
     images = concept_images["sunburst"][1].train_images
     plain = _learn(load_pipeline(tiny_base), images)
     calls = []
@@ -198,11 +187,6 @@ def test_gradient_checkpointing_recomputes_and_learns_the_same(tiny_base, concep
 def test_bf16_autocast_on_cpu_keeps_trainable_parameters_fp32(tiny_base, concept_images, tmp_path):
     """bf16 runs in its own process (accelerate fixes mixed precision per process): the CLI prints the note and
     the memory estimate, trains, and stores fp32 tensors close to an fp32 run's (run here, in-process)."""
-    from safetensors.torch import load_file
-
-    from conftest import run_cli
-    from museum.museum import Museum
-
     runs = {}
     for precision in ("no", "bf16"):
         folder = tmp_path / precision
@@ -230,11 +214,6 @@ def test_bf16_autocast_on_cpu_keeps_trainable_parameters_fp32(tiny_base, concept
 
 
 def test_gpu_options_refused_clearly_on_this_machine(tiny_base, concept_images, tmp_path):
-    from conftest import run_cli
-    from museum.errors import MuseumError
-    from museum.museum import Museum
-    from museum.training.trainer import TrainOptions
-
     folder = tmp_path / "m"
     m = Museum.init(folder, base=tiny_base)
     fp16 = run_cli("learn", str(folder), "sunburst", "--images", str(concept_images["sunburst"][0]), "--class-word",
@@ -260,8 +239,6 @@ def test_gpu_options_refused_clearly_on_this_machine(tiny_base, concept_images, 
 
 
 def test_memory_estimate_counts_what_trains(tiny_base):
-    from museum.training import memory
-
     pipe = load_pipeline(tiny_base)
     lora = [p for n, p in pipe.unet.named_parameters() if "attn2.to_k" in n]
     everything = list(pipe.unet.parameters())
@@ -277,10 +254,6 @@ def test_memory_estimate_counts_what_trains(tiny_base):
 
 def test_sd_size_bases_get_the_papers_defaults(tiny_base, concept_images, tmp_path, monkeypatch):
     """Defaults follow the base family (the papers' SD settings on SD-1.x/2.x/XL), and overrides win."""
-    from museum.methods.base import family_of
-    from museum.methods.textual_inversion import TextualInversionConfig
-    from museum.museum import Museum
-
     assert family_of({"cross_attention_dim": 768}) == "sd1"
     assert family_of({"cross_attention_dim": 1024}) == "sd2"
     assert family_of({"cross_attention_dim": 2048, "addition_embed_type": "text_time"}) == "sdxl"
@@ -293,7 +266,6 @@ def test_sd_size_bases_get_the_papers_defaults(tiny_base, concept_images, tmp_pa
     sd = TextualInversionConfig.SD15
     assert c.info["config"]["steps"] == 2  # the override
     assert c.info["config"]["batch_size"] == sd["batch_size"] and c.info["config"]["token_lr"] == sd["token_lr"]
-    from conftest import run_cli
 
     shown = run_cli("methods").stdout  # `museum methods` shows both sets of defaults
     block = shown[shown.index("textual-inversion:"):]
@@ -307,13 +279,6 @@ def test_sd_size_bases_get_the_papers_defaults(tiny_base, concept_images, tmp_pa
 def test_two_processes_learn_what_one_does(tiny_base, concept_images, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU (torchrun, gloo): each process trains on half
     of the same global batch and gradients are averaged, so the concept equals the one-process run's."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
-
     if shutil.which("accelerate") is None:
         pytest.skip("the accelerate command is not installed")
     env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
@@ -347,14 +312,11 @@ def test_two_processes_learn_what_one_does(tiny_base, concept_images, tmp_path):
 def test_perfusion_on_sdxl_reads_both_encoders(tiny_family, concept_images, tmp_path):
     """Perfusion on SDXL: C, i* and the key lock live in the cross-attention input (both encoders' outputs
     concatenated), i_super is the class word in both encoders, and a prompt without the token draws the base."""
-    from museum.methods import perfusion
-    from museum.museum import Museum
-
     base = tiny_family("sdxl")
     m = Museum.init(tmp_path / "m", base=base)
     m.learn("sunburst", concept_images["sunburst"][0], method="perfusion", class_word="circle", steps=2,
             progress=False)
-    pipe, stored = m.pipe, m._concept_tensors["sunburst"]
+    pipe, stored = m.pipe, m.collection.tensors["sunburst"]
     width = pipe.unet.config.cross_attention_dim
     assert width == pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
     assert stored["perfusion.i_star"].shape == (width,)
@@ -373,16 +335,13 @@ def test_perfusion_on_sdxl_reads_both_encoders(tiny_family, concept_images, tmp_
 def test_sdxl_token_trains_in_both_text_encoders(tiny_family, concept_images, tmp_path):
     """On SDXL a concept's token is added to both tokenizers; both embeddings train and are stored, reload
     into both encoders, and the UNet gets SDXL's added conditioning (pooled text, time ids) in training."""
-    from museum.museum import Museum
-    from museum.plumbing import tokens
-
     base = tiny_family("sdxl")
     m = Museum.init(tmp_path / "m", base=base)
     lines = []
     c = m.learn("sunburst", concept_images["sunburst"][0], method="textual-inversion", class_word="circle",
                 steps=3, token_lr=0.5, progress=False, echo=lines.append)
     assert any("memory estimate" in line for line in lines)
-    stored = m._concept_tensors["sunburst"]
+    stored = m.collection.tensors["sunburst"]
     fresh = load_pipeline(base)
     for which, key in enumerate(("<sunburst>", "<sunburst>" + tokens.SECOND)):
         start = tokens.word_vector(fresh, "circle", which)

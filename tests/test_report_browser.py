@@ -20,6 +20,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+
+from museum import cli
+from museum.evaluation.benchmark import run_benchmark
+from museum.models.evaluator import Evaluator
+from museum.models.tokenizer import write_clip_tokenizer
+from museum.museum import Museum
+from museum.report.gallery import write_gallery
+from museum.report.html import img_tag, write_page
+from museum.world.concepts import build_concept
+from museum.world.render import base_vocabulary, held_out_vocabulary
 
 CHROMIUM = os.environ.get("MUSEUM_CHROMIUM") or next(
     (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")) if p), None)
@@ -169,11 +180,6 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def bench(tiny_base, tmp_path_factory):
-    from museum.evaluation.benchmark import run_benchmark
-    from museum.models.evaluator import Evaluator
-    from museum.models.tokenizer import write_clip_tokenizer
-    from museum.world.render import base_vocabulary, held_out_vocabulary
-
     tokenizer = write_clip_tokenizer(base_vocabulary() + held_out_vocabulary(), tmp_path_factory.mktemp("evaluator"))
     torch.manual_seed(0)
     evaluator = Evaluator.create(tokenizer).eval().requires_grad_(False)
@@ -198,8 +204,6 @@ def browser(tmp_path):
 
 def render(browser, page: Path, artifacts: Path, name: str, record_property) -> dict:
     """Load ``page`` in the browser, keep a screenshot and the page as artifacts, return what it shows."""
-    from PIL import Image
-
     shutil.copy(page, artifacts / f"{name}.html")
     browser.open(page.resolve().as_uri())
     state = browser.evaluate(PAGE_STATE)
@@ -222,8 +226,6 @@ def assert_images_loaded(state: dict) -> None:
 
 
 def test_report_in_chromium(bench, browser, artifacts, record_property, monkeypatch, capsys):
-    from museum import cli
-
     out, results = bench
     monkeypatch.setattr(sys, "argv", ["museum", "report", str(out)])
     cli.main()  # as a person would write it
@@ -263,10 +265,6 @@ def test_report_in_chromium(bench, browser, artifacts, record_property, monkeypa
 
 
 def test_gallery_in_chromium(bench, browser, artifacts, record_property, tmp_path):
-    from museum.museum import Museum
-    from museum.report.gallery import write_gallery
-    from museum.world.concepts import build_concept
-
     out, results = bench
     m = Museum.open(out / "perfusion" / "museum")
     training = {c: build_concept(c, n_train=3).train_images for c in CONCEPTS}
@@ -283,10 +281,6 @@ def test_gallery_in_chromium(bench, browser, artifacts, record_property, tmp_pat
 
 def test_broken_image_is_caught(browser, tmp_path):
     """The check itself can fail: a page with an image Chromium cannot decode."""
-    from PIL import Image
-
-    from museum.report.html import img_tag, write_page
-
     page = write_page(tmp_path / "bad.html", "bad", [img_tag(Image.new("RGB", (4, 4), "red"), alt="good"),
                                                      '<img src="data:image/png;base64,AAAA" alt="broken">'])
     browser.open(page.resolve().as_uri())

@@ -6,21 +6,16 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import interrupted_learning, museum_snapshot, run_cli
-from museum.errors import ImageFolderError, MuseumError, MuseumLockedError
+from museum.errors import ImageFolderError, MuseumError, MuseumLockedError, TrainingDivergedError
+from museum.models.loading import load_pipeline
 from museum.museum import Museum
 from museum.store.lock import writer_lock
 from museum.training.data import read_image_folder
 
 FAST = dict(steps=2, progress=False)
-
-
-@pytest.fixture()
-def museum(tiny_base, concept_images, tmp_path):
-    m = Museum.init(tmp_path / "museum", base=tiny_base)
-    m.learn("sunburst", concept_images["sunburst"][0], method="textual-inversion", class_word="circle", **FAST)
-    return m
 
 
 def write_folder(path, images=(), files=()):
@@ -40,7 +35,7 @@ def write_folder(path, images=(), files=()):
     ("truncated", "not a readable image"),
     ("tiny", "too small"),
 ])
-def test_bad_image_folders_leave_museum_unchanged(museum, tmp_path, case, message):
+def test_bad_image_folders_leave_museum_unchanged(one_concept_museum, tmp_path, case, message):
     good = Image.new("RGB", (32, 32), "red")
     png = (tmp_path / "ok.png")
     good.save(png)
@@ -55,10 +50,10 @@ def test_bad_image_folders_leave_museum_unchanged(museum, tmp_path, case, messag
         write_folder(folder, [good], [("cut.png", png.read_bytes()[:60])])
     elif case == "tiny":
         write_folder(folder, [Image.new("RGB", (1, 1))])
-    before = museum_snapshot(museum.folder)
+    before = museum_snapshot(one_concept_museum.folder)
     with pytest.raises(ImageFolderError, match=message):
-        museum.learn("newthing", folder, method="textual-inversion", class_word="circle", **FAST)
-    assert museum_snapshot(museum.folder) == before
+        one_concept_museum.learn("newthing", folder, method="textual-inversion", class_word="circle", **FAST)
+    assert museum_snapshot(one_concept_museum.folder) == before
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "I;16", "P", "LA"])
@@ -84,19 +79,19 @@ def test_rgba_composited_on_white(tmp_path):
     assert np.asarray(images[0])[0, 0].tolist() == [255, 255, 255]
 
 
-def test_duplicate_name_and_bad_names(museum, concept_images):
-    before = museum_snapshot(museum.folder)
+def test_duplicate_name_and_bad_names(one_concept_museum, concept_images):
+    before = museum_snapshot(one_concept_museum.folder)
     with pytest.raises(MuseumError, match="already has a concept 'sunburst'"):
-        museum.learn("sunburst", concept_images["checker"][0], method="textual-inversion", class_word="square", **FAST)
+        one_concept_museum.learn("sunburst", concept_images["checker"][0], method="textual-inversion",
+                                 class_word="square", **FAST)
     for bad in ("../evil", "a/b", "", "UPPER", "x" * 41):
         with pytest.raises(MuseumError, match="invalid concept name"):
-            museum.learn(bad, concept_images["checker"][0], method="textual-inversion", class_word="square", **FAST)
-    assert museum_snapshot(museum.folder) == before
+            one_concept_museum.learn(bad, concept_images["checker"][0], method="textual-inversion",
+                                     class_word="square", **FAST)
+    assert museum_snapshot(one_concept_museum.folder) == before
 
 
 def test_token_already_in_vocabulary(tiny_base, concept_images, tmp_path):
-    from museum.models.loading import load_pipeline
-
     pipe = load_pipeline(tiny_base)
     pipe.tokenizer.add_tokens(["<taken>"])
     pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
@@ -109,28 +104,29 @@ def test_token_already_in_vocabulary(tiny_base, concept_images, tmp_path):
     m.learn("free", concept_images["checker"][0], method="textual-inversion", class_word="square", **FAST)
 
 
-def test_missing_class_word_and_unknown_method(museum, concept_images):
-    before = museum_snapshot(museum.folder)
+def test_missing_class_word_and_unknown_method(one_concept_museum, concept_images):
+    before = museum_snapshot(one_concept_museum.folder)
     with pytest.raises(MuseumError, match="--class-word"):
-        museum.learn("checker", concept_images["checker"][0], method="textual-inversion", **FAST)
+        one_concept_museum.learn("checker", concept_images["checker"][0], method="textual-inversion", **FAST)
     with pytest.raises(ValueError, match="available methods"):
-        museum.learn("checker", concept_images["checker"][0], method="dreambooth-xl", class_word="square", **FAST)
-    assert museum_snapshot(museum.folder) == before
+        one_concept_museum.learn("checker", concept_images["checker"][0], method="dreambooth-xl",
+                                 class_word="square", **FAST)
+    assert museum_snapshot(one_concept_museum.folder) == before
 
 
-def test_second_writer_fails_at_once(museum, concept_images):
-    before = museum_snapshot(museum.folder)
-    with writer_lock(museum.folder):
+def test_second_writer_fails_at_once(one_concept_museum, concept_images):
+    folder, images = one_concept_museum.folder, concept_images["checker"][0]
+    before = museum_snapshot(folder)
+    with writer_lock(folder):
         with pytest.raises(MuseumLockedError, match="another process"):
-            Museum.open(museum.folder).learn("checker", concept_images["checker"][0], method="textual-inversion",
-                                             class_word="square", **FAST)
-        result = run_cli("learn", str(museum.folder), "checker", "--images", str(concept_images["checker"][0]),
-                         "--class-word", "square", "--method", "textual-inversion", "--steps", "2")
+            Museum.open(folder).learn("checker", images, method="textual-inversion", class_word="square", **FAST)
+        result = run_cli("learn", str(folder), "checker", "--images", str(images), "--class-word", "square",
+                         "--method", "textual-inversion", "--steps", "2")
         assert result.returncode == 2 and "another process" in result.stderr and "--wait" in result.stderr
-    assert museum_snapshot(museum.folder) == before
+    assert museum_snapshot(folder) == before
 
 
-def test_concept_refuses_another_base_model(museum, tiny_base, tmp_path):
+def test_concept_refuses_another_base_model(tiny_base, tmp_path):
     other = tmp_path / "other-base"
     shutil.copytree(tiny_base, other)
     m = Museum.init(tmp_path / "m2", base=other)
@@ -143,15 +139,16 @@ def test_concept_refuses_another_base_model(museum, tiny_base, tmp_path):
         Museum.open(m.folder).generate("a <sunburst> circle", n=1, steps=2)
 
 
-def test_manifest_is_the_commit_point(museum, concept_images):
+def test_manifest_is_the_commit_point(one_concept_museum, concept_images):
     """A concept folder the manifest does not name (a crash before the commit) is invisible and cleaned up."""
-    stray = museum.folder / "concepts" / "001-ghost"
+    stray = one_concept_museum.folder / "concepts" / "001-ghost"
     stray.mkdir()
     (stray / "tensors.safetensors").write_bytes(b"garbage")
-    assert [c.name for c in Museum.open(museum.folder).concepts] == ["sunburst"]
-    museum.learn("checker", concept_images["checker"][0], method="textual-inversion", class_word="square", **FAST)
+    assert [c.name for c in Museum.open(one_concept_museum.folder).concepts] == ["sunburst"]
+    one_concept_museum.learn("checker", concept_images["checker"][0], method="textual-inversion",
+                             class_word="square", **FAST)
     assert not stray.exists()
-    assert [c.name for c in Museum.open(museum.folder).concepts] == ["sunburst", "checker"]
+    assert [c.name for c in Museum.open(one_concept_museum.folder).concepts] == ["sunburst", "checker"]
 
 
 def test_cli_list_and_learn(tiny_base, concept_images, tmp_path):
@@ -167,21 +164,17 @@ def test_cli_list_and_learn(tiny_base, concept_images, tmp_path):
     assert r.returncode == 2 and "<checker>" in r.stderr
 
 
-def test_diverging_training_stops_cleanly(museum, concept_images):
-    from museum.errors import TrainingDivergedError
-
-    before = museum_snapshot(museum.folder)
+def test_diverging_training_stops_cleanly(one_concept_museum, concept_images):
+    before = museum_snapshot(one_concept_museum.folder)
     with pytest.raises(TrainingDivergedError, match="Lower the learning rate"):
-        museum.learn("checker", concept_images["checker"][0], method="c-lora", class_word="square", steps=30,
-                     lr=1e12, token_lr=1e12, progress=False)
-    assert museum_snapshot(museum.folder) == before
-    assert [c.name for c in Museum.open(museum.folder).concepts] == ["sunburst"]
+        one_concept_museum.learn("checker", concept_images["checker"][0], method="c-lora", class_word="square",
+                                 steps=30, lr=1e12, token_lr=1e12, progress=False)
+    assert museum_snapshot(one_concept_museum.folder) == before
+    assert [c.name for c in Museum.open(one_concept_museum.folder).concepts] == ["sunburst"]
 
 
 def test_resume_continues_an_interrupted_concept(tiny_base, concept_images, tmp_path):
     """Interrupt learning after a checkpoint; --resume finishes it and gives the uninterrupted result."""
-    from safetensors.torch import load_file
-
     kw = dict(method="c-lora", class_word="circle", steps=8, lr=1e-2, progress=False, checkpoint_every=4)
     straight = Museum.init(tmp_path / "straight", base=tiny_base)
     straight.learn("sunburst", concept_images["sunburst"][0], **kw)

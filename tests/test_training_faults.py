@@ -5,7 +5,9 @@ checkpoint made by another run."""
 from __future__ import annotations
 
 import pytest
+import torch
 
+import museum.training.trainer as trainer
 from conftest import interrupted_learning, museum_snapshot
 from museum.errors import MuseumError, TrainingDivergedError
 from museum.museum import Museum
@@ -15,14 +17,10 @@ from museum.museum import Museum
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_or_inf_loss_stops_training(one_concept_museum, concept_images, monkeypatch, value):
-    import museum.training.trainer as trainer
-
     real = trainer.denoising_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
-        import torch
-
         loss = real(*args, **kwargs)
         if not torch.is_grad_enabled():  # the starting model's loss, measured before the first step
             return loss
@@ -57,10 +55,6 @@ def test_diverging_learning_rate_is_caught(one_concept_museum, concept_images, m
 
 
 def test_loss_that_rises_far_above_the_start_is_caught(one_concept_museum, concept_images, monkeypatch):
-    import torch
-
-    import museum.training.trainer as trainer
-
     real = trainer.denoising_loss
     calls = {"n": 0}
 

@@ -106,14 +106,6 @@ def test_novel_style_renders_and_differs_from_unstyled(name):
     assert np.abs(_px(styled) - _px(plain)).mean() > 5.0
 
 
-def test_package_keeps_render_module():
-    import museum.world as world_pkg
-
-    # pretraining does `from museum.world import render as world`: it must stay the module
-    assert hasattr(world_pkg.render, "caption") and callable(world_pkg.render_scene)
-    assert world_pkg.build_concept is C.build_concept
-
-
 # --------------------------------------------------------------------------- concepts
 
 

@@ -19,9 +19,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel,
+)
+from safetensors.torch import save_file
+from transformers import (
+    CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
+from museum.models import icgen
 from museum.models.components import SD_SCHEDULER
 from museum.models.tokenizer import write_clip_tokenizer
 from museum.world.render import base_vocabulary
@@ -66,9 +73,6 @@ def build_tiny_pipeline(directory: str | Path, seed: int = 0, family: str = "sd1
 
 
 def _build_sdxl(directory: Path, tokenizer, text_encoder, vae, scheduler) -> Path:
-    from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTextModelWithProjection
-
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
         max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
@@ -94,11 +98,6 @@ def build_tiny_ip_adapter(pipeline: str | Path, directory: str | Path, seed: int
     """Write a random IP-Adapter for the tiny pipeline folder ``pipeline`` to ``directory``, in the layout
     diffusers' ``load_ip_adapter`` reads: ``weight_name`` (``image_proj.*``, ``ip_adapter.N.to_{k,v}_ip``) and a
     tiny ``CLIPVisionModelWithProjection`` with its preprocessor config in ``image_encoder/``."""
-    from safetensors.torch import save_file
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from museum.models import icgen
-
     directory = Path(directory)
     torch.manual_seed(seed)
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from museum.world import render as world
+from museum.world.render import COLOURS, Scene, background, random_pair_scene
 
 NEAR = 60.0  # RGB distance within which a pixel has an object's colour
 COLOUR_GAP = 110.0  # readable scenes: the two colours and the background's are at least this far apart
@@ -24,17 +24,17 @@ MIN_PIXELS = 8  # an object is drawn when at least this many pixels have its col
 @lru_cache(maxsize=None)
 def background_colour(name: str) -> tuple[float, float, float]:
     """The mean RGB of a background (rendered once per name)."""
-    return tuple(world.background(name, np.random.default_rng(0)).reshape(-1, 3).mean(0))
+    return tuple(background(name, np.random.default_rng(0)).reshape(-1, 3).mean(0))
 
 
-def readable_pairs(n: int, seed: int) -> list[world.Scene]:
+def readable_pairs(n: int, seed: int) -> list[Scene]:
     """``n`` two-object scenes (:func:`render.random_pair_scene`, plain objects) whose placement can be read
     from colour alone: the two colours are at least ``COLOUR_GAP`` apart and from the background's."""
     rng, out = random.Random(seed), []
     while len(out) < n:
-        scene = world.random_pair_scene(rng)
+        scene = random_pair_scene(rng)
         scene = replace(scene, pattern="plain", companion=replace(scene.companion, pattern="plain"))
-        colours = [np.array(world.COLOURS[s.colour]) for s in (scene, scene.companion)]
+        colours = [np.array(COLOURS[s.colour]) for s in (scene, scene.companion)]
         ground = np.array(background_colour(scene.background))
         if np.linalg.norm(colours[0] - colours[1]) >= COLOUR_GAP and all(
                 np.linalg.norm(c - ground) >= COLOUR_GAP for c in colours):
@@ -42,7 +42,7 @@ def readable_pairs(n: int, seed: int) -> list[world.Scene]:
     return out
 
 
-def read_placement(image, scene: world.Scene) -> dict:
+def read_placement(image, scene: Scene) -> dict:
     """``placed``: each object's colour is mostly in its own half (at least ``MIN_PIXELS``, and twice as many
     pixels as in the other half); ``objects_drawn``: how many of the two colours appear at all;
     ``pixels``: colour -> (own half, other half)."""
@@ -50,7 +50,7 @@ def read_placement(image, scene: world.Scene) -> dict:
     half = px.shape[1] // 2
     pixels = {}
     for s in (scene, scene.companion):
-        near = np.linalg.norm(px - np.array(world.COLOURS[s.colour]), axis=-1) < NEAR
+        near = np.linalg.norm(px - np.array(COLOURS[s.colour]), axis=-1) < NEAR
         left, right = int(near[:, :half].sum()), int(near[:, half:].sum())
         pixels[s.colour] = (left, right) if s.position == "left" else (right, left)
     placed = all(own >= MIN_PIXELS and own >= 2 * other for own, other in pixels.values())

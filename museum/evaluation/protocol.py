@@ -1,13 +1,16 @@
-"""Scoring a learned concept the way the continual protocol does (METHODS.md).
+"""Scoring a learned concept the way the continual protocol does (METHODS.md): the one path every measurement
+of a concept goes through (the scripts, the tests and ``museum bench``, which adds its own metrics to
+:func:`alignment` in ``museum.evaluation.benchmark.metrics``).
 
 For concept j, the evaluation prompts are the concept's templates filled with the museum's
-phrase for it ("<sunburst> circle", or "<v3>" for C-LoRA), drawn with fixed seeds; the base
+phrase for it ("<sunburst> circle", or "<v3>" for C-LoRA), drawn with fixed seeds (:func:`seeded`); the base
 row fills them with the class word (or drops the style) and draws with the base model.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 from museum.evaluation.metrics import image_alignment, text_alignment
 from museum.generation.sampling import generate_images
@@ -25,13 +28,19 @@ class ConceptScore:
         return asdict(self)
 
 
+def seeded(prompts: Sequence[str], n_seeds: int) -> tuple[list[str], list[int]]:
+    """The (prompt, seed) pairs every image of the protocol is drawn from: each prompt with seeds 0..n_seeds-1, in
+    the order ``Museum.generate(prompts, n=n_seeds, seed=0)`` draws them."""
+    return [p for p in prompts for _ in range(n_seeds)], [s for _ in prompts for s in range(n_seeds)]
+
+
 def evaluation_prompts(concept: Concept, phrase: str, n_prompts: int = N_QUICK_PROMPTS) -> list[str]:
     return [format_prompt(t, phrase) for t in concept.prompts[:n_prompts]]
 
 
 def class_prompts(concept: Concept, n_prompts: int, n_seeds: int) -> list[str]:
     """The class prompt each evaluation image is scored against, in drawing order (prompt k, seeds 0..n_seeds-1)."""
-    return [p for p in concept.class_prompts()[:n_prompts] for _ in range(n_seeds)]
+    return seeded(concept.class_prompts()[:n_prompts], n_seeds)[0]
 
 
 def concept_images(museum, name: str, concept: Concept, *, n_prompts: int, n_seeds: int, steps: int,
@@ -43,9 +52,8 @@ def concept_images(museum, name: str, concept: Concept, *, n_prompts: int, n_see
 
 def base_images(pipe, concept: Concept, *, n_prompts: int, n_seeds: int, steps: int, guidance: float) -> list:
     """The "base" row's images: the class prompts drawn by the untouched base model, same seeds."""
-    seeds = [s for _ in range(n_prompts) for s in range(n_seeds)]
-    return generate_images(pipe, class_prompts(concept, n_prompts, n_seeds), seeds=seeds, steps=steps,
-                           guidance=guidance)
+    prompts, seeds = seeded(concept.class_prompts()[:n_prompts], n_seeds)
+    return generate_images(pipe, prompts, seeds=seeds, steps=steps, guidance=guidance)
 
 
 def alignment(evaluator, images, concept: Concept, prompts: list[str]) -> ConceptScore:
@@ -148,8 +156,7 @@ def zero_shot_alignment(pipe, evaluator, concept, *, scale: float = 1.0, n_promp
     (``icgen.load_adapter``). Same prompts and seeds as :func:`score_base`."""
     pipe.set_ip_adapter_scale(scale)
     context = icgen.context_embeddings(evaluator, concept.train_images)
-    prompts = [p for p in concept.class_prompts()[:n_prompts] for _ in range(n_seeds)]
-    seeds = [s for _ in range(n_prompts) for s in range(n_seeds)]
+    prompts, seeds = seeded(concept.class_prompts()[:n_prompts], n_seeds)
     images = []
     for i in range(0, len(prompts), 16):
         batch = prompts[i:i + 16]

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from museum.evaluation.metrics import text_alignment
-from museum.evaluation.protocol import score_concept
+from museum.evaluation.protocol import score_concept, seeded
 from museum.generation.sampling import generate_images
-from museum.models import icgen
+from museum.methods.base import generation_settings
 from museum.museum import Museum
 
 CIRCLE_CONCEPTS = ("sunburst", "smiley")  # the held-out instances whose class word is "circle"
@@ -51,8 +51,8 @@ def compare_to_base(evaluator, images, base_images, prompts: Sequence[str]) -> d
 
 
 def base_images(pipe, n_seeds: int = 4, steps: int = 25) -> tuple[list[str], list[int], list]:
-    prompts = [p for p in class_prompts() for _ in range(n_seeds)]
-    seeds = [s for _ in class_prompts() for s in range(n_seeds)]
+    """The class prompts, their seeds and the base model's images of them."""
+    prompts, seeds = seeded(class_prompts(), n_seeds)
     return prompts, seeds, generate_images(pipe, prompts, seeds=seeds, steps=steps)
 
 
@@ -65,7 +65,7 @@ def relevant_forgetting(evaluator, folder: Path, base, *, method: str = "lfs", c
     m = Museum.init(folder)
     for c in concepts:
         m.learn(c.name, c.train_images, method=method, class_word=c.class_word, progress=False, **settings)
-    with icgen.context_scale(0.0):  # the shared weights' effect only: ICGen context is not part of this measure
+    with generation_settings({"context_scale": 0.0}):  # the shared weights' effect only, without lfs's ICGen context
         with m.activated([m.manifest.concept(c.name) for c in concepts]):
             images = generate_images(m.pipe, prompts, seeds=seeds, steps=sample_steps)
         out = compare_to_base(evaluator, images, reference, prompts)

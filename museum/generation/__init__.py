@@ -1,5 +1,5 @@
-"""Generation: seeded sampling and image grids."""
+"""Generation: seeded sampling, truncated-prompt warnings and image grids."""
 
-from museum.generation.sampling import generate_images, image_grid
+from museum.generation.sampling import generate_images, image_grid, warn_if_truncated
 
-__all__ = ["generate_images", "image_grid"]
+__all__ = ["generate_images", "image_grid", "warn_if_truncated"]

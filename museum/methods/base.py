@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, ContextManager, Iterator
 
@@ -74,6 +74,11 @@ def get_method(name: str, family: str = "small", **overrides) -> "Method":
     cls = METHODS[name]
     defaults = dict(cls.config_class.SD15) if family in SD_FAMILIES else {}
     return cls(cls.config_class.from_dict({**defaults, **{k: v for k, v in overrides.items() if v is not None}}))
+
+
+def methods_with_setting(key: str) -> list[str]:
+    """The methods whose config has the setting ``key`` (e.g. ``ip_adapter``: the ones that keep image context)."""
+    return [name for name in method_names() if key in {f.name for f in fields(METHODS[name].config_class)}]
 
 
 def parse_setting(item: str) -> tuple[str, Any]:
@@ -173,6 +178,10 @@ class ConceptCost:
     trained_values: int  # values the optimizer updates (the token's row counted once, not the table)
     passes_per_step: float  # UNet sample passes (forward + backward of one sample) per training step
     once_forward_passes: float  # UNet forward-only sample passes done once per concept (class images, Fisher)
+    added_values: int  # trained values added to the model as new parameters (LoRA factors; not the model's own
+    # weights that Custom Diffusion trains in place, nor the token's row of the embedding table)
+    batch_samples: int  # samples in a training step's batch, whose activations backward keeps (Custom Diffusion's
+    # prior images included; a distillation's extra passes are not counted)
 
 
 def lora_values(kv: dict[str, tuple[int, int]], rank: int) -> int:
@@ -287,7 +296,8 @@ class Method:
         """What a concept costs with ``config`` (``MethodConfig.to_dict()``) on a model whose cross-attention K/V
         projections are ``kv`` (``{module: (out, in)}``) and whose text embeddings are ``width`` wide. The formulas
         follow what :meth:`finish` returns and the museum keeps. The default: the token alone (textual inversion)."""
-        return ConceptCost(width, 0, width, config.get("batch_size", 1), 0)
+        b = config.get("batch_size", 1)
+        return ConceptCost(width, 0, width, b, 0, added_values=0, batch_samples=b)
 
     # ---------------------------------------------------------------- generation
     @classmethod

@@ -41,8 +41,8 @@ class CLoRA(LoRAMethod):
 
     @classmethod
     def cost(cls, kv, width, config) -> ConceptCost:  # a fresh LoRA per concept
-        lora = lora_values(kv, config.get("rank", 0))
-        return ConceptCost(lora + width, 0, lora + width, config.get("batch_size", 1), 0)
+        lora, b = lora_values(kv, config.get("rank", 0)), config.get("batch_size", 1)
+        return ConceptCost(lora + width, 0, lora + width, b, 0, added_values=lora, batch_samples=b)
 
     def setup(self, ctx: TrainContext) -> list[dict]:
         self.previous = accumulated_delta([c for c in ctx.earlier if c.method == self.name])

@@ -60,10 +60,11 @@ class CustomDiffusion(Method):
     export_format = "lora"
 
     @classmethod
-    def cost(cls, kv, width, config) -> ConceptCost:  # dense K/V deltas; the prior batch doubles the passes
+    def cost(cls, kv, width, config) -> ConceptCost:  # dense K/V deltas, trained in place; the prior batch doubles
         b, dense = config.get("batch_size", 1), sum(out * inp for out, inp in kv.values())
+        samples = 2 * b if config.get("prior_weight", 1) else b
         classes = config.get("num_class_images", 0) * 25 * 2  # 25 DDIM steps with classifier-free guidance
-        return ConceptCost(dense + width, 0, dense + width, 2 * b if config.get("prior_weight", 1) else b, classes)
+        return ConceptCost(dense + width, 0, dense + width, samples, classes, added_values=0, batch_samples=samples)
 
     # ---------------------------------------------------------------- training
     def setup(self, ctx: TrainContext) -> list[dict]:

@@ -22,7 +22,7 @@ embedded model (docs/METHODS.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -51,8 +51,8 @@ class EWC(SharedLoRAMethod):
     @classmethod
     def cost(cls, kv, width, config) -> ConceptCost:  # a Fisher value per LoRA value; Fisher: forward + backward
         shared = super().cost(kv, width, config)
-        return ConceptCost(width, 2 * shared.state_values, shared.trained_values, shared.passes_per_step,
-                           config.get("fisher_samples", 0) * 3)
+        return replace(shared, state_values=2 * shared.state_values,
+                       once_forward_passes=config.get("fisher_samples", 0) * 3)
 
     def setup(self, ctx: TrainContext) -> list[dict]:
         groups = super().setup(ctx)

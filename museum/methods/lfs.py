@@ -128,8 +128,8 @@ class LFS(SharedLoRAMethod):
         n = config.get("distill_batch", 0) if config.get("distill_weight", 0) else 0
         # the noise bank: teacher DDIM steps for each class prompt (and as many per earlier concept, not counted here)
         once = config.get("num_prompts", 0) * config.get("teacher_steps", 0) if n else 0
-        lora = lora_values(kv, config.get("rank", 0))
-        return ConceptCost(width, lora, lora + width, config.get("batch_size", 1) + n * (1 + 1 / 3), once)
+        lora, b = lora_values(kv, config.get("rank", 0)), config.get("batch_size", 1)
+        return ConceptCost(width, lora, lora + width, b + n * (1 + 1 / 3), once, added_values=lora, batch_samples=b)
 
     def __init__(self, config: LFSConfig | None = None):
         super().__init__(config)

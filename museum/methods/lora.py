@@ -81,8 +81,8 @@ class SharedLoRAMethod(LoRAMethod):
 
     @classmethod
     def cost(cls, kv, width, config) -> ConceptCost:  # the token per concept; one shared LoRA in the museum state
-        lora = lora_values(kv, config.get("rank", 0))
-        return ConceptCost(width, lora, lora + width, config.get("batch_size", 1), 0)
+        lora, b = lora_values(kv, config.get("rank", 0)), config.get("batch_size", 1)
+        return ConceptCost(width, lora, lora + width, b, 0, added_values=lora, batch_samples=b)
 
     @staticmethod
     def lora_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

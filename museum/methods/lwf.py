@@ -18,7 +18,7 @@ read or stored: earlier concepts contribute only their tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,8 +45,7 @@ class LwF(SharedLoRAMethod):
     @classmethod
     def cost(cls, kv, width, config) -> ConceptCost:  # the distillation adds a student and a teacher pass
         shared, n = super().cost(kv, width, config), config.get("distill_batch", 0)
-        return ConceptCost(width, shared.state_values, shared.trained_values,
-                           config.get("batch_size", 1) + n * (1 + 1 / 3), 0)
+        return replace(shared, passes_per_step=config.get("batch_size", 1) + n * (1 + 1 / 3))
 
     def wants_teacher(self, ctx: TrainContext) -> bool:
         return self.config.lwf_weight > 0 and bool(earlier_concepts(self, ctx))

@@ -65,7 +65,7 @@ distillation is skipped (there is no style to separate) and the other two terms 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -142,8 +142,8 @@ class MuseumMaker(SharedLoRAMethod):
     @classmethod
     def cost(cls, kv, width, config) -> ConceptCost:  # its rank-2r task update per concept
         shared, n = super().cost(kv, width, config), config.get("distill_batch", 0)
-        return ConceptCost(width + lora_values(kv, 2 * config.get("rank", 0)), shared.state_values,
-                           shared.trained_values, config.get("batch_size", 1) + 2 * n + n / 3, 0)
+        return replace(shared, concept_values=width + lora_values(kv, 2 * config.get("rank", 0)),
+                       passes_per_step=config.get("batch_size", 1) + 2 * n + n / 3)
 
     def _style_on(self, ctx: TrainContext) -> bool:
         return ctx.concept.is_style and self.config.style_weight > 0

@@ -473,8 +473,8 @@ class Perfusion(Method):
 
     @classmethod
     def cost(cls, kv, width, config) -> ConceptCost:  # o*_K, o*_V per K/V output + i* and C^-1 i* + the token
-        outs = sum(out for out, _ in kv.values())
-        return ConceptCost(outs + 3 * width, 0, outs // 2 + width, config.get("batch_size", 1), 0)
+        outs, b = sum(out for out, _ in kv.values()), config.get("batch_size", 1)
+        return ConceptCost(outs + 3 * width, 0, outs // 2 + width, b, 0, added_values=outs // 2, batch_samples=b)
 
     # ---------------------------------------------------------------- training
     def setup(self, ctx: TrainContext) -> list[dict]:

@@ -40,16 +40,19 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 
 from museum.models import components
-from museum.models.tokenizer import write_clip_tokenizer
 from museum.models.evaluator import Evaluator
-from museum.world import render as world
+from museum.models.tokenizer import write_clip_tokenizer
+from museum.world.render import (
+    BACKGROUNDS, CAPTION_PARTS, COLOURS, INSTANCES, NOVEL_STYLES, SHAPES, base_samples, base_vocabulary, caption,
+    held_out_vocabulary, random_scene, render_batch,
+)
 
 VAE_STEPS, EVALUATOR_STEPS, UNET_STEPS = 1500, 3000, 6000  # the shipped model's recipe
 CFG_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0
 # attribute vocabularies a hard negative swaps, and how often each is picked: the shape is the
 # attribute a batch of random scenes separates worst (colour and background it reads at ~100%)
-SWAPS = ((world.SHAPES, 0.6), (tuple(world.COLOURS), 0.2), (world.BACKGROUNDS, 0.2))
+SWAPS = ((SHAPES, 0.6), (tuple(COLOURS), 0.2), (BACKGROUNDS, 0.2))
 CONTINUE_LR = 0.3  # learning-rate factor when continuing a trained model (pretrain(continue_from=...))
 
 
@@ -63,8 +66,8 @@ def log(msg: str) -> None:
 def _render_chunk(args):
     samples, drop_seed, drop_p = args
     rng = random.Random(drop_seed)
-    images = world.render_batch(samples)
-    captions = [world.caption(s, drop=frozenset(p for p in world.CAPTION_PARTS if rng.random() < drop_p)) for s, _ in samples]
+    images = render_batch(samples)
+    captions = [caption(s, drop=frozenset(p for p in CAPTION_PARTS if rng.random() < drop_p)) for s, _ in samples]
     return images, captions
 
 
@@ -82,14 +85,14 @@ def evaluator_samples(n: int, seed: int):
     for i in range(n):
         kind = rng.random()
         if kind < 0.5:
-            scene = world.random_scene(rng)
+            scene = random_scene(rng)
         elif kind < 0.78:
-            scene = world.random_scene(rng, instance=rng.choice(list(world.INSTANCES)), base_styles=False)
+            scene = random_scene(rng, instance=rng.choice(list(INSTANCES)), base_styles=False)
         elif kind < 0.95:
-            scene = world.random_scene(rng, novel_style=rng.choice(list(world.NOVEL_STYLES)))
+            scene = random_scene(rng, novel_style=rng.choice(list(NOVEL_STYLES)))
         else:
-            scene = world.random_scene(rng, instance=rng.choice(list(world.INSTANCES)),
-                                       novel_style=rng.choice(list(world.NOVEL_STYLES)))
+            scene = random_scene(rng, instance=rng.choice(list(INSTANCES)),
+                                       novel_style=rng.choice(list(NOVEL_STYLES)))
         samples.append((scene, seed * 7_000_001 + i))
     return samples
 
@@ -164,7 +167,7 @@ def train_evaluator(images: np.ndarray, captions: list[str], *, steps: int, batc
                     init: Evaluator | None = None):
     torch.manual_seed(seed)
     if init is None:
-        words = world.base_vocabulary() + world.held_out_vocabulary()
+        words = base_vocabulary() + held_out_vocabulary()
         init = Evaluator.create(write_clip_tokenizer(words, Path("/tmp") / f"museum-evaluator-tokenizer-{seed}"))
     evaluator = init.train().requires_grad_(True)
     opt = torch.optim.AdamW(evaluator.parameters(), lr=lr, weight_decay=0.01)
@@ -248,7 +251,7 @@ def pretrain(out: Path, work: Path, *, seed: int = 0, n_base: int = 30_000, n_ev
     With ``continue_from`` (a folder this function wrote, e.g. ``museum/embedded``) every stage starts from
     that model's component, at ``CONTINUE_LR`` times the learning rate: the VAE trains its decoder only
     (:func:`train_vae`), the evaluator and the UNet + text encoder train on. ``pair_fraction`` of the
-    pretraining scenes show two objects (``world.base_samples``; the shipped model: 0)."""
+    pretraining scenes show two objects (``museum.world.render.base_samples``; the shipped model: 0)."""
     out, work = Path(out), Path(work)
     trained = (StableDiffusionPipeline.from_pretrained(Path(continue_from) / "pipeline", safety_checker=None)
                if continue_from is not None else None)
@@ -260,7 +263,7 @@ def pretrain(out: Path, work: Path, *, seed: int = 0, n_base: int = 30_000, n_ev
     t0 = time.time()
     base_name = f"base-{seed}-{n_base}" + (f"-pairs{pair_fraction:g}" if pair_fraction else "")
     base_images, base_captions = load_or_render(
-        work, base_name, lambda: render_set(world.base_samples(n_base, seed, pair_fraction=pair_fraction),
+        work, base_name, lambda: render_set(base_samples(n_base, seed, pair_fraction=pair_fraction),
                                             drop_p=0.0, seed=seed))
     log(f"base set: {len(base_images)} images ({time.time() - t0:.0f}s)")
     if run("vae"):
@@ -274,8 +277,8 @@ def pretrain(out: Path, work: Path, *, seed: int = 0, n_base: int = 30_000, n_ev
         images = np.concatenate([base_images[: n_eval // 2], ev_images])
         # base captions with dropped parts too, so partial queries ("a red shape") read well
         rng = random.Random(seed)
-        drop_captions = [world.caption(s, drop=frozenset(p for p in world.CAPTION_PARTS if rng.random() < 0.25))
-                         for s, _ in world.base_samples(n_base, seed)[: n_eval // 2]]
+        drop_captions = [caption(s, drop=frozenset(p for p in CAPTION_PARTS if rng.random() < 0.25))
+                         for s, _ in base_samples(n_base, seed)[: n_eval // 2]]
         evaluator = train_evaluator(images, drop_captions + ev_captions, steps=evaluator_steps, batch=256, seed=seed,
                                     lr=1e-3 * lr_scale,
                                     init=Evaluator.from_pretrained(Path(continue_from) / "evaluator") if trained else None)
@@ -283,7 +286,7 @@ def pretrain(out: Path, work: Path, *, seed: int = 0, n_base: int = 30_000, n_ev
     if run("unet"):
         if trained is None:
             vae = AutoencoderKL.from_pretrained(work / "vae")
-            tokenizer, start = write_clip_tokenizer(world.base_vocabulary(), work / "tokenizer"), None
+            tokenizer, start = write_clip_tokenizer(base_vocabulary(), work / "tokenizer"), None
         else:  # its VAE has the continued decoder when this run's vae stage trained it
             vae, tokenizer, start = trained.vae, trained.tokenizer, (trained.unet, trained.text_encoder)
         unet, text_encoder = train_unet(base_images, base_captions, vae, tokenizer, steps=unet_steps, batch=64,

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from museum.evaluation.benchmark import read_results
+from museum.evaluation.benchmark.results import read_results
 from museum.report.html import Raw, img_tag, table, write_page
 
 REPORT = "report.html"

@@ -24,9 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from museum.errors import BaseModelError, MuseumError
+from museum.store.atomic import atomic_write_json
 
 SCHEMA_VERSION = 1
 MANIFEST = "museum.json"
@@ -37,10 +41,6 @@ FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.(safetensors|json|png)$")
 STATE_RE = re.compile(r"^state/[a-z0-9][a-z0-9_.-]*\.safetensors$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
-
-
-from museum.errors import BaseModelError, MuseumError
-from museum.store.atomic import atomic_write_json
 
 
 def sha256_file(path: Path) -> str:
@@ -204,3 +204,16 @@ def verify_files(folder: Path, files: dict[str, str], what: str) -> None:
         if sha256_file(path) != digest:
             raise MuseumError(f"{what}: file {path} does not match its checksum in {MANIFEST}; it was modified "
                               "or damaged (restore it from a backup, or `museum remove` the concept)")
+
+
+def remove_unreferenced(folder: Path, manifest: Manifest) -> None:
+    """Delete the concept folders and state files of the museum at ``folder`` that ``manifest`` no longer names
+    (after a commit that removed or replaced them)."""
+    keep_dirs = {folder / c.folder for c in manifest.concepts}
+    for p in (folder / "concepts").glob("*"):
+        if p.is_dir() and p not in keep_dirs:
+            shutil.rmtree(p, ignore_errors=True)
+    keep_state = {folder / r["file"] for r in manifest.state.values()}
+    for p in (folder / "state").glob("*.safetensors") if (folder / "state").is_dir() else []:
+        if p not in keep_state:
+            p.unlink(missing_ok=True)

@@ -95,7 +95,7 @@ class TrainOptions:
                               "features); on CPU use --mixed-precision bf16 (autocast) or no (fp32)")
         if self.use_8bit_adam:
             try:
-                import bitsandbytes  # noqa: F401
+                import bitsandbytes  # noqa: F401  (optional: only --use-8bit-adam needs it)
             except ImportError:
                 raise MuseumError("--use-8bit-adam needs bitsandbytes, which is not installed: `pip install "
                                   "bitsandbytes` (on a machine with a CUDA GPU), or train without --use-8bit-adam") \
@@ -106,7 +106,7 @@ class TrainOptions:
 
 def make_optimizer(groups: list[dict], use_8bit_adam: bool = False) -> torch.optim.Optimizer:
     if use_8bit_adam:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional, checked by TrainOptions.check
 
         return bnb.optim.AdamW8bit(groups, weight_decay=0.0)
     return torch.optim.AdamW(groups, weight_decay=0.0)
