@@ -94,6 +94,8 @@ class Collection:
 
     def method_state(self, manifest: Manifest, method: str) -> dict[str, torch.Tensor]:
         """``method``'s shared state as ``manifest`` records it (read once; empty when it keeps none)."""
+        if method in self.state:  # loaded, or just learned (:meth:`hold`)
+            return self.state[method]
         if manifest.state.get(method) is None:
             return {}
         if method not in self.state:
@@ -109,7 +111,9 @@ class Collection:
              state: dict[str, torch.Tensor]) -> None:
         """Keep a concept just learned (its tensors, its concept.json, its method's new state) as if loaded, so the
         sample it is committed with is drawn with it; the pipeline already holds its token."""
-        self.tensors[name], self.records[name], self.state[method] = tensors, record, state
+        self.tensors[name], self.records[name] = tensors, record
+        if state:  # as the commit records it: a method that returns no new state keeps its stored one
+            self.state[method] = state
 
     def unload(self) -> None:
         """Forget the pipeline and the method states: the next use loads them from disk again (after a change to

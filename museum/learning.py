@@ -133,8 +133,7 @@ class LearningSession:
             "steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
             "base_hash": museum.manifest.base_hash, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        # the sample is drawn before the commit, with the new concept and, where the manifest already records a state
-        # of this method, its new state (a method's first concept is drawn without it: Museum.method_state)
+        # the sample is drawn before the commit, with the new concept and its method's new state
         museum.collection.hold(info.name, result.tensors, record, m.name, result.state)
         pending = [*museum.manifest.concepts, entry]
         prompt = concept_prompt(m, info)

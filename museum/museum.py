@@ -162,7 +162,7 @@ class Museum:
 
     def method_state(self, method: str) -> dict[str, torch.Tensor]:
         """The state ``method`` shares across this museum's concepts (empty when it keeps none)."""
-        if method not in self.manifest.state:
+        if method not in self.manifest.state and method not in self.collection.state:
             return {}
         return self._loaded().method_state(self.manifest, method)
 

@@ -15,16 +15,18 @@ import numpy as np
 import pytest
 import torch
 import typer.main
+from PIL import Image
 from diffusers import StableDiffusionPipeline
 
 from museum.cli import app
 from museum.errors import MuseumError
-from museum.generation.sampling import generate_images
+from museum.generation.sampling import generate_images, image_grid
 from museum.methods import METHODS, method_names
 from museum.methods.base import ConceptCost, ConceptInfo, Method, TrainContext, register
 from museum.models.loading import load_pipeline
 from museum.museum import Museum
 from museum.plumbing.kv import kv_modules
+from museum.plumbing.objectives import OBJECT_TEMPLATE
 from museum.plumbing.tokens import text_pairs
 from tiny_models import FAMILIES
 
@@ -116,6 +118,20 @@ def test_methods_without_sdxl_support_are_refused_clearly(tiny_family, concept_i
     with pytest.raises(MuseumError, match=rf"{method} does not support bases with two text encoders \(SDXL\)"):
         m.learn("sunburst", concept_images["sunburst"][0], method=method, class_word="circle", progress=False, **FAST)
     assert Museum.open(tmp_path / "museum").concepts == []
+
+
+@pytest.mark.parametrize("method", ["finetune", "lfs"])
+def test_a_first_concepts_sample_is_drawn_with_its_methods_new_state(method, tiny_base, concept_images, tmp_path):
+    """Methods that keep one shared state (finetune, EWC, LwF, MuseumMaker, lfs) draw a concept's commit sample
+    with the state it was learned into, also the first concept's, whose state the manifest did not yet hold."""
+    m = Museum.init(tmp_path / "museum", base=tiny_base)
+    m.learn("sunburst", concept_images["sunburst"][0], method=method, class_word="circle", progress=False,
+            **dict(FAST, **EXTRA.get(method, {})))
+    assert m.manifest.state.get(method)
+    sample = np.asarray(Image.open(m.concept("sunburst").path / "sample.png").convert("RGB"), np.int16)
+    drawn = np.asarray(image_grid(Museum.open(tmp_path / "museum").generate(
+        OBJECT_TEMPLATE.format(m.concept("sunburst").phrase), n=4, seed=0), cols=4, scale=2), np.int16)
+    assert np.abs(sample - drawn).max() <= 1  # one level: a reloaded pipeline may round differently
 
 
 def test_learn_save_reload_generate(learned):
