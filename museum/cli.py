@@ -241,12 +241,8 @@ def list_concepts(folder: Path = typer.Argument(..., metavar="DIR")) -> None:
     for col in ("#", "name", "use as", "method", "class", "steps", "seconds", "bytes"):
         table.add_column(col)
     for c in m.concepts:
-        try:
-            size = sum(p.stat().st_size for p in c.path.glob("*.safetensors"))
-        except OSError:  # removed by a writer this moment
-            size = 0
         table.add_row(str(c.task_index), c.name, c.phrase, c.method, c.class_word, str(c.info.get("steps", "")),
-                      f"{c.info.get('train_seconds', 0):.0f}", f"{size:,}")
+                      f"{c.info.get('train_seconds', 0):.0f}", f"{c.size:,}")
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)
@@ -299,15 +295,11 @@ def merge(folder: Path = typer.Argument(..., metavar="DIR"), names: List[str] = 
 @app.command()
 def methods() -> None:
     """List the registered methods and their default settings."""
-    import sys
-
     from museum.methods import METHODS, method_names
 
     for name in method_names():
         cls = METHODS[name]
-        doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
-        summary = " ".join(doc.strip().split("\n\n")[0].split())  # the docstring's first paragraph
-        typer.echo(f"{name}: {summary}")
+        typer.echo(f"{name}: {cls.summary()}")
         typer.echo(f"    defaults: {cls.config_class().to_dict()}")
         if cls.config_class.SD15:
             typer.echo(f"    on SD-1.x/2.x/XL bases: {dict(cls.config_class.SD15)}"
