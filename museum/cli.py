@@ -383,6 +383,21 @@ def report(folder: Path = typer.Argument(..., metavar="DIR", help="a `museum ben
     typer.echo(f"report: {page}\nopen it with: python -m webbrowser -t {page.resolve().as_uri()}")
 
 
+@app.command()
+def serve(folder: Path = typer.Argument(Path("my-museum"), metavar="[DIR]", help="the museum (made on --base when the "
+                                        "folder does not exist)"),
+          host: str = typer.Option("127.0.0.1", help="address to listen on; any other than this machine's loopback "
+                                   "opens the studio (which has no login) to the network"),
+          port: Optional[int] = typer.Option(None, help="port (default: the first free one from 7860)"),
+          base: str = typer.Option("embedded", help="base model of a new museum, as for `museum init`"),
+          bench: Optional[Path] = typer.Option(None, help="a `museum bench` folder for the Benchmark tab")) -> None:
+    """Open the web studio on a museum: learn, browse, draw, export, benchmark report (pip install -e ".[studio]")."""
+    _quiet()
+    from museum.studio.app import serve as run
+
+    run(folder, host=host, port=port, base=base, bench=bench)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     typer.echo(f"warning: {message}", err=True)
 
