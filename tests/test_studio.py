@@ -10,7 +10,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,9 @@ from pathlib import Path
 
 import pytest
 from reliability_support import leftovers, manifest_names
+from studio_page import (
+    CHROMIUM, chromium, fill_generate, fill_learn, finished, free_port, generated, open_studio, show_tab,
+)
 
 from conftest import museum_snapshot
 from museum.errors import MuseumUserError
@@ -30,8 +32,6 @@ gr = pytest.importorskip("gradio", reason="the studio needs Gradio: pip install 
 from museum.studio.app import is_loopback, start  # noqa: E402
 from museum.studio.core import LearnJob, LearnRequest, Studio, knob_options, knobs  # noqa: E402
 
-CHROMIUM = os.environ.get("MUSEUM_CHROMIUM") or next(
-    (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")) if p), None)
 ARTIFACTS = Path(os.environ.get("MUSEUM_TEST_ARTIFACTS") or Path(__file__).resolve().parent.parent / "test-artifacts")
 STEP_DELAY = 0.4  # seconds added to each training step in the browser tests, so that the page can watch them
 
@@ -128,9 +128,7 @@ def test_only_loopback_hosts_count_as_local(host, loopback):
 
 
 def test_museum_serve_makes_the_museum_and_warns_when_it_listens_beyond_this_machine(tiny_base, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     folder = tmp_path / "new-museum"
     log = tmp_path / "serve.log"
     with log.open("w") as out:
@@ -153,23 +151,15 @@ def test_museum_serve_makes_the_museum_and_warns_when_it_listens_beyond_this_mac
     assert config["title"] == "Museum studio: new-museum"
     assert manifest_names(folder) == []  # made on --base
     text = log.read_text()
-    assert f"created museum {folder}" in text and "warning: --host 0.0.0.0: the studio is reachable from other machines" \
-        in text, text
+    assert f"created museum {folder}" in text, text
+    assert "warning: --host 0.0.0.0: the studio is reachable from other machines" in text, text
 
 
 # ----------------------------------------------------------------------------- in a browser
 
-def _browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright drives the browser: pip install playwright")
-    if CHROMIUM is None:
-        pytest.skip("no Chromium to drive (Debian: apt-get install chromium; or set MUSEUM_CHROMIUM to a Chrome/Chromium "
-                    "binary)")
-    return sync_api
-
-
 @pytest.fixture
 def served(tmp_path, tiny_base, monkeypatch):
-    """``served(museum_folder)``: the studio on it at a free port; yields (url, studio). Training steps are slowed by
+    """``served(museum_folder)``: the studio on it at a free port; its URL. Training steps are slowed by
     ``STEP_DELAY`` so that the page can see them."""
     slow = LearnJob._on_step
 
@@ -180,13 +170,10 @@ def served(tmp_path, tiny_base, monkeypatch):
     monkeypatch.setattr(LearnJob, "_on_step", on_step)
     running = []
 
-    def serve(folder: Path):
-        studio = Studio(folder)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    def serve(folder: Path) -> str:
+        studio, port = Studio(folder), free_port()
         running.append((start(studio, port=port, block=False), studio))
-        return f"http://127.0.0.1:{port}/", studio
+        return f"http://127.0.0.1:{port}/"
 
     yield serve
     for page, studio in running:
@@ -196,12 +183,12 @@ def served(tmp_path, tiny_base, monkeypatch):
 
 @pytest.fixture
 def browser():
-    sync_api = _browser()
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+    pytest.importorskip("playwright.sync_api", reason="Playwright drives the browser: pip install playwright")
+    if CHROMIUM is None:
+        pytest.skip("no Chromium to drive (Debian: apt-get install chromium; or set MUSEUM_CHROMIUM to a "
+                    "Chrome/Chromium binary)")
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture
@@ -213,49 +200,6 @@ def artifacts(request):
     return folder
 
 
-WATCH_STATUS = """() => {
-  window.seen = [];
-  const box = document.querySelector('#learn-status');
-  new MutationObserver(() => {
-    const d = box.querySelector('[data-state]');
-    const bar = box.querySelector('progress');
-    if (d) window.seen.push([d.dataset.state, +d.dataset.step, bar && bar.hasAttribute('value') ? bar.value : null,
-                             d.innerText]);
-  }).observe(box, {subtree: true, childList: true, characterData: true, attributes: true});
-}"""
-
-
-def _open(browser, url: str):
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
-    page.goto(url)
-    page.wait_for_selector("#learn-go")
-    page.evaluate(WATCH_STATUS)
-    return page
-
-
-def _upload(page, files, name: str, class_word: str, steps: int, method: str = "c-lora") -> None:
-    page.locator("#learn-files input[type=file]").set_input_files([str(f) for f in files])
-    for f in files:
-        page.locator(f"#learn-files td.filename[aria-label='{Path(f).name}']").wait_for()
-    page.fill("#learn-name textarea", name)
-    page.fill("#learn-class textarea", class_word)
-    if page.input_value("#learn-method input") != method:
-        page.fill("#learn-method input", method)
-        page.keyboard.press("Enter")
-        page.wait_for_function(f"document.querySelector('#learn-about').innerText.startsWith('{method}:')")
-    page.fill("#learn-steps input", str(steps))
-
-
-def _finished(page, timeout: float = 120_000) -> str:
-    page.wait_for_selector("#learn-status [data-state=done], #learn-status [data-state=failed], "
-                           "#learn-status [data-state=cancelled]", timeout=timeout)
-    return page.locator("#learn-status [data-state]").get_attribute("data-state")
-
-
-def _tab(page, name: str) -> None:
-    page.locator("button[role=tab]", has_text=name).click()
-
-
 def test_studio_in_a_browser(browser, served, tiny_base, concept_images, tmp_path, artifacts, monkeypatch):
     drawn = []  # the generation options each drawing got
     draw = Studio.generate
@@ -263,16 +207,15 @@ def test_studio_in_a_browser(browser, served, tiny_base, concept_images, tmp_pat
                                                                                                           **kw))
     folder = tmp_path / "museum"
     Museum.init(folder, base=tiny_base)
-    url, _ = served(folder)
-    page = _open(browser, url)
+    page = open_studio(browser, served(folder))
     good = images_of(concept_images["sunburst"][0])
 
     # an invalid upload: its message in the page, the museum unchanged
     (tmp_path / "notes.txt").write_text("not a picture")
     before = museum_snapshot(folder)
-    _upload(page, [*good, tmp_path / "notes.txt"], "smiley", "circle", 4)
+    fill_learn(page, [*good, tmp_path / "notes.txt"], "smiley", 4, class_word="circle")
     page.click("#learn-go")
-    assert _finished(page) == "failed"
+    assert finished(page) == "failed"
     assert "notes.txt: not an image file" in page.inner_text("#learn-status")
     page.screenshot(path=artifacts / "learn-invalid-upload.png", full_page=True)
     assert museum_snapshot(folder) == before
@@ -280,11 +223,11 @@ def test_studio_in_a_browser(browser, served, tiny_base, concept_images, tmp_pat
     # learn: the progress bar moves step by step, with the loss and the time left
     page.locator("#learn-files button[aria-label=Clear]").first.click()
     page.evaluate("window.seen = []")
-    _upload(page, good, "smiley", "circle", 4, method="perfusion")
+    fill_learn(page, good, "smiley", 4, class_word="circle", method="perfusion")
     page.click("#learn-go")
     page.wait_for_selector("#learn-status [data-state=training]")
     page.screenshot(path=artifacts / "learn-training.png", full_page=True)
-    assert _finished(page) == "done", page.inner_text("#learn-status")
+    assert finished(page) == "done", page.inner_text("#learn-status")
     page.locator("#learn-sample img").wait_for()
     page.screenshot(path=artifacts / "learn-done.png", full_page=True)
     training = [s for s in page.evaluate("window.seen") if s[0] == "training"]
@@ -295,7 +238,7 @@ def test_studio_in_a_browser(browser, served, tiny_base, concept_images, tmp_pat
     assert manifest_names(folder) == ["smiley"]
 
     # listed in the Museum tab, with its sample; exported as a zip the page downloads
-    _tab(page, "Museum")
+    show_tab(page, "Museum")
     page.wait_for_selector("#museum-table td:text-is('smiley')")
     assert page.locator("#museum-table img").evaluate("im => im.naturalWidth") > 0
     page.click("#museum-export")
@@ -305,22 +248,13 @@ def test_studio_in_a_browser(browser, served, tiny_base, concept_images, tmp_pat
     assert "learned_embeds.safetensors" in files and "museum_export.json" in files
 
     # draw with its phrase, inserted by its button, and its method's knobs (Perfusion's gate bias and strength)
-    _tab(page, "Generate")
+    show_tab(page, "Generate")
     page.locator("button.phrase", has_text="<smiley> circle").click()
     page.wait_for_function("document.querySelector('#gen-prompt textarea').value === '<smiley> circle'")
     prompt = "a <smiley> circle on a sand background"
-    page.fill("#gen-prompt textarea", prompt)
-    page.locator(".knob textarea").first.wait_for()
-    page.get_by_label("gate_bias (perfusion)").fill("0.6")
-    page.get_by_label("strength of smiley").fill("1.5")
-    page.fill("#gen-n input", "2")
-    page.fill("#gen-steps input", "2")
-    page.fill("#gen-seed input", "7")
-    page.click("#gen-go")
-    page.wait_for_selector("#gen-status div")
-    assert page.locator("#gen-status .studio-error").count() == 0, page.inner_text("#gen-status")
-    page.wait_for_function("[...document.querySelectorAll('#gen-gallery img')].filter(im => im.naturalWidth).length "
-                           ">= 2")  # drawn and decoded
+    fill_generate(page, prompt, n=2, steps=2, seed=7,
+                  knobs={"gate_bias (perfusion)": "0.6", "strength of smiley": "1.5"})
+    generated(page, 2)
     assert page.locator("#gen-gallery img").count() == 2
     text = page.inner_text("#gen-gallery")
     assert f"seed 7: {prompt}" in text and f"seed 8: {prompt}" in text, text
@@ -334,9 +268,8 @@ def test_benchmark_tab_opens_a_bench_folders_report(browser, served, tiny_base, 
     run_benchmark(["textual-inversion"], ["sunburst"], tmp_path / "bench", base=tiny_base, steps=2, n_prompts=1,
                   n_seeds=2, gen_steps=2, progress=False, base_row=False, n_train=3, n_ref=4)
     Museum.init(tmp_path / "museum", base=tiny_base)
-    url, _ = served(tmp_path / "museum")
-    page = _open(browser, url)
-    _tab(page, "Benchmark")
+    page = open_studio(browser, served(tmp_path / "museum"))
+    show_tab(page, "Benchmark")
     page.fill("#bench-folder textarea", str(tmp_path / "nothing"))
     page.click("#bench-open")
     page.wait_for_selector("#bench-status .studio-error")
@@ -352,17 +285,17 @@ def test_benchmark_tab_opens_a_bench_folders_report(browser, served, tiny_base, 
 def test_two_tabs_learning_into_one_museum(browser, served, tiny_base, concept_images, tmp_path, artifacts):
     folder = tmp_path / "museum"
     Museum.init(folder, base=tiny_base)
-    url, _ = served(folder)
-    first, second = _open(browser, url), _open(browser, url)
-    _upload(first, images_of(concept_images["sunburst"][0]), "first", "circle", 8)
-    _upload(second, images_of(concept_images["checker"][0]), "second", "square", 3)
+    url = served(folder)
+    first, second = open_studio(browser, url), open_studio(browser, url)
+    fill_learn(first, images_of(concept_images["sunburst"][0]), "first", 8, class_word="circle")
+    fill_learn(second, images_of(concept_images["checker"][0]), "second", 3, class_word="square")
     first.click("#learn-go")
     first.wait_for_selector("#learn-status [data-state=training]")
     second.click("#learn-go")  # while the first holds the museum's writer lock
     second.wait_for_selector("#learn-status [data-state=waiting]")
     assert "waiting for the other learner" in second.inner_text("#learn-status")
     second.screenshot(path=artifacts / "second-tab-waiting.png", full_page=True)
-    assert _finished(first) == "done" and _finished(second) == "done", second.inner_text("#learn-status")
+    assert finished(first) == "done" and finished(second) == "done", second.inner_text("#learn-status")
     # the second trained only after the first had committed, and the museum holds both, whole
     states = [s[0] for s in second.evaluate("window.seen")]
     assert states.index("training") > states.index("waiting")

@@ -202,7 +202,8 @@ def _museum_tab(studio: Studio):
 
 
 def _generate_tab(studio: Studio, catalog: "gr.State") -> None:
-    prompt = gr.Textbox(label="prompt", placeholder="a <name> circle on a sand background", elem_id="gen-prompt", interactive=True)
+    prompt = gr.Textbox(label="prompt", placeholder="a <name> circle on a sand background", elem_id="gen-prompt",
+                        interactive=True)
 
     @gr.render(inputs=catalog)
     def concept_controls(concepts):

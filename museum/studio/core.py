@@ -201,7 +201,7 @@ def knobs(concepts: Sequence[dict]) -> list[Knob]:
 
 
 def knob_options(chosen: Sequence[Knob], values: Sequence[str | None]) -> dict:
-    """``Museum.generate``'s ``options`` from what the page's fields for ``chosen`` hold (empty: the method's default)."""
+    """``Museum.generate``'s ``options`` from the page's fields for ``chosen`` (empty: the method's default)."""
     options: dict = {}
     for knob, text in zip(chosen, values):
         if text is None or not str(text).strip():
@@ -209,7 +209,8 @@ def knob_options(chosen: Sequence[Knob], values: Sequence[str | None]) -> dict:
         try:
             value = float(text)
         except ValueError:
-            raise MuseumError(f"{knob.label}: {text!r} is not a number; leave it empty for the method's default") from None
+            raise MuseumError(f"{knob.label}: {text!r} is not a number; leave it empty for the method's "
+                              "default") from None
         if knob.concept:
             options.setdefault(knob.option.name, {})[knob.concept] = value
         else:
