@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM = os.environ.get("MUSEUM_CHROMIUM") or next((p for p in map(shutil.which, BROWSERS) if p), None)
 
-#: records every state the Learn tab's status shows: [state, step, the bar's value, its text]
+#: records every state the Learn tab's status shows: [state, step, the bar's value, its text, the concept's name]
 WATCH_STATUS = """() => {
   window.seen = [];
   const box = document.querySelector('#learn-status');
@@ -22,7 +22,7 @@ WATCH_STATUS = """() => {
     const d = box.querySelector('[data-state]');
     const bar = box.querySelector('progress');
     if (d) window.seen.push([d.dataset.state, +d.dataset.step, bar && bar.hasAttribute('value') ? bar.value : null,
-                             d.innerText]);
+                             d.innerText, d.dataset.concept]);
   }).observe(box, {subtree: true, childList: true, characterData: true, attributes: true});
 }"""
 
@@ -74,11 +74,18 @@ def fill_learn(page, files: Sequence[Path], name: str, steps: int, *, class_word
     page.fill("#learn-steps input", str(steps))
 
 
-def finished(page, timeout: float = 120_000) -> str:
-    """Wait for the Learn tab's job to end; its final state ("done", "failed" or "cancelled")."""
-    page.wait_for_selector("#learn-status [data-state=done], #learn-status [data-state=failed], "
-                           "#learn-status [data-state=cancelled]", timeout=timeout)
-    return page.locator("#learn-status [data-state]").get_attribute("data-state")
+def click_learn(page) -> None:
+    """Click Learn, forgetting the states the status showed before (``window.seen``)."""
+    page.evaluate("window.seen = []")
+    page.click("#learn-go")
+
+
+def finished(page, name: str, timeout: float = 120_000) -> str:
+    """Wait for the page's job learning ``name`` to end; its final state ("done", "failed" or "cancelled"). The
+    status the page showed before the click may be recorded again after it: give each job in a page its own name."""
+    final = f"s => ['done', 'failed', 'cancelled'].includes(s[0]) && s[4] === {name!r}"
+    page.wait_for_function(f"window.seen.some({final})", timeout=timeout)
+    return page.evaluate(f"window.seen.find({final})[0]")
 
 
 def show_tab(page, name: str) -> None:

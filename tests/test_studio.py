@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from reliability_support import leftovers, manifest_names
 from studio_page import (
-    CHROMIUM, chromium, fill_generate, fill_learn, finished, free_port, generated, open_studio, show_tab,
+    CHROMIUM, chromium, click_learn, fill_generate, fill_learn, finished, free_port, generated, open_studio, show_tab,
 )
 
 from conftest import museum_snapshot
@@ -28,7 +28,7 @@ from museum.errors import MuseumUserError
 from museum.museum import Museum
 from museum.store.lock import writer_lock
 
-gr = pytest.importorskip("gradio", reason="the studio needs Gradio: pip install -e \".[studio]\"")
+pytest.importorskip("gradio", reason="the studio needs Gradio: pip install -e \".[studio]\"")
 from museum.studio.app import is_loopback, start  # noqa: E402
 from museum.studio.core import LearnJob, LearnRequest, Studio, knob_options, knobs  # noqa: E402
 
@@ -101,7 +101,7 @@ def test_cancel_stops_learning_and_commits_nothing(studio, concept_images):
     for status in job.statuses():
         states.append(status.state)
         if status.state == "training":
-            assert studio.cancel("c")
+            assert studio.cancel("c") is job
     assert states[-1] == "cancelled" and "training" in states
     assert museum_snapshot(studio.folder) == before
     with writer_lock(studio.folder):  # released
@@ -213,21 +213,30 @@ def test_studio_in_a_browser(browser, served, tiny_base, concept_images, tmp_pat
     # an invalid upload: its message in the page, the museum unchanged
     (tmp_path / "notes.txt").write_text("not a picture")
     before = museum_snapshot(folder)
-    fill_learn(page, [*good, tmp_path / "notes.txt"], "smiley", 4, class_word="circle")
-    page.click("#learn-go")
-    assert finished(page) == "failed"
+    fill_learn(page, [*good, tmp_path / "notes.txt"], "mug", 4, class_word="circle")
+    click_learn(page)
+    assert finished(page, "mug") == "failed"
     assert "notes.txt: not an image file" in page.inner_text("#learn-status")
     page.screenshot(path=artifacts / "learn-invalid-upload.png", full_page=True)
     assert museum_snapshot(folder) == before
 
+    # cancel: training stops, nothing is committed
+    page.locator("#learn-files button[aria-label=Clear]").first.click()
+    fill_learn(page, good, "cup", 50, class_word="circle")
+    click_learn(page)
+    page.wait_for_selector("#learn-status [data-state=training]")
+    page.click("#learn-cancel")
+    assert finished(page, "cup") == "cancelled"
+    assert "nothing was learned, the museum is as it was" in page.inner_text("#learn-status")
+    assert museum_snapshot(folder) == before
+
     # learn: the progress bar moves step by step, with the loss and the time left
     page.locator("#learn-files button[aria-label=Clear]").first.click()
-    page.evaluate("window.seen = []")
     fill_learn(page, good, "smiley", 4, class_word="circle", method="perfusion")
-    page.click("#learn-go")
+    click_learn(page)
     page.wait_for_selector("#learn-status [data-state=training]")
     page.screenshot(path=artifacts / "learn-training.png", full_page=True)
-    assert finished(page) == "done", page.inner_text("#learn-status")
+    assert finished(page, "smiley") == "done", page.inner_text("#learn-status")
     page.locator("#learn-sample img").wait_for()
     page.screenshot(path=artifacts / "learn-done.png", full_page=True)
     training = [s for s in page.evaluate("window.seen") if s[0] == "training"]
@@ -289,13 +298,14 @@ def test_two_tabs_learning_into_one_museum(browser, served, tiny_base, concept_i
     first, second = open_studio(browser, url), open_studio(browser, url)
     fill_learn(first, images_of(concept_images["sunburst"][0]), "first", 8, class_word="circle")
     fill_learn(second, images_of(concept_images["checker"][0]), "second", 3, class_word="square")
-    first.click("#learn-go")
+    click_learn(first)
     first.wait_for_selector("#learn-status [data-state=training]")
-    second.click("#learn-go")  # while the first holds the museum's writer lock
+    click_learn(second)  # while the first holds the museum's writer lock
     second.wait_for_selector("#learn-status [data-state=waiting]")
     assert "waiting for the other learner" in second.inner_text("#learn-status")
     second.screenshot(path=artifacts / "second-tab-waiting.png", full_page=True)
-    assert finished(first) == "done" and finished(second) == "done", second.inner_text("#learn-status")
+    assert finished(first, "first") == "done", first.inner_text("#learn-status")
+    assert finished(second, "second") == "done", second.inner_text("#learn-status")
     # the second trained only after the first had committed, and the museum holds both, whole
     states = [s[0] for s in second.evaluate("window.seen")]
     assert states.index("training") > states.index("waiting")

@@ -50,7 +50,7 @@ def _duration(seconds: float) -> str:
 
 def status_html(s: LearnStatus) -> str:
     """A learning job's status: a progress bar (indeterminate while it waits or prepares), the loss, the time left."""
-    if s.state in ("waiting", "preparing"):
+    if s.state in ("waiting", "preparing", "cancelling"):
         bar = "<progress></progress>"
     elif s.state in ("training", "done"):
         bar = f'<progress value="{s.step}" max="{s.total}"></progress>'
@@ -63,7 +63,8 @@ def status_html(s: LearnStatus) -> str:
         parts.append(f"about {_duration(s.seconds_left)} left" if s.seconds_left is not None else "timing the steps")
     notes = "".join(f'<div class="studio-note">{html.escape(n)}</div>' for n in s.notes if s.state != "done")
     css = "studio-error" if s.state == "failed" else "studio-message"
-    return (f'<div data-state="{s.state}" data-step="{s.step}">{bar}<div class="{css}">'
+    return (f'<div data-state="{s.state}" data-concept="{html.escape(s.name)}" data-step="{s.step}">{bar}'
+            f'<div class="{css}">'
             f'{html.escape(" · ".join(parts))}</div>{notes}</div>')
 
 
@@ -100,7 +101,9 @@ def build(studio: Studio, bench: str | Path | None = None) -> "gr.Blocks":
     """The studio's page on ``studio`` (``bench``: a benchmark folder the Benchmark tab opens with)."""
     methods = method_names()
     first = DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0]
-    with gr.Blocks(title=f"Museum studio: {studio.folder.name}", analytics_enabled=False) as page:
+    # uploads and drawings Gradio keeps in its cache: every hour, those older than a day are deleted
+    with gr.Blocks(title=f"Museum studio: {studio.folder.name}", analytics_enabled=False,
+                   delete_cache=(3600, 86400)) as page:
         gr.Markdown(f"## Museum studio · `{studio.folder}`")
         catalog = gr.State([])
         with gr.Tabs():
@@ -165,15 +168,16 @@ def _learn_tab(studio: Studio, methods: list[str], first: str):
         try:
             job = studio.learn(request.session_hash, req)
         except MuseumUserError as err:
-            yield status_html(LearnStatus("failed", str(err))), None
+            yield status_html(LearnStatus("failed", str(err), req.name)), None
             return
         for s in job.statuses():
             yield status_html(s), sample_image(s.concept) if s.concept else None
 
     def stop(request: gr.Request):
-        if not studio.cancel(request.session_hash):
+        job = studio.cancel(request.session_hash)
+        if job is None:
             return gr.update()
-        return status_html(LearnStatus("training", "cancelling after this step"))
+        return status_html(LearnStatus("cancelling", "cancelling after this step", job.request.name))
 
     # several tabs may learn at once: the museum's writer lock, not Gradio's queue, makes the second one wait
     event = go.click(learn, [files, folder, name, kind, class_word, method, steps], [status, sample],

@@ -54,11 +54,12 @@ class LearnRequest:
 
 @dataclass
 class LearnStatus:
-    """Where a learning job is: "waiting" (for the writer lock), "preparing", "training", then "done", "failed" or
-    "cancelled"."""
+    """Where a learning job is: "waiting" (for the writer lock), "preparing", "training" ("cancelling" once asked to),
+    then "done", "failed" or "cancelled"."""
 
     state: str
     message: str = ""
+    name: str = ""  # the concept's
     step: int = 0
     total: int = 0
     loss: float | None = None
@@ -123,7 +124,8 @@ class LearnJob:
                 return
 
     def _post(self, state: str, message: str = "", **values) -> None:
-        self._updates.put(LearnStatus(state, message, total=self.request.steps, notes=list(self._notes), **values))
+        self._updates.put(LearnStatus(state, message, self.request.name, total=self.request.steps,
+                                      notes=list(self._notes), **values))
 
     def _run(self) -> None:
         staged = self.scratch / "images"
@@ -318,13 +320,13 @@ class Studio:
         self.jobs[session] = job = LearnJob(self.folder, request, Path(tempfile.mkdtemp(dir=self.scratch)))
         return job.start()
 
-    def cancel(self, session: str) -> bool:
-        """Cancel the session's running job (it stops after its current step); False when none runs."""
+    def cancel(self, session: str) -> LearnJob | None:
+        """Cancel the session's running job (it stops after its current step); None when none runs."""
         job = self.jobs.get(session)
         if job is None or not job.running:
-            return False
+            return None
         job.cancel()
-        return True
+        return job
 
     def generate(self, prompt: str, *, n: int, seed: int, steps: int, guidance: float,
                  options: dict | None = None) -> list[tuple[Image.Image, str]]:
