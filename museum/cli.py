@@ -241,12 +241,8 @@ def list_concepts(folder: Path = typer.Argument(..., metavar="DIR")) -> None:
     for col in ("#", "name", "use as", "method", "class", "steps", "seconds", "bytes"):
         table.add_column(col)
     for c in m.concepts:
-        try:
-            size = sum(p.stat().st_size for p in c.path.glob("*.safetensors"))
-        except OSError:  # removed by a writer this moment
-            size = 0
         table.add_row(str(c.task_index), c.name, c.phrase, c.method, c.class_word, str(c.info.get("steps", "")),
-                      f"{c.info.get('train_seconds', 0):.0f}", f"{size:,}")
+                      f"{c.info.get('train_seconds', 0):.0f}", f"{c.size:,}")
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)
@@ -305,9 +301,7 @@ def methods() -> None:
 
     for name in method_names():
         cls = METHODS[name]
-        doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
-        summary = " ".join(doc.strip().split("\n\n")[0].split())  # the docstring's first paragraph
-        typer.echo(f"{name}: {summary}")
+        typer.echo(f"{name}: {cls.summary()}")
         typer.echo(f"    defaults: {cls.config_class().to_dict()}")
         if cls.config_class.SD15:
             typer.echo(f"    on SD-1.x/2.x/XL bases: {dict(cls.config_class.SD15)}"
@@ -389,6 +383,21 @@ def report(folder: Path = typer.Argument(..., metavar="DIR", help="a `museum ben
 
     page = write_report(folder)
     typer.echo(f"report: {page}\nopen it with: python -m webbrowser -t {page.resolve().as_uri()}")
+
+
+@app.command()
+def serve(folder: Path = typer.Argument(Path("my-museum"), metavar="[DIR]", help="the museum (made on --base when the "
+                                        "folder does not exist)"),
+          host: str = typer.Option("127.0.0.1", help="address to listen on; any other than this machine's loopback "
+                                   "opens the studio (which has no login) to the network"),
+          port: Optional[int] = typer.Option(None, help="port (default: the first free one from 7860)"),
+          base: str = typer.Option("embedded", help="base model of a new museum, as for `museum init`"),
+          bench: Optional[Path] = typer.Option(None, help="a `museum bench` folder for the Benchmark tab")) -> None:
+    """Open the web studio on a museum: learn, browse, draw, export, benchmark report (pip install -e ".[studio]")."""
+    _quiet()
+    from museum.studio.app import serve as run
+
+    run(folder, host=host, port=port, base=base, bench=bench)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -34,11 +34,11 @@ class LearningSession:
 
     def __init__(self, museum, method: Method, name: str, class_word: str, style: bool, images: list,
                  image_hashes: list[str], *, resume: bool, wait: bool, progress: bool, checkpoint_every: int | None,
-                 options: TrainOptions | None, echo):
+                 options: TrainOptions | None, echo, on_step=None):
         self.museum, self.method, self.name, self.class_word, self.style = museum, method, name, class_word, style
         self.images, self.image_hashes = images, image_hashes
         self.resume, self.wait, self.progress, self.checkpoint_every = resume, wait, progress, checkpoint_every
-        self.options, self.echo = options, echo
+        self.options, self.echo, self.on_step = options, echo, on_step
         self.accelerator = get_accelerator(options.mixed_precision if options else None)
         self.multi = self.accelerator.num_processes > 1 and (options is None or options.data_parallel)
         self.main = self.accelerator.is_main_process or not self.multi
@@ -107,7 +107,7 @@ class LearningSession:
             result = train_concept(
                 museum.pipe, self.method, info, self.images, state=museum.method_state(self.method.name),
                 earlier=earlier, cache_dir=museum.folder / "cache", checkpoints=checkpoints, resume=self.resume,
-                progress=self.progress, options=self.options, echo=self.echo,
+                progress=self.progress, on_step=self.on_step, options=self.options, echo=self.echo,
             )
             if not self.main:
                 museum.collection.unload()  # the pipeline holds the token; the main process commits the concept

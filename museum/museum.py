@@ -57,6 +57,14 @@ class Concept(ConceptEntry):
         """How to name it in a prompt, e.g. "<sunburst> circle"."""
         return self.info.get("phrase", self.token)
 
+    @property
+    def size(self) -> int:
+        """Bytes of its tensors on disk (0 when a concurrent writer removed it this moment)."""
+        try:
+            return sum(p.stat().st_size for p in self.path.glob("*.safetensors"))
+        except OSError:
+            return 0
+
 
 class Museum:
     """A museum of learned concepts on one base model: a facade over the folder's manifest (``museum.store``), its
@@ -175,7 +183,7 @@ class Museum:
               class_word: str | None = None, style: bool = False, steps: int | None = None, resume: bool = False,
               wait: bool = False, progress: bool = True, seed: int | None = None,
               checkpoint_every: int | None = None, options: TrainOptions | None = None,
-              device: str | None = None, echo=None, **config) -> Concept | None:
+              device: str | None = None, echo=None, on_step=None, **config) -> Concept | None:
         """Learn a new concept from a folder of images (or PIL images) and commit it to the museum.
 
         ``config`` overrides the method's settings (see ``museum methods``; on SD-1.x/2.x/XL bases
@@ -183,7 +191,8 @@ class Museum:
         written every ``checkpoint_every`` steps (default: a quarter of the run, at least 25);
         ``resume=True`` continues from the latest one. ``options``: mixed precision, gradient
         checkpointing, 8-bit Adam (``TrainOptions``); ``device``: where to train and draw (e.g.
-        "cuda"); ``echo``: receives the memory estimate and notes printed before training."""
+        "cuda"); ``echo``: receives the memory estimate and notes printed before training; ``on_step(step, loss)``: called
+        after every training step (an exception it raises stops the run, and nothing is committed)."""
         check_name(name)
         if device is not None:
             self.to(device)
@@ -207,7 +216,8 @@ class Museum:
             if not pil_images:
                 raise MuseumError("no images given")
         session = LearningSession(self, m, name, class_word, style, pil_images, image_hashes, resume=resume, wait=wait,
-                                  progress=progress, checkpoint_every=checkpoint_every, options=options, echo=echo)
+                                  progress=progress, checkpoint_every=checkpoint_every, options=options, echo=echo,
+                                  on_step=on_step)
         return self.concept(name) if session.run() else None
 
     def remove(self, name: str, *, wait: bool = False) -> None:

@@ -22,6 +22,7 @@ LAYERS = [
     ["museum.evaluation"],
     ["museum.report"],
     ["museum.demo"],
+    ["museum.studio"],
     ["museum.cli", "museum.__main__", "museum"],
 ]
 

@@ -25,6 +25,7 @@ every module of the folder, so nothing else lists it.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -242,6 +243,12 @@ class Method:
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config or self.config_class()
+
+    @classmethod
+    def summary(cls) -> str:
+        """What the method is, on one line: the first paragraph of its docstring (or of its module's)."""
+        doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
+        return " ".join(doc.strip().split("\n\n")[0].split())
 
     # ---------------------------------------------------------------- prompts
     def phrase(self, concept: ConceptInfo) -> str:
