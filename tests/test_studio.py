@@ -255,6 +255,13 @@ def test_studio_in_a_browser(browser, served, tiny_base, concept_images, tmp_pat
     page.screenshot(path=artifacts / "museum.png", full_page=True)
     files = zipfile.ZipFile(io.BytesIO(page.request.get(link.get_attribute("href")).body())).namelist()
     assert "learned_embeds.safetensors" in files and "museum_export.json" in files
+    page.fill("#museum-format input", "a1111")  # the files AUTOMATIC1111 and ComfyUI load
+    page.keyboard.press("Enter")
+    page.click("#museum-export")
+    page.wait_for_selector("#museum-status:has-text('(a1111)')")
+    link = page.wait_for_selector("#museum-download a[download]")
+    files = zipfile.ZipFile(io.BytesIO(page.request.get(link.get_attribute("href")).body())).namelist()
+    assert "embeddings/smiley.safetensors" in files and "README.txt" in files
 
     # draw with its phrase, inserted by its button, and its method's knobs (Perfusion's gate bias and strength)
     show_tab(page, "Generate")

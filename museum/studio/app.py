@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from museum.errors import MuseumUserError
+from museum.export import FORMATS
 from museum.methods.base import METHODS, method_names
 from museum.museum import Concept, Museum
 from museum.report.html import Raw, img_tag, table
@@ -191,17 +192,21 @@ def _museum_tab(studio: Studio):
     with gr.Row():
         chosen = gr.Dropdown([], label="concept", elem_id="museum-chosen")
         remove = gr.Button("Remove", variant="stop", elem_id="museum-remove")
+        export_format = gr.Dropdown([(f"{k}: {v}", k) for k, v in FORMATS.items()], value="diffusers",
+                                    label="export format", elem_id="museum-format")
         export = gr.Button("Export (zip)", elem_id="museum-export")
     status = gr.HTML(elem_id="museum-status")
     download = gr.File(label="export", elem_id="museum-download", interactive=False)
 
-    def export_zip(name):
+    def export_zip(name, format):
         try:
-            return str(studio.export_zip(name)), message_html(f"exported {name}: unzip it and see museum_export.json")
+            return str(studio.export_zip(name, format)), message_html(
+                f"exported {name} ({format}): unzip it; museum_export.json (and README.txt for AUTOMATIC1111/ComfyUI "
+                "files) says how to load it")
         except MuseumUserError as err:
             return None, message_html(str(err), error=True)
 
-    export.click(export_zip, chosen, [download, status])
+    export.click(export_zip, [chosen, export_format], [download, status])
     return table, remove, chosen, status
 
 

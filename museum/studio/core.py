@@ -298,13 +298,13 @@ class Studio:
                               "that has finished") from None
         return f"removed {name}"
 
-    def export_zip(self, name: str) -> Path:
-        """A zip of the folder ``Museum.export`` writes for concept ``name`` (every file in it)."""
+    def export_zip(self, name: str, format: str = "diffusers") -> Path:
+        """A zip of the folder ``Museum.export`` writes for concept ``name`` in ``format`` (every file in it)."""
         if not name:
             raise MuseumError("choose the concept to export")
         out = Path(tempfile.mkdtemp(dir=self.scratch))
         with self.reader() as m:
-            folder = m.export(name, out / name)
+            folder = m.export(name, out / name, format)
         return Path(shutil.make_archive(str(out / f"{name}-export"), "zip", folder))
 
     # ---------------------------------------------------------------- methods, learning, drawing
