@@ -2,6 +2,12 @@
 
     python scripts/measure_learning_v2.py --pool tuning --methods custom-diffusion c-lora --out docs/logs/tuning/v2-defaults.json
     python scripts/measure_learning_v2.py --pool benchmark --out docs/world-v2/learning.json   # never tune on this one
+    python scripts/measure_learning_v2.py --pool tuning --methods c-lora --around lr --out docs/logs/tuning/c-lora-lr.json
+
+``--around KEY`` tries each method at half, once and twice its default KEY (the defaults are chosen this way, on the
+tuning pool only: docs/logs/tuning/); ``--grid KEY=V1,V2`` tries the values given. The table then has a row per
+setting, and the setting with the highest mean gap closed by the evaluator is marked (the independent reading
+beside it must agree for a default to change).
 
 For every concept: the base model draws the class prompts (8 quick prompts x 2 seeds); the upper anchor is the
 concept rendered in each prompt's own scene (``Concept.prompt_renders``, what a perfect method would draw). For every method: learn the concept in an empty museum on ``--pipeline`` with the
@@ -25,7 +31,7 @@ from museum.models.loading import load_evaluator, load_pipeline
 from museum.evaluation.concept_fidelity import GapClosed, fidelity, recognition, reference_bank
 from museum.generation import generate_images
 from museum.methods import method_names
-from museum.methods.base import parse_setting
+from museum.methods.base import get_method, parse_setting
 from museum.museum import Museum
 from museum.world.v2 import concepts as pools
 
@@ -55,6 +61,9 @@ def main() -> None:
     parser.add_argument("--pipeline", type=Path, default=Path.home() / ".cache/museum/pretrain-v2/pipeline")
     parser.add_argument("--evaluator", type=Path, default=Path.home() / ".cache/museum/pretrain-v2/evaluator")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method config overrides")
+    tune = parser.add_mutually_exclusive_group()
+    tune.add_argument("--around", metavar="KEY", help="try each method at 0.5x, 1x and 2x its default KEY (tuning pool)")
+    tune.add_argument("--grid", metavar="KEY=V1,V2", help="try these values of KEY (tuning pool)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     unknown = set(args.methods) - set(method_names())
@@ -64,6 +73,8 @@ def main() -> None:
     if set(names) - set(POOLS[args.pool]):
         parser.error(f"not in the {args.pool} pool: {sorted(set(names) - set(POOLS[args.pool]))}")
     overrides = dict(parse_setting(kv) for kv in args.set)
+    if (args.around or args.grid) and args.pool != "tuning":
+        parser.error("defaults are chosen on the tuning pool only: --around and --grid need --pool tuning")
     evaluator, pipe = load_evaluator(args.evaluator), load_pipeline(args.pipeline)
     built = {n: pools.build_concept(n) for n in POOLS[args.pool]}
     bank = reference_bank(evaluator, {n: c.reference_images for n, c in built.items()})
@@ -73,18 +84,37 @@ def main() -> None:
     results = {"pool": args.pool, "overrides": overrides, "date": time.strftime("%Y-%m-%d"),
                "machine": f"{platform.platform()}, {torch.get_num_threads()} threads", "methods": {}}
     for method in args.methods:
-        rows = {}
-        for name in names:
-            with tempfile.TemporaryDirectory() as tmp:
-                images, info = learned_images(Path(tmp) / "museum", args.pipeline, built[name], method, overrides)
-            gap = GapClosed(fidelity(evaluator, images, built[name].reference_images), *anchors[name])
-            rows[name] = dict(gap.to_dict(), recognition=recognition(evaluator, images, name, bank), **info)
-            print(method, name, json.dumps(rows[name]["gap_closed"]), f"recognition {rows[name]['recognition']:.2f}",
-                  flush=True)
-        results["methods"][method] = rows
+        for setting in settings_to_try(method, args):
+            rows = {}
+            for name in names:
+                with tempfile.TemporaryDirectory() as tmp:
+                    images, info = learned_images(Path(tmp) / "museum", args.pipeline, built[name], method,
+                                                  dict(overrides, **setting))
+                gap = GapClosed(fidelity(evaluator, images, built[name].reference_images), *anchors[name])
+                rows[name] = dict(gap.to_dict(), recognition=recognition(evaluator, images, name, bank), **info)
+                print(method, setting, name, json.dumps(rows[name]["gap_closed"]),
+                      f"recognition {rows[name]['recognition']:.2f}", flush=True)
+            results["methods"][run_name(method, setting)] = rows
+            results.setdefault("settings", {})[run_name(method, setting)] = {"method": method, **overrides, **setting}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(table(results))
+
+
+def settings_to_try(method: str, args) -> list[dict]:
+    """The overrides to learn with, one run each: ``{}`` (the defaults and ``--set``) unless ``--around`` or ``--grid``."""
+    if args.around:
+        default = getattr(get_method(method).config, args.around)
+        return [{args.around: type(default)(default * f)} for f in (0.5, 1.0, 2.0)]
+    if args.grid:
+        key, values = parse_setting(args.grid)
+        return [{key: parse_setting(f"{key}={v}")[1]} for v in str(values).split(",")]
+    return [{}]
+
+
+def run_name(method: str, setting: dict) -> str:
+    """"c-lora" or "c-lora lr=0.0004"."""
+    return " ".join([method, *(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())])
 
 
 def table(results: dict) -> str:
@@ -92,13 +122,26 @@ def table(results: dict) -> str:
     with a gap to close: "mean (k of n)") and recognition."""
     lines = ["| method | kind | concepts | gap closed, evaluator | gap closed, independent | recognition |",
              "|---|---|---|---|---|---|"]
-    for method, rows in results["methods"].items():
+    best = best_runs(results)
+    for run, rows in results["methods"].items():
         for kind in ("object", "style"):
             r = [v for n, v in rows.items() if pools.spec(n).kind == kind]
             if r:
-                lines.append(f"| {method} | {kind} | {len(r)} | {_mean_of_gaps(r, 'evaluator')} | "
-                             f"{_mean_of_gaps(r, 'independent')} | {statistics.mean(x['recognition'] for x in r):.2f} |")
+                lines.append(f"| {run}{' (best)' if run in best else ''} | {kind} | {len(r)} | "
+                             f"{_mean_of_gaps(r, 'evaluator')} | {_mean_of_gaps(r, 'independent')} | "
+                             f"{statistics.mean(x['recognition'] for x in r):.2f} |")
     return "\n".join(lines)
+
+
+def best_runs(results: dict) -> set[str]:
+    """Per method tried in several settings, the run with the highest mean gap closed by the evaluator."""
+    by_method: dict[str, list[str]] = {}
+    for run, setting in results.get("settings", {}).items():
+        by_method.setdefault(setting["method"], []).append(run)
+    score = lambda run: statistics.mean(  # noqa: E731
+        [g for g in (x["gap_closed"]["evaluator"] for x in results["methods"][run].values()) if not math.isnan(g)]
+        or [-math.inf])
+    return {max(runs, key=score) for runs in by_method.values() if len(runs) > 1}
 
 
 def _mean_of_gaps(rows: list[dict], reading: str) -> str:
