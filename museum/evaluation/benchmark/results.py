@@ -12,17 +12,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from museum.errors import MuseumUserError
 from museum.evaluation.benchmark.metrics import HIGHER_IS_BETTER, METRICS, curves, summarize
+from museum.evaluation.benchmark.units import PROGRESS, RESULTS, BenchmarkError, read_json
 from museum.store.atomic import atomic_write_json
 
 RESULTS_VERSION = 1
-RESULTS = "results.json"
-PROGRESS = "progress.json"
-
-
-class BenchmarkError(MuseumUserError):
-    """A benchmark folder does not fit the run asked for."""
 
 
 @dataclass
@@ -44,28 +38,6 @@ class Settings:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def progress_of(path: Path, kind: str, settings: dict) -> dict:
-    """A unit's progress file, or a new one; refused when it was made with other ``settings``."""
-    if path.is_file():
-        progress = json.loads(path.read_text())
-        _check_settings(path, progress.get("settings", {}), settings)
-        return progress
-    return {"version": RESULTS_VERSION, "kind": kind, "settings": settings}
-
-
-def _check_settings(path: Path, stored: dict, current: dict) -> None:
-    # the base model is identified by its hash; the path it was given by may differ between runs
-    diff = {k: (stored.get(k), v) for k, v in current.items() if k != "base" and stored.get(k) != v}
-    if diff:
-        what = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-        raise BenchmarkError(f"{path} was made with other settings ({what}); rerun with the same settings "
-                             f"to continue it, or choose another output folder")
-
-
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _mean_scores(scores: Iterable[dict]) -> dict[str, float | None]:
@@ -143,18 +115,18 @@ def collect_results(out_dir: str | Path, methods: Sequence[str] | None = None,
                "settings": settings.to_dict() if isinstance(settings, Settings) else settings,
                "methods": {}, "base": None, "upper_bound": {}}
     for method in methods:
-        progress = _read(out_dir / method / PROGRESS)
+        progress = read_json(out_dir / method / PROGRESS)
         if progress is None:
             continue
         seq = list(concepts) if concepts is not None else [t["concept"] for t in progress.get("tasks", [])]
         results["methods"][method] = method_results(progress, seq)
         results["concepts"] = results["concepts"] or seq
         results["settings"] = results["settings"] or {k: v for k, v in progress["settings"].items() if k != "overrides"}
-        upper = _read(out_dir / method / "upper" / PROGRESS)
+        upper = read_json(out_dir / method / "upper" / PROGRESS)
         if upper is not None:
             results["upper_bound"][method] = _row_results(upper.get("concepts", {}), seq)
     seq = list(concepts) if concepts is not None else results["concepts"] or []
-    base = _read(out_dir / "base" / PROGRESS)
+    base = read_json(out_dir / "base" / PROGRESS)
     if base is not None:
         rows = base.get("concepts", {})
         results["base"] = _row_results(rows, seq or list(rows))
@@ -170,7 +142,7 @@ def write_results(out_dir: str | Path, methods=None, concepts=None, settings=Non
 
 def read_results(out_dir: str | Path) -> dict:
     path = Path(out_dir) / RESULTS
-    results = _read(path)
+    results = read_json(path)
     if results is None:
         raise BenchmarkError(f"no benchmark results at {path}; run `museum bench --out {out_dir}` first")
     if results.get("version") != RESULTS_VERSION:
