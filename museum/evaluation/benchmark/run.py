@@ -41,7 +41,8 @@ from typing import Sequence
 from museum.evaluation.benchmark.metrics import build_prototypes, score_images
 from museum.evaluation.benchmark.results import RESULTS_VERSION, Settings, write_results
 from museum.evaluation.benchmark.units import (
-    PROGRESS, BenchmarkError, Units, evaluator_fingerprint, grid_row, progress_bar, progress_of, storage,
+    PROGRESS, BenchmarkError, Units, check_sequence, evaluator_fingerprint, grid_row, progress_bar, progress_of,
+    storage,
 )
 from museum.evaluation.protocol import base_images, class_prompts, concept_images
 from museum.methods import METHODS, method_names
@@ -104,30 +105,16 @@ class _Run(Units):
         tasks: list[dict] = progress.setdefault("tasks", [])
         done = {t["task"] for t in tasks}
         m = self.open_museum(folder / "museum", self.settings.base)
-        have = [c.name for c in m.concepts]
-        n = min(len(have), len(self.names))  # a longer or a shorter run of the same sequence continues it
-        if have[:n] != self.names[:n]:
-            raise BenchmarkError(f"{folder / 'museum'} holds concepts {have}, another task sequence than this run's "
-                                 f"({self.names}); choose another output folder")
-        wrong = [c.name for c in m.concepts if c.method != method]
-        if wrong:
-            raise BenchmarkError(f"{folder / 'museum'}: concepts {wrong} were learned with another method")
+        have = check_sequence(m, folder / "museum", path, self.names, method, done)
         for t, name in enumerate(self.names):
             if t in done:
-                if name not in have:
-                    raise BenchmarkError(f"{path} has scores of task {t} ({name}) but the museum in {folder / 'museum'} "
-                                         f"does not hold {name}; delete {folder} and rerun to redo this method")
                 self.advance()
                 continue
-            if len(have) > t + 1:
-                raise BenchmarkError(f"{path} lacks the scores of task {t} ({name}), but the museum has already "
-                                     f"learned later concepts, so they cannot be measured any more; delete {folder} "
-                                     f"and rerun to redo this method")
             wall = None
             if name not in have:
                 self.step(f"{method}: learning {name}")
                 wall = self.learn(m, name, method)
-                have.append(name)
+                have.add(name)
             self.step(f"{method}: scoring after {name}")
             scores, grid_rows = {}, []
             for j in self.names[:t + 1]:

@@ -81,6 +81,28 @@ def storage(m, name: str) -> tuple[int, int]:
     return concept_bytes, state_bytes
 
 
+def check_sequence(m, museum_dir: Path, path: Path, names: Sequence[str], method: str, done: set[int]) -> set[str]:
+    """The concepts the museum ``m`` holds, checked against the task sequence ``names`` and the tasks whose scores
+    ``path`` already has (``done``); a museum that cannot continue this run is refused, saying what to do."""
+    have = [c.name for c in m.concepts]
+    n = min(len(have), len(names))  # a longer or a shorter run of the same sequence continues it
+    if have[:n] != list(names[:n]):
+        raise BenchmarkError(f"{museum_dir} holds concepts {have}, another task sequence than this run's "
+                             f"({list(names)}); choose another output folder")
+    wrong = [c.name for c in m.concepts if c.method != method]
+    if wrong:
+        raise BenchmarkError(f"{museum_dir}: concepts {wrong} were learned with another method")
+    for t, name in enumerate(names):
+        if t in done and name not in have:
+            raise BenchmarkError(f"{path} has scores of task {t} ({name}) but the museum in {museum_dir} does not "
+                                 f"hold {name}; delete {museum_dir.parent} and rerun to redo this method")
+        if t not in done and len(have) > t + 1:
+            raise BenchmarkError(f"{path} lacks the scores of task {t} ({name}), but the museum has already learned "
+                                 f"later concepts, so they cannot be measured any more; delete {museum_dir.parent} "
+                                 f"and rerun to redo this method")
+    return set(have)
+
+
 class Clock:
     """Wall and CPU seconds (this process's, all its threads: ``time.process_time``) since it started or was last
     read; what the docs quote as what a run took."""
