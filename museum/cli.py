@@ -363,6 +363,8 @@ def bench(
                                          "generality, side by side, both fidelity readings)"),
     seeds: Optional[int] = typer.Option(None, help="v2: training seeds per method and upper bound (default 3)"),
     score_every: int = typer.Option(1, help="v2: read every seen concept after every N tasks and the last"),
+    joint: bool = typer.Option(True, "--joint/--no-joint", help="v2: also learn every concept at once with each "
+                                                                "method that can (finetune, custom-diffusion)"),
     evaluator: Optional[Path] = typer.Option(None, help="an evaluator folder (default: v1 the shipped one; v2 "
                                                         "WORLD_V2/evaluator)"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps; under `accelerate launch`, cuda is each "
@@ -397,7 +399,7 @@ def bench(
                  f"--base PIPELINE and --evaluator FOLDER")
         run_benchmark(method_names() if chosen == "all" else chosen, tasks, out, base=base,
                       evaluator=load_evaluator(evaluator), seeds=seeds or 3, quick=quick, steps=steps,
-                      upper_bound=upper_bound is not False, score_every=score_every, device=device)
+                      upper_bound=upper_bound is not False, joint=joint, score_every=score_every, device=device)
     if not get_accelerator().is_main_process:  # every process has finished; one writes the report
         return
     page = write_report(out)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from scipy import stats
 
 import museum.evaluation.benchmark.v2 as v2_package
@@ -25,8 +26,10 @@ from museum.evaluation.benchmark.v2 import run_benchmark, task_sequence
 from museum.evaluation.benchmark.v2.results import ALL_READINGS, interval
 from museum.evaluation.independent import gap_closed
 from museum.evaluation.prompt_following import read_placement
+from museum.errors import MuseumError
+from museum.museum import Museum
 from museum.report.benchmark_report import write_report
-from museum.world.v2.concepts import BENCHMARK_POOL, spec
+from museum.world.v2.concepts import BENCHMARK_POOL, build_concept, spec
 
 METHODS = ["textual-inversion", "finetune"]
 CONCEPTS = ["sunburst", "gem", "glowline"]  # two objects whose placement can be read, and a style
@@ -174,7 +177,8 @@ def test_times_are_recorded(bench):
 def test_rerun_changes_nothing_and_other_settings_are_refused(bench, tiny_v2_base, v2_evaluator):
     out, results = bench
     progress = {p: p.read_bytes() for p in out.rglob("progress.json")}
-    assert len(progress) == 1 + 2 * 2 * len(METHODS)  # base; per method and seed its sequence and upper bound
+    # base; per method and seed its sequence and upper bound; finetune's joint oracle per seed
+    assert len(progress) == 1 + 2 * 2 * len(METHODS) + 2
     again = run_benchmark(METHODS, CONCEPTS, out, base=tiny_v2_base, evaluator=v2_evaluator, seeds=2, **RUN)
     assert {p: p.read_bytes() for p in out.rglob("progress.json")} == progress
     assert again["methods"] == results["methods"]
@@ -185,6 +189,39 @@ def test_rerun_changes_nothing_and_other_settings_are_refused(bench, tiny_v2_bas
     assert list(one["methods"]["finetune"]["seeds"]) == ["0"] and one["methods"]["finetune"]["summary"][
         "independent"]["A"]["low"] is None  # one seed asked for: no interval
     run_benchmark(METHODS, CONCEPTS, out, base=tiny_v2_base, evaluator=v2_evaluator, seeds=2, **RUN)  # as it was
+
+
+def test_joint_oracle_where_a_method_can(bench):
+    """Finetune learns every concept in one run (one museum, one commit, one shared LoRA), read as a last task is;
+    textual inversion declares no joint form (its upper bound is its oracle)."""
+    out, results = bench
+    assert results["methods"]["textual-inversion"]["joint"] is None
+    joint = results["methods"]["finetune"]["joint"]
+    assert joint["concepts"] == CONCEPTS and joint["summary"]["independent"]["n"] == 2
+    assert joint["generality"]["tasks"] == [0, 3] and joint["composition"]["pairs"]["sunburst+gem"]["placed"]["n"] == 2
+    m = Museum.open(out / "finetune" / "joint" / "seed-1" / "museum")
+    assert [(c.name, c.method) for c in m.concepts] == [(c, "finetune") for c in CONCEPTS]
+    assert [p.name for p in (m.folder / "state").iterdir()] == ["finetune-002.safetensors"]
+    progress = json.loads((out / "finetune" / "joint" / "seed-1" / "progress.json").read_text())
+    assert progress["learning"]["cpu_seconds"] > 0 and set(progress["scores"]) == set(CONCEPTS)
+
+
+def test_learn_together(tiny_v2_base, tmp_path):
+    """Custom Diffusion learned together: every concept keeps the run's K/V deltas and its own token, with class
+    images of each concept's class; a method without a joint form is refused, naming those with one."""
+    concepts = [build_concept(n, n_train=2, n_ref=1) for n in ("sunburst", "gem")]
+    m = Museum.init(tmp_path / "museum", base=tiny_v2_base)
+    learned = m.learn_together([(c.name, c.train_images, c.class_word, False) for c in concepts],
+                               method="custom-diffusion", steps=2, num_class_images=2, progress=False)
+    assert [c.phrase for c in learned] == ["<sunburst> circle", "<gem> diamond"]
+    tensors = [load_file(c.path / "tensors.safetensors") for c in learned]
+    deltas = [k for k in tensors[0] if k.startswith("delta.")]
+    assert deltas and all(torch.equal(tensors[0][k], tensors[1][k]) for k in deltas)
+    assert not torch.equal(tensors[0]["<sunburst>"], tensors[1]["<gem>"])
+    assert [p.name.split("-")[0] for p in (m.folder / "cache" / "class_images").iterdir()] == ["circle+diamond"]
+    with pytest.raises(MuseumError, match="c-lora cannot learn several concepts at once; these can: custom-diffusion, "
+                                          "finetune"):
+        m.learn_together([("other", concepts[0].train_images, "circle", False)], method="c-lora")
 
 
 # ----------------------------------------------------------------------------- reading every N tasks, resuming
@@ -269,12 +306,12 @@ def test_report(bench):
     text = write_report(out).read_text()
     table = re.search(r'<table id="results">.*?</table>', text, re.S).group(0)
     assert re.findall(r"<tr><td>(.*?)</td>", table) == [*METHODS, *(f"alone: {m}" for m in METHODS),
-                                                        "base model (class prompt)"]
+                                                        "joint: finetune", "base model (class prompt)"]
     assert re.search(r"<td>-?\d\.\d{3} ± \d\.\d{3}</td>", table)  # intervals over the two seeds
     for reading in M.GAPS:
         rows = re.findall(r"<tr><td>(.*?)</td>", re.search(rf'<table id="concepts-{reading}">.*?</table>', text,
                                                           re.S).group(0))
-        assert rows == [*METHODS, *(f"alone: {m}" for m in METHODS)]
+        assert rows == [*METHODS, *(f"alone: {m}" for m in METHODS), "joint: finetune"]
     for method in METHODS:
         samples = re.search(rf'<table id="samples-{method}" class="samples">.*?</table>', text, re.S).group(0)
         assert re.findall(r"<tr><td>([^<]*)</td>", samples) == CONCEPTS
@@ -295,8 +332,8 @@ def test_bench_command_runs_world_v2(bench, tiny_v2_base, v2_evaluator, monkeypa
                                       "--evaluator", str(tmp_path / "evaluator"), "--out", str(out)])
     cli.main()
     assert seen["args"] == (["finetune", "c-lora"], 30, out)
-    assert {k: seen["kw"][k] for k in ("seeds", "score_every", "upper_bound")} == {"seeds": 2, "score_every": 5,
-                                                                                  "upper_bound": True}
+    assert {k: seen["kw"][k] for k in ("seeds", "score_every", "upper_bound", "joint")} == {
+        "seeds": 2, "score_every": 5, "upper_bound": True, "joint": True}
     assert str(out / "report.html") in capsys.readouterr().out
 
 

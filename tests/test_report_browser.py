@@ -296,7 +296,7 @@ def test_world_v2_report_in_chromium(bench_v2, browser, artifacts, record_proper
     assert sum(a.startswith(("base model:", "rendered:")) for a in alts) == 2 * len(V2_CONCEPTS) * len(V2_METHODS)
     tables = state["tables"]
     assert [r["first"] for r in tables["results"]["rows"]] == [*V2_METHODS, *(f"alone: {m}" for m in V2_METHODS),
-                                                               "base model (class prompt)"]
+                                                               "joint: finetune", "base model (class prompt)"]
     assert all(r["cells"] == len(tables["beyond"]["header"]) for r in tables["beyond"]["rows"])
     for method in V2_METHODS:
         samples = tables[f"samples-{method}"]

@@ -66,10 +66,10 @@ def fidelity_rows(results: dict) -> list[list[str]]:
         rows.append([method if r["complete"] else f"{method} (incomplete)",
                      *(cell for g in GAP_LABELS for cell in (*(fmt_ci(s[g][k]) for k in ("A", "F", "own")),
                                                              _ratio(s[g]["A"], upper.get(g))))])
-    for method, r in results["methods"].items():
-        u = (r["upper_bound"] or {}).get("summary")
-        if u:
-            rows.append([f"alone: {method}", *(cell for g in GAP_LABELS for cell in (fmt_ci(u[g]), "–", "–", "1"))])
+    for label, method, o in oracles(results):
+        upper = (results["methods"][method]["upper_bound"] or {}).get("summary") or {}
+        rows.append([label, *(cell for g in GAP_LABELS for cell in (fmt_ci(o["summary"][g]), "–", "–",
+                                                                    _ratio(o["summary"][g], upper.get(g))))])
     if results.get("base"):
         rows.append(["base model (class prompt)", *(cell for _ in GAP_LABELS for cell in ("0", "–", "–", "–"))])
     return rows
@@ -84,17 +84,23 @@ def beyond_rows(results: dict) -> list[list[str]]:
                      fmt_ci(r["generality"]["drop"], 1, 100.0), fmt_ci(c.get("placed"), 2),
                      fmt_ci(c.get("gap_evaluator")), fmt_ci(c.get("gap_independent")), fmt_int(r["bytes_per_concept"]),
                      fmt(_per_task_cpu(r, len(results["concepts"])), 1)])
-    for method, r in results["methods"].items():
-        u = (r["upper_bound"] or {}).get("summary")
-        if u:
-            rows.append([f"alone: {method}", fmt_ci(u["text_alignment"]), fmt_ci(u["recognition"], 2), "–", "–", "–",
-                         "–", fmt_int(r["upper_bound"]["bytes_per_concept"]), "–"])
+    for label, _, o in oracles(results):
+        u, g, c = o["summary"], o.get("generality") or {}, o.get("composition") or {}
+        rows.append([label, fmt_ci(u["text_alignment"]), fmt_ci(u["recognition"], 2), fmt_ci(g.get("drop"), 1, 100.0),
+                     fmt_ci(c.get("placed"), 2), fmt_ci(c.get("gap_evaluator")), fmt_ci(c.get("gap_independent")),
+                     fmt_int(o["bytes_per_concept"]), "–"])
     base = results.get("base")
     if base:
         m = base["mean"]["class_prompt"]
         rows.append(["base model (class prompt)", fmt(m["text_alignment"]), fmt(m["recognition"], 2), "0", "–", "0",
                      "0", "0", "–"])
     return rows
+
+
+def oracles(results: dict) -> list[tuple[str, str, dict]]:
+    """(row label, method, results) of every method's upper bound ("alone: m") and joint oracle ("joint: m")."""
+    return [(f"{kind}: {m}", m, r[key]) for kind, key in (("alone", "upper_bound"), ("joint", "joint"))
+            for m, r in results["methods"].items() if r.get(key)]
 
 
 def _per_task_cpu(r: dict, tasks: int) -> float | None:
@@ -106,9 +112,7 @@ def concept_rows(results: dict, reading: str) -> list[list[str]]:
     """The per-concept matrix as a table: final value per method and per method alone, mean ± interval."""
     concepts = results["concepts"]
     rows = [[m, *(fmt_ci(r["final"][reading].get(c)) for c in concepts)] for m, r in results["methods"].items()]
-    rows += [[f"alone: {m}", *(fmt_ci(r["upper_bound"]["final"][reading].get(c)) for c in concepts)]
-             for m, r in results["methods"].items() if r["upper_bound"]]
-    return rows
+    return rows + [[label, *(fmt_ci(o["final"][reading].get(c)) for c in concepts)] for label, _, o in oracles(results)]
 
 
 def generality_rows(results: dict) -> list[list[str]]:
@@ -194,14 +198,11 @@ def curves_plot(results: dict) -> Image.Image:
 def concept_matrix(results: dict, reading: str) -> Image.Image:
     """Final value per concept (columns) for every method and every method alone (rows), means over seeds."""
     concepts = results["concepts"]
-    rows, labels = [], []
-    for m, r in results["methods"].items():
-        rows.append([_mean(r["final"][reading].get(c)) for c in concepts])
-        labels.append(m)
-        if r["upper_bound"]:
-            rows.append([_mean(r["upper_bound"]["final"][reading].get(c)) for c in concepts])
-            labels.append(f"alone: {m}")
-    return heatmap(rows, concepts, f"{GAP_LABELS.get(reading, reading)} after the last task", rows=labels)
+    finals = [(m, r["final"]) for m, r in results["methods"].items()] + [(label, o["final"])
+                                                                       for label, _, o in oracles(results)]
+    rows = [[_mean(final[reading].get(c)) for c in concepts] for _, final in finals]
+    return heatmap(rows, concepts, f"{GAP_LABELS.get(reading, reading)} after the last task",
+                   rows=[label for label, _ in finals])
 
 
 def generality_plot(results: dict) -> Image.Image:
@@ -281,7 +282,8 @@ def introduction(results: dict) -> list[str]:
         "scene; read by the evaluator's image alignment and independently (colour and patches, no learned model). "
         "A: average after the last task; F: forgetting (each earlier concept's drop from its best to its final "
         "value); own: each concept right after its own task; A / alone: A over the average of each concept learned "
-        "alone from the base model. Generality drop: the base model's prompt following (held-out prompts, every "
+        "alone from the base model (alone: m). Joint: m: every concept learned at once, in one run (the methods that "
+        "can). Generality drop: the base model's prompt following (held-out prompts, every "
         "concept's effect installed) minus the method's after the last task, in percentage points."
         + (f" Left out of gap closed (anchors under 0.02 apart): {html.escape(excluded)}." if excluded else "")
         + "</p>",

@@ -58,7 +58,8 @@ class Settings:
     #: settings a kind of unit does not depend on
     IGNORED = {"base": ("steps", "overrides", "score_every"),
                "sequence": (),
-               "upper_bound": ("score_every", "generality_prompts", "n_pairs")}
+               "upper_bound": ("score_every", "generality_prompts", "n_pairs"),
+               "joint": ("score_every",)}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,6 +167,18 @@ def upper_results(progress: dict, names: Sequence[str], anchors: dict) -> dict:
             + sum(x["cpu_seconds"] for x in learning)}
 
 
+def joint_results(progress: dict, names: Sequence[str], anchors: dict) -> dict:
+    """One training seed's joint oracle: per concept every reading, their means, its prompt following and pairs."""
+    scores = {n: _with_gaps(progress["scores"][n], anchors.get(n)) for n in names if n in progress["scores"]}
+    learning = progress.get("learning") or {}
+    return {"concepts": list(scores), "scores": scores,
+            "mean": {r: _mean(s[r] for s in scores.values()) for r in ALL_READINGS},
+            "generality": {"tasks": [len(names)], "mean": [progress["generality"]["mean"]],
+                           "final": progress["generality"]},
+            "composition": progress.get("composition"), "grid": progress.get("grid"),
+            "cpu_seconds": progress["reading"]["cpu_seconds"] + learning.get("cpu_seconds", 0.0)}
+
+
 def _mean(values: Iterable[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
@@ -257,12 +270,21 @@ def upper_bound_results(blocks: list[dict]) -> dict | None:
             "summary": {r: _over_seeds(blocks, lambda b: b["mean"][r]) for r in ALL_READINGS},
             "final": {r: {c: interval(b["scores"][c][r] for b in blocks if c in b["scores"]) for c in concepts}
                       for r in ALL_READINGS},
-            "grids": blocks[0]["grids"], "bytes_per_concept": blocks[0]["bytes_per_concept"],
+            "grids": blocks[0].get("grids"), "bytes_per_concept": blocks[0].get("bytes_per_concept"),
             "cpu_seconds": _over_seeds(blocks, lambda b: b["cpu_seconds"])}
 
 
-def method_results(seeds: dict[int, dict], uppers: dict[int, dict], base: dict | None, names: Sequence[str],
-                   n_seeds: int) -> dict:
+def joint_oracle_results(blocks: list[dict], base: dict | None) -> dict | None:
+    """Every concept learned at once, over seeds: what the upper bound has, and generality and the pairs."""
+    if not blocks:
+        return None
+    return {**upper_bound_results(blocks),
+            "generality": generality_results(blocks, base), "composition": composition_results(blocks, base),
+            "grid": blocks[0]["grid"]}
+
+
+def method_results(seeds: dict[int, dict], uppers: dict[int, dict], joints: dict[int, dict], base: dict | None,
+                   names: Sequence[str], n_seeds: int) -> dict:
     """A method over its training seeds (``seeds``/``uppers``: seed -> one seed's sequence/upper-bound results)."""
     blocks = [seeds[k] for k in sorted(seeds)]
     return {
@@ -277,6 +299,7 @@ def method_results(seeds: dict[int, dict], uppers: dict[int, dict], base: dict |
         "generality": generality_results(blocks, base),
         "composition": composition_results(blocks, base),
         "upper_bound": upper_bound_results([uppers[k] for k in sorted(uppers)]),
+        "joint": joint_oracle_results([joints[k] for k in sorted(joints)], base),
         "grids": blocks[0]["grids"],
         "bytes_per_concept": _mean(b["bytes_per_concept"] for b in blocks),
         "cpu_seconds": _over_seeds(blocks, lambda b: b["cpu_seconds"]),
@@ -324,8 +347,10 @@ def collect_results(out_dir: str | Path, methods: Sequence[str], names: Sequence
                  if k < n_seeds}
         uppers = {k: upper_results(p, names, anchors) for k, p in _seed_folders(out_dir / method / "upper").items()
                   if k < n_seeds}
+        joints = {k: joint_results(p, names, anchors) for k, p in _seed_folders(out_dir / method / "joint").items()
+                  if k < n_seeds}
         if seeds:
-            results["methods"][method] = method_results(seeds, uppers, base, names, n_seeds)
+            results["methods"][method] = method_results(seeds, uppers, joints, base, names, n_seeds)
     return results
 
 

@@ -39,7 +39,7 @@ from museum.evaluation.benchmark.v2.results import RESULTS_VERSION, Settings, wr
 from museum.evaluation.concept_fidelity import reference_bank
 from museum.evaluation.protocol import base_images, class_prompts, concept_images, seeded
 from museum.generation.sampling import generate_images
-from museum.methods import method_names
+from museum.methods import METHODS, method_names
 from museum.models.loading import base_hash, load_pipeline
 from museum.store.atomic import atomic_write_json
 from museum.training.trainer import TrainOptions, get_accelerator
@@ -181,12 +181,16 @@ class _Run(Units):
             self.advance()
         if [c.name for c in m.concepts] == self.names and progress.get("composition", {}).get("concepts") != self.names:
             clock = Clock()
-            pairs = self.read_pairs(lambda scene, ab: m.generate(
-                M.pair_prompt(scene, tuple(m.concept(n).phrase for n in ab)), n=M.PAIR_IMAGES, seed=0,
-                steps=self.settings.gen_steps, guidance=self.settings.guidance))
-            progress["composition"] = {"concepts": list(self.names), "pairs": pairs, **clock.lap()}
+            progress["composition"] = {"concepts": list(self.names), "pairs": self.museum_pairs(m), **clock.lap()}
             atomic_write_json(path, progress)
         return progress
+
+    def museum_pairs(self, m) -> dict:
+        """Every pair drawn from the museum ``m``, each concept named by its phrase, and read."""
+        s = self.settings
+        return self.read_pairs(lambda scene, ab: m.generate(
+            M.pair_prompt(scene, tuple(m.concept(n).phrase for n in ab)), n=M.PAIR_IMAGES, seed=0, steps=s.gen_steps,
+            guidance=s.guidance))
 
     def task(self, m, folder: Path, t: int, learned: bool, method: str, seed: int) -> dict:
         """Learn task ``t`` (unless the museum already holds it) and read what it asks for."""
@@ -209,6 +213,36 @@ class _Run(Units):
                 "grid": self.save_grid(folder / "grids" / f"task-{t:02d}.png", rows), "grid_concepts": drawn,
                 "train_seconds": info.get("train_seconds"), "steps": info.get("steps"), "learning": learning,
                 "reading": clock.lap(), "concept_bytes": concept_bytes, "state_bytes": state_bytes}
+
+    def run_joint(self, method: str, seed: int) -> dict:
+        """Every concept learned at once (``Museum.learn_together``; methods with ``Method.joint``) with training
+        seed ``seed``, then read as the last task of a sequence is: each concept, generality, the pairs."""
+        folder = self.out_dir / method / "joint" / f"seed-{seed}"
+        path = folder / PROGRESS
+        progress = progress_of(path, "joint", self.settings.of_unit("joint", method), RESULTS_VERSION)
+        progress.update(method=method, seed=seed)
+        if "scores" not in progress:
+            clock, m = Clock(), self.open_museum(folder / "museum", self.settings.base)
+            learned = [c.name for c in m.concepts]
+            if learned not in ([], self.names):
+                raise BenchmarkError(f"{folder / 'museum'} holds {learned}, not this run's concepts; delete {folder}")
+            if not learned:
+                self.step(f"{method} seed {seed}: learning every concept at once")
+                c, s = [self.data[n] for n in self.names], self.settings
+                m.learn_together([(x.name, x.train_images, None if x.is_style else x.class_word, x.is_style) for x in c],
+                                 method=method, steps=s.steps, seed=seed, progress=False, **s.overrides.get(method, {}))
+            progress["learning"] = clock.lap() if not learned else None
+            scores, rows = {}, []
+            for n in self.names:
+                images = self.draw(m, n)
+                scores[n], rows = self.read(n, images), rows + grid_row(images)
+            progress.update(scores=scores, generality=self.generality(m.pipe, Drawing(m)),
+                            composition=self.museum_pairs(m), grid=self.save_grid(folder / "grids" / "all.png", rows),
+                            reading=clock.lap())
+            atomic_write_json(path, progress)
+        for _ in self.names:
+            self.advance()
+        return progress
 
     def run_upper_bound(self, method: str, seed: int) -> dict:
         """Each concept learned alone from the base model with training seed ``seed``, and read."""
@@ -240,14 +274,15 @@ class _Run(Units):
 def run_benchmark(methods: Sequence[str], concepts: Sequence[str] | int = 10, out_dir: str | Path = "museum-bench",
                   *, base: str | Path, evaluator, seeds: int = 3, quick: bool = True, steps: int | None = None,
                   method_overrides: dict[str, dict] | None = None, progress: bool = True, upper_bound: bool = True,
-                  base_row: bool = True, n_prompts: int | None = None, n_seeds: int | None = None,
+                  joint: bool = True, base_row: bool = True, n_prompts: int | None = None, n_seeds: int | None = None,
                   gen_steps: int = 25, guidance: float = 7.5, n_train: int = 5, n_ref: int = 16, score_every: int = 1,
                   generality_prompts: int = GENERALITY_PROMPTS, n_pairs: int = PAIRS, device: str = "cpu") -> dict:
     """Run (or continue) the benchmark on World v2 into ``out_dir``; returns the results (also in
     ``out_dir/results.json``).
 
     ``concepts``: the task sequence, or how many tasks of :func:`task_sequence`. ``seeds``: training seeds per
-    method and per upper bound (0..seeds-1). ``quick``: 8 prompts x 4 images per concept (full: 24 x 8);
+    method, per upper bound and per joint oracle (0..seeds-1). ``joint``: also learn every concept at once with
+    each method that can (``Method.joint``). ``quick``: 8 prompts x 4 images per concept (full: 24 x 8);
     ``n_prompts`` / ``n_seeds`` override either. ``score_every``: every seen concept is read after every
     ``score_every`` tasks and the last (the new concept after each). ``generality_prompts``: held-out prompts of
     the generality reading; ``n_pairs``: side-by-side pairs read after the last task. ``base``, ``evaluator``: the
@@ -265,7 +300,8 @@ def run_benchmark(methods: Sequence[str], concepts: Sequence[str] | int = 10, ou
                         generality_prompts=generality_prompts, n_pairs=n_pairs)
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = [(m, k) for m in methods for k in range(seeds)]
-    total = len(names) * (len(pairs) * (2 if upper_bound else 1) + (1 if base_row else 0))
+    joined = [(m, k) for m, k in pairs if joint and METHODS[m].joint]
+    total = len(names) * (len(pairs) * (2 if upper_bound else 1) + len(joined) + (1 if base_row else 0))
     accelerator = get_accelerator()
     procs, rank = accelerator.num_processes, accelerator.process_index
     if device == "cuda" and procs > 1:
@@ -275,6 +311,7 @@ def run_benchmark(methods: Sequence[str], concepts: Sequence[str] | int = 10, ou
         units = [("base", run.run_base)] if base_row else []
         units += [(f"{m}.seed-{k}", lambda m=m, k=k: run.run_sequence(m, k)) for m, k in pairs]
         units += [(f"{m}.upper.seed-{k}", lambda m=m, k=k: run.run_upper_bound(m, k)) for m, k in pairs if upper_bound]
+        units += [(f"{m}.joint.seed-{k}", lambda m=m, k=k: run.run_joint(m, k)) for m, k in joined]
         run.run_units(units, procs, rank)
     return write_results(out_dir, methods, names, seeds, settings)
 
