@@ -6,38 +6,24 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from museum.evaluation.benchmark.metrics import HIGHER_IS_BETTER, METRICS, curves, summarize
-from museum.evaluation.benchmark.units import PROGRESS, RESULTS, BenchmarkError, read_json
+from museum.evaluation.benchmark.units import PROGRESS, RESULTS, RunSettings, read_json, read_results_file
 from museum.store.atomic import atomic_write_json
 
 RESULTS_VERSION = 1
 
 
 @dataclass
-class Settings:
-    """What a benchmark folder's results depend on; a rerun must use the same (or it is refused)."""
+class Settings(RunSettings):
+    """The first world's settings: one seed draws the concepts' renders and trains every method."""
 
-    n_prompts: int
-    n_seeds: int
-    gen_steps: int
-    guidance: float
-    steps: int | None
-    seed: int
-    n_train: int
-    n_ref: int
-    base: str
-    base_hash: str
-    evaluator: str  # fingerprint of the evaluator's weights
-    overrides: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    seed: int = 0
 
 
 def _mean_scores(scores: Iterable[dict]) -> dict[str, float | None]:
@@ -141,10 +127,4 @@ def write_results(out_dir: str | Path, methods=None, concepts=None, settings=Non
 
 
 def read_results(out_dir: str | Path) -> dict:
-    path = Path(out_dir) / RESULTS
-    results = read_json(path)
-    if results is None:
-        raise BenchmarkError(f"no benchmark results at {path}; run `museum bench --out {out_dir}` first")
-    if results.get("version") != RESULTS_VERSION:
-        raise BenchmarkError(f"{path} has version {results.get('version')}; this museum reads version {RESULTS_VERSION}")
-    return results
+    return read_results_file(out_dir, RESULTS_VERSION, "museum bench")

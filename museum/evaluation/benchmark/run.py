@@ -42,13 +42,13 @@ from museum.evaluation.benchmark.metrics import build_prototypes, score_images
 from museum.evaluation.benchmark.results import RESULTS_VERSION, Settings, write_results
 from museum.evaluation.benchmark.units import (
     PROGRESS, BenchmarkError, Units, check_sequence, evaluator_fingerprint, grid_row, progress_bar, progress_of,
-    storage,
+    storage, this_process,
 )
 from museum.evaluation.protocol import base_images, class_prompts, concept_images
 from museum.methods import METHODS, method_names
 from museum.models.loading import base_hash, is_embedded, load_evaluator, load_pipeline
 from museum.store.atomic import atomic_write_json
-from museum.training.trainer import TrainOptions, get_accelerator
+from museum.training.trainer import TrainOptions
 from museum.world.concepts import BENCHMARK_CONCEPTS, build_concept, concept_names
 
 #: (templates, seeds per template) evaluated per concept
@@ -267,10 +267,7 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
     T = len(concepts)
     total = (len(methods) * T * (2 if upper_bound else 1) + (T if base_row else 0)
              + len(gate_betas) * sum(METHODS[m].swept_option() is not None for m in methods))
-    accelerator = get_accelerator()
-    procs, rank = accelerator.num_processes, accelerator.process_index
-    if device == "cuda" and procs > 1:
-        device = f"cuda:{accelerator.local_process_index}"
+    procs, rank, device = this_process(device)
     with progress_bar(total, progress, procs, rank) as bar:
         run = _Run(concepts, evaluator, settings, out_dir, bar, device)
 

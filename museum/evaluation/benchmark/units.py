@@ -14,6 +14,7 @@ import hashlib
 import json
 import time
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -25,6 +26,7 @@ from museum.generation.sampling import image_grid
 from museum.museum import Museum
 from museum.store.lock import claim
 from museum.store.manifest import MANIFEST
+from museum.training.trainer import get_accelerator
 
 CLAIMS = ".claims"  # one lock file per unit of work
 PROGRESS = "progress.json"
@@ -36,8 +38,50 @@ class BenchmarkError(MuseumUserError):
     """A benchmark folder does not fit the run asked for."""
 
 
+@dataclass
+class RunSettings:
+    """What a benchmark folder's results depend on; a rerun must use the same (or it is refused). Each world's
+    ``Settings`` adds its own."""
+
+    n_prompts: int
+    n_seeds: int
+    gen_steps: int
+    guidance: float
+    steps: int | None
+    n_train: int
+    n_ref: int
+    base: str
+    base_hash: str
+    evaluator: str  # fingerprint of the evaluator's weights
+    overrides: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_results_file(out_dir: str | Path, version: int, command: str) -> dict:
+    """``out_dir/results.json``, refused when missing (``command`` makes it) or of another version."""
+    path = Path(out_dir) / RESULTS
+    results = read_json(path)
+    if results is None:
+        raise BenchmarkError(f"no benchmark results at {path}; run `{command} --out {out_dir}` first")
+    if results.get("version") != version:
+        raise BenchmarkError(f"{path} has version {results.get('version')}; this reader reads version {version}")
+    return results
+
+
+def this_process(device: str) -> tuple[int, int, str]:
+    """(processes, this one's index, its device) under ``accelerate launch`` (1, 0, ``device`` alone): "cuda" with
+    several processes means each process's own GPU."""
+    accelerator = get_accelerator()
+    procs, rank = accelerator.num_processes, accelerator.process_index
+    if device == "cuda" and procs > 1:
+        device = f"cuda:{accelerator.local_process_index}"
+    return procs, rank, device
 
 
 def progress_of(path: Path, kind: str, settings: dict, version: int) -> dict:

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
 import numpy as np
 from scipy import stats
 
-from museum.evaluation.benchmark.units import PROGRESS, RESULTS, BenchmarkError, read_json
+from museum.evaluation.benchmark.units import PROGRESS, RESULTS, RunSettings, read_json, read_results_file
 from museum.evaluation.benchmark.v2.metrics import GAPS, READINGS, gaps_closed
 from museum.evaluation.metrics import backward_transfer, forgetting
 from museum.evaluation.prompt_following import ATTRIBUTES
@@ -36,33 +36,19 @@ CONFIDENCE = 0.95
 
 
 @dataclass
-class Settings:
-    """What a benchmark folder's results depend on; a rerun must use the same (or it is refused)."""
+class Settings(RunSettings):
+    """World v2's settings (``n_seeds``: images per prompt; the training seeds are the units' own)."""
 
-    n_prompts: int
-    n_seeds: int  # images per prompt (sampling seeds); training seeds are the units' own
-    gen_steps: int
-    guidance: float
-    steps: int | None
-    n_train: int
-    n_ref: int
-    base: str
-    base_hash: str
-    evaluator: str  # fingerprint of the evaluator's weights
-    overrides: dict = field(default_factory=dict)
     score_every: int = 1
     generality_prompts: int = 64
     n_pairs: int = 4
     world: str = "v2"
 
     #: settings a kind of unit does not depend on
-    IGNORED = {"base": ("steps", "overrides", "score_every"),
-               "sequence": (),
-               "upper_bound": ("score_every", "generality_prompts", "n_pairs"),
-               "joint": ("score_every",)}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    IGNORED: ClassVar[dict] = {"base": ("steps", "overrides", "score_every"),
+                               "sequence": (),
+                               "upper_bound": ("score_every", "generality_prompts", "n_pairs"),
+                               "joint": ("score_every",)}
 
     def of_unit(self, kind: str, method: str | None = None) -> dict:
         """The settings a unit of ``kind`` depends on (a method's: with its own overrides)."""
@@ -362,10 +348,4 @@ def write_results(out_dir: str | Path, methods: Sequence[str], names: Sequence[s
 
 
 def read_results(out_dir: str | Path) -> dict:
-    path = Path(out_dir) / RESULTS
-    results = read_json(path)
-    if results is None:
-        raise BenchmarkError(f"no benchmark results at {path}; run `museum bench --world v2 --out {out_dir}` first")
-    if results.get("version") != RESULTS_VERSION:
-        raise BenchmarkError(f"{path} has version {results.get('version')}; this reader reads version {RESULTS_VERSION}")
-    return results
+    return read_results_file(out_dir, RESULTS_VERSION, "museum bench --world v2")

@@ -32,7 +32,7 @@ from typing import Sequence
 from museum.drawing import Drawing
 from museum.evaluation.benchmark.units import (
     PROGRESS, BenchmarkError, Clock, Units, check_sequence, evaluator_fingerprint, grid_row, progress_bar, progress_of,
-    storage,
+    storage, this_process,
 )
 from museum.evaluation.benchmark.v2 import metrics as M
 from museum.evaluation.benchmark.v2.results import RESULTS_VERSION, Settings, write_results
@@ -42,7 +42,7 @@ from museum.generation.sampling import generate_images
 from museum.methods import METHODS, method_names
 from museum.models.loading import base_hash, load_pipeline
 from museum.store.atomic import atomic_write_json
-from museum.training.trainer import TrainOptions, get_accelerator
+from museum.training.trainer import TrainOptions
 from museum.world.v2.concepts import BENCHMARK_OBJECTS, BENCHMARK_POOL, BENCHMARK_STYLES, build_concept
 
 #: (templates, images per template) drawn per concept
@@ -298,14 +298,13 @@ def run_benchmark(methods: Sequence[str], concepts: Sequence[str] | int = 10, ou
                         base_hash=base_hash(base), evaluator=evaluator_fingerprint(evaluator),
                         overrides={k: dict(v) for k, v in (method_overrides or {}).items()}, score_every=score_every,
                         generality_prompts=generality_prompts, n_pairs=n_pairs)
+    if min(settings.n_prompts, settings.n_seeds, gen_steps, generality_prompts) < 1:
+        raise BenchmarkError("n_prompts, n_seeds, gen_steps and generality_prompts must be at least 1")
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = [(m, k) for m in methods for k in range(seeds)]
     joined = [(m, k) for m, k in pairs if joint and METHODS[m].joint]
     total = len(names) * (len(pairs) * (2 if upper_bound else 1) + len(joined) + (1 if base_row else 0))
-    accelerator = get_accelerator()
-    procs, rank = accelerator.num_processes, accelerator.process_index
-    if device == "cuda" and procs > 1:
-        device = f"cuda:{accelerator.local_process_index}"
+    procs, rank, device = this_process(device)
     with progress_bar(total, progress, procs, rank) as bar:
         run = _Run(names, evaluator, settings, out_dir, bar, device)
         units = [("base", run.run_base)] if base_row else []
