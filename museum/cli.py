@@ -335,45 +335,92 @@ def pretrain(out: Path = typer.Option(Path("museum/embedded")), work: Path = typ
     run(out, work, seed=seed, continue_from=continue_from, pair_fraction=pair_fraction)
 
 
+#: where World v2's pretraining (scripts/pretrain_v2.py) leaves its model until it ships as the embedded one
+WORLD_V2_MODEL = Path.home() / ".cache/museum/pretrain-v2"
+WORLDS = {"v1": 10, "v2": 32}  # world -> tasks it has
+
+
 @app.command()
 def bench(
     methods: str = typer.Option("all", help="'all' or comma-separated method names (see `museum methods`)"),
-    tasks: int = typer.Option(10, help="how many benchmark concepts to learn, in order"),
-    quick: bool = typer.Option(True, "--quick/--full", help="quick: 8 prompts x 4 seeds per concept; full: 20 x 8"),
+    tasks: int = typer.Option(10, help="how many benchmark concepts to learn, in order (v1: up to 10, v2: 32)"),
+    quick: bool = typer.Option(True, "--quick/--full", help="quick: 8 prompts x 4 seeds per concept; full: 20 x 8 "
+                                                             "(v2: 24 x 8)"),
     out: Path = typer.Option(Path("museum-bench"), help="output folder (a rerun continues what is there)"),
     steps: Optional[int] = typer.Option(None, help="training steps per concept (default: each method's)"),
-    upper_bound: bool = typer.Option(False, "--upper-bound", help="also learn each concept alone from the base model"),
-    base: str = typer.Option("embedded", help="'embedded', 'embedded-two-objects' or a diffusers pipeline folder"),
+    upper_bound: Optional[bool] = typer.Option(None, "--upper-bound/--no-upper-bound",
+                                               help="also learn each concept alone from the base model (default: "
+                                                    "off on v1, on on v2)"),
+    base: Optional[str] = typer.Option(None, help="'embedded', 'embedded-two-objects' or a diffusers pipeline "
+                                                  "folder (default: v1 'embedded'; v2 WORLD_V2/pipeline)"),
+    world: str = typer.Option("v1", help="v1: the shipped model's world; v2: World v2 (issue #23: seeds, "
+                                         "generality, side by side, both fidelity readings)"),
+    seeds: Optional[int] = typer.Option(None, help="v2: training seeds per method and upper bound (default 3)"),
+    score_every: int = typer.Option(1, help="v2: read every seen concept after every N tasks and the last"),
+    joint: bool = typer.Option(True, "--joint/--no-joint", help="v2: also learn every concept at once with each "
+                                                                "method that can (finetune, custom-diffusion)"),
+    evaluator: Optional[Path] = typer.Option(None, help="an evaluator folder (default: v1 the shipped one; v2 "
+                                                        "WORLD_V2/evaluator)"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps; under `accelerate launch`, cuda is each "
                                            "process's own GPU"),
 ) -> None:
     """Run the continual benchmark: every method learns the concepts one after another and is scored after each.
 
-    `accelerate launch --num_processes N -m museum bench ...` spreads the methods (and upper bounds) over N
-    processes, each learning whole task sequences alone; the results are the same as one process's."""
-    from museum.world.concepts import BENCHMARK_CONCEPTS
+    `accelerate launch --num_processes N -m museum bench ...` spreads the methods (and upper bounds; on v2 each
+    training seed) over N processes, each learning whole task sequences alone; the results are the same as one
+    process's. WORLD_V2 is ~/.cache/museum/pretrain-v2, where scripts/pretrain_v2.py leaves the model."""
+    chosen = _bench_request(methods, tasks, steps, world, seeds, score_every)
+    _quiet()
+    from museum.evaluation.benchmark import RESULTS
+    from museum.models.loading import load_evaluator
+    from museum.report.benchmark_report import write_report
+    from museum.training.trainer import get_accelerator
 
-    if not 1 <= tasks <= len(BENCHMARK_CONCEPTS):
-        fail(f"--tasks must be between 1 and {len(BENCHMARK_CONCEPTS)} (got {tasks})")
+    if world == "v1":
+        from museum.evaluation.benchmark import run_benchmark
+        from museum.world.concepts import BENCHMARK_CONCEPTS
+
+        run_benchmark(chosen, BENCHMARK_CONCEPTS[:tasks], out, quick=quick, base=base or "embedded", steps=steps,
+                      upper_bound=bool(upper_bound), device=device,
+                      evaluator=load_evaluator(evaluator) if evaluator else None)
+    else:
+        from museum.evaluation.benchmark.v2 import run_benchmark
+        from museum.methods.base import method_names
+
+        base, evaluator = Path(base or WORLD_V2_MODEL / "pipeline"), evaluator or WORLD_V2_MODEL / "evaluator"
+        if not (base / "model_index.json").is_file() or not (evaluator / "config.json").is_file():
+            fail(f"World v2's model is not at {base} and {evaluator} (scripts/pretrain_v2.py makes it): pass "
+                 f"--base PIPELINE and --evaluator FOLDER")
+        run_benchmark(method_names() if chosen == "all" else chosen, tasks, out, base=base,
+                      evaluator=load_evaluator(evaluator), seeds=seeds or 3, quick=quick, steps=steps,
+                      upper_bound=upper_bound is not False, joint=joint, score_every=score_every, device=device)
+    if not get_accelerator().is_main_process:  # every process has finished; one writes the report
+        return
+    page = write_report(out)
+    typer.echo(f"results: {out / RESULTS}\nreport: {page}\nopen it with: python -m webbrowser -t {page.resolve().as_uri()}")
+
+
+def _bench_request(methods: str, tasks: int, steps: int | None, world: str, seeds: int | None,
+                   score_every: int) -> str | list[str]:
+    """``museum bench``'s options checked (a usage error names what to do); the methods asked for."""
+    if world not in WORLDS:
+        fail(f"--world must be one of {', '.join(WORLDS)} (got {world!r})")
+    if not 1 <= tasks <= WORLDS[world]:
+        fail(f"--tasks must be between 1 and {WORLDS[world]} (got {tasks})")
     if steps is not None and steps < 1:
         fail(f"--steps must be at least 1 (got {steps})")
+    if world == "v1" and (seeds not in (None, 1) or score_every != 1):
+        fail("--seeds and --score-every need --world v2 (the first world's benchmark is one seed, read after "
+             "every task)")
+    if (seeds is not None and seeds < 1) or score_every < 1:
+        fail(f"--seeds and --score-every must be at least 1 (got {seeds} and {score_every})")
     from museum.methods.base import method_names
 
     chosen = "all" if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in method_names()] if chosen != "all" else []
     if unknown or not chosen:
         fail(f"unknown method(s) {', '.join(unknown) or '(none given)'}; available: {', '.join(method_names())} or all")
-    _quiet()
-    from museum.evaluation.benchmark import RESULTS, run_benchmark
-    from museum.report.benchmark_report import write_report
-    from museum.training.trainer import get_accelerator
-
-    run_benchmark(chosen, BENCHMARK_CONCEPTS[:tasks], out, quick=quick, base=base, steps=steps,
-                  upper_bound=upper_bound, device=device)
-    if not get_accelerator().is_main_process:  # every process has finished; one writes the report
-        return
-    page = write_report(out)
-    typer.echo(f"results: {out / RESULTS}\nreport: {page}\nopen it with: python -m webbrowser -t {page.resolve().as_uri()}")
+    return chosen
 
 
 @app.command()

@@ -24,7 +24,9 @@ from museum.store.atomic import atomic_dir, atomic_write_bytes, remove_leftovers
 from museum.store.faults import fault_point
 from museum.store.lock import writer_lock
 from museum.store.manifest import TENSORS, ConceptEntry, Manifest, remove_unreferenced, sha256_file
-from museum.training.trainer import Checkpointer, LearnResult, TrainOptions, get_accelerator, train_concept
+from museum.training.trainer import (
+    Checkpointer, LearnResult, TrainOptions, get_accelerator, train_concept, train_together,
+)
 
 
 class LearningSession:
@@ -43,6 +45,7 @@ class LearningSession:
         self.multi = self.accelerator.num_processes > 1 and (options is None or options.data_parallel)
         self.main = self.accelerator.is_main_process or not self.multi
         self.work = museum.folder / "work" / name
+        self.image_sha256 = {name: image_hashes}
 
     def run(self) -> bool:
         """Learn and commit; True in the process that committed (False in the other processes of a run)."""
@@ -77,13 +80,7 @@ class LearningSession:
             for stale in (museum.folder / "work").glob("*"):  # left by a crash after its concept was committed
                 if stale.name in museum.manifest.names():
                     shutil.rmtree(stale, ignore_errors=True)
-        if name in museum.manifest.names():
-            raise MuseumError(f"the museum already has a concept {name!r}; choose another name or "
-                              f"`museum remove` it first")
-        token = f"<{name}>"
-        if token in museum.pipe.tokenizer.get_vocab():
-            raise MuseumError(f"the token {token} is already in the base model's vocabulary; choose another name")
-        info = ConceptInfo(name, token, self.class_word, self.style, len(museum.manifest.concepts), m.name)
+        info = self._new_concept(name, self.class_word, self.style, len(museum.manifest.concepts))
         earlier = [museum.concept_info(e) for e in museum.manifest.concepts]
         if self.main and work.is_dir():
             remove_leftovers(work)
@@ -101,18 +98,25 @@ class LearningSession:
                                    fingerprint=fingerprint)
         return info, earlier, checkpoints
 
+    def _new_concept(self, name: str, class_word: str, style: bool, task_index: int) -> ConceptInfo:
+        """The concept about to be learned, its name and token checked against the museum and the base model."""
+        museum = self.museum
+        if name in museum.manifest.names():
+            raise MuseumError(f"the museum already has a concept {name!r}; choose another name or "
+                              f"`museum remove` it first")
+        token = f"<{name}>"
+        if token in museum.pipe.tokenizer.get_vocab():
+            raise MuseumError(f"the token {token} is already in the base model's vocabulary; choose another name")
+        return ConceptInfo(name, token, class_word, style, task_index, self.method.name)
+
     def _train_and_commit(self, info: ConceptInfo, earlier: list[ConceptInfo], checkpoints: Checkpointer) -> bool:
         museum = self.museum
         try:
-            result = train_concept(
-                museum.pipe, self.method, info, self.images, state=museum.method_state(self.method.name),
-                earlier=earlier, cache_dir=museum.folder / "cache", checkpoints=checkpoints, resume=self.resume,
-                progress=self.progress, on_step=self.on_step, options=self.options, echo=self.echo,
-            )
+            learned = self._train(info, earlier, checkpoints)
             if not self.main:
                 museum.collection.unload()  # the pipeline holds the token; the main process commits the concept
                 return False
-            self._commit(info, result)
+            self._commit(learned)
         except BaseException as err:
             museum.collection.unload()  # the pipeline holds the uncommitted token: reload from disk next time
             if self.main and isinstance(err, TrainingDivergedError):  # resuming would diverge again
@@ -120,38 +124,30 @@ class LearningSession:
             raise
         return True
 
-    def _commit(self, info: ConceptInfo, result: LearnResult) -> None:
+    def _train(self, info: ConceptInfo, earlier: list[ConceptInfo], checkpoints: Checkpointer
+               ) -> list[tuple[ConceptInfo, LearnResult]]:
+        museum = self.museum
+        result = train_concept(
+            museum.pipe, self.method, info, self.images, state=museum.method_state(self.method.name),
+            earlier=earlier, cache_dir=museum.folder / "cache", checkpoints=checkpoints, resume=self.resume,
+            progress=self.progress, on_step=self.on_step, options=self.options, echo=self.echo,
+        )
+        return [(info, result)]
+
+    def _commit(self, learned: list[tuple[ConceptInfo, LearnResult]]) -> None:
+        """Each concept's folder written atomically, then the method's new state (the last result's), then one
+        rewrite of ``museum.json``: the commit point of them all."""
         museum, m = self.museum, self.method
         fault_point("commit.begin")
-        entry = ConceptEntry(info.name, info.token, m.name, info.task_index, info.class_word, info.is_style,
-                             folder=f"concepts/{info.task_index:03d}-{info.name}")
-        info.tensors = result.tensors
-        record = {
-            "name": info.name, "token": info.token, "phrase": m.phrase(info), "method": m.name,
-            "config": m.config.to_dict(), "task_index": info.task_index, "class_word": info.class_word,
-            "is_style": info.is_style, "image_sha256": self.image_hashes, "train_seconds": round(result.seconds, 2),
-            "steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
-            "base_hash": museum.manifest.base_hash, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        # the sample is drawn before the commit, with the new concept and its method's new state
-        museum.collection.hold(info.name, result.tensors, record, m.name, result.state)
-        pending = [*museum.manifest.concepts, entry]
-        prompt = concept_prompt(m, info)
-        sample = image_grid(Drawing(museum, pending).images([prompt] * 4, list(range(4))), cols=4, scale=2)
-        fault_point("commit.sampled")
-        with atomic_dir(museum.folder / entry.folder) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in result.tensors.items()}, tmp / TENSORS)
-            fault_point("commit.partial")
-            (tmp / "concept.json").write_text(json.dumps(record, indent=2))
-            sample.save(tmp / "sample.png")
-            entry.files = {f: sha256_file(tmp / f) for f in (TENSORS, "concept.json", "sample.png")}
-        fault_point("commit.folder")
-        state = dict(museum.manifest.state)
-        if result.state:
-            state_file = f"state/{m.name}-{info.task_index:03d}.safetensors"
+        pending = list(museum.manifest.concepts)
+        for info, result in learned:
+            pending.append(self._write_concept(info, result, pending))
+        state, new_state = dict(museum.manifest.state), learned[-1][1].state
+        if new_state:
+            state_file = f"state/{m.name}-{learned[-1][0].task_index:03d}.safetensors"
             (museum.folder / "state").mkdir(exist_ok=True)
             atomic_write_bytes(museum.folder / state_file,
-                               save_bytes({k: v.detach().cpu().contiguous() for k, v in result.state.items()}))
+                               save_bytes({k: v.detach().cpu().contiguous() for k, v in new_state.items()}))
             state[m.name] = {"file": state_file, "sha256": sha256_file(museum.folder / state_file)}
             fault_point("commit.state")
         new = Manifest(museum.manifest.base_path, museum.manifest.base_hash, pending, state)
@@ -160,6 +156,60 @@ class LearningSession:
         museum.manifest = new
         remove_unreferenced(museum.folder, new)
         fault_point("commit.cleaned")
+
+    def _write_concept(self, info: ConceptInfo, result: LearnResult, earlier: list[ConceptEntry]) -> ConceptEntry:
+        """The concept's folder (tensors, concept.json, a sample drawn with it and the ``earlier`` entries), written
+        atomically; its manifest entry."""
+        museum, m = self.museum, self.method
+        entry = ConceptEntry(info.name, info.token, m.name, info.task_index, info.class_word, info.is_style,
+                             folder=f"concepts/{info.task_index:03d}-{info.name}")
+        info.tensors = result.tensors
+        record = {
+            "name": info.name, "token": info.token, "phrase": m.phrase(info), "method": m.name,
+            "config": m.config.to_dict(), "task_index": info.task_index, "class_word": info.class_word,
+            "is_style": info.is_style, "image_sha256": self.image_sha256[info.name], "train_seconds": round(result.seconds, 2),
+            "steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
+            "base_hash": museum.manifest.base_hash, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        # the sample is drawn before the commit, with the new concept and its method's new state
+        museum.collection.hold(info.name, result.tensors, record, m.name, result.state)
+        prompt = concept_prompt(m, info)
+        sample = image_grid(Drawing(museum, [*earlier, entry]).images([prompt] * 4, list(range(4))), cols=4, scale=2)
+        fault_point("commit.sampled")
+        with atomic_dir(museum.folder / entry.folder) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in result.tensors.items()}, tmp / TENSORS)
+            fault_point("commit.partial")
+            (tmp / "concept.json").write_text(json.dumps(record, indent=2))
+            sample.save(tmp / "sample.png")
+            entry.files = {f: sha256_file(tmp / f) for f in (TENSORS, "concept.json", "sample.png")}
+        fault_point("commit.folder")
+        return entry
+
+
+class JointSession(LearningSession):
+    """Several concepts learned in one run by a method that can (``Method.joint``; ``train_together``) and committed
+    together, one rewrite of ``museum.json``: the benchmark's joint oracle. ``requests``: (name, class word,
+    style, images, their hashes) per concept. One process, no checkpoints: an interrupted run starts again."""
+
+    def __init__(self, museum, method: Method, requests: list[tuple], *, progress: bool, options: TrainOptions):
+        name, class_word, style, images, hashes = requests[0]
+        super().__init__(museum, method, name, class_word, style, images, hashes, resume=False, wait=False,
+                         progress=progress, checkpoint_every=None, options=options, echo=None)
+        self.requests = requests
+        self.image_sha256 = {r[0]: r[4] for r in requests}
+
+    def _prepare(self) -> tuple[list[ConceptInfo], list[ConceptInfo], Checkpointer]:
+        info, earlier, checkpoints = super()._prepare()
+        return [info, *(self._new_concept(n, c, s, info.task_index + k)
+                        for k, (n, c, s, _, _) in enumerate(self.requests[1:], 1))], earlier, checkpoints
+
+    def _train(self, infos: list[ConceptInfo], earlier: list[ConceptInfo], checkpoints: Checkpointer
+               ) -> list[tuple[ConceptInfo, LearnResult]]:
+        museum = self.museum
+        results = train_together(museum.pipe, self.method, infos, [r[3] for r in self.requests],
+                                 state=museum.method_state(self.method.name), earlier=earlier,
+                                 cache_dir=museum.folder / "cache", progress=self.progress, options=self.options)
+        return list(zip(infos, results))
 
 
 def _all_agree(accelerator, ok: bool) -> bool:

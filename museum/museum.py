@@ -14,6 +14,7 @@ learning to a ``LearningSession`` (museum/learning.py), drawing to a ``Drawing``
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -27,8 +28,10 @@ from museum.collection import Collection
 from museum.drawing import Drawing
 from museum.errors import MuseumError
 from museum.export import export_concepts
-from museum.learning import LearningSession
-from museum.methods.base import ConceptInfo, family_of, generation_settings, get_method, method_names
+from museum.learning import JointSession, LearningSession
+from museum.methods.base import (
+    METHODS, ConceptInfo, Method, family_of, generation_settings, get_method, method_names,
+)
 from museum.models.loading import (
     EMBEDDED, base_hash, hub_snapshot, is_embedded, is_hub_id, is_single_file, load_single_file, resolve_base,
 )
@@ -193,32 +196,41 @@ class Museum:
         checkpointing, 8-bit Adam (``TrainOptions``); ``device``: where to train and draw (e.g.
         "cuda"); ``echo``: receives the memory estimate and notes printed before training; ``on_step(step, loss)``: called
         after every training step (an exception it raises stops the run, and nothing is committed)."""
-        check_name(name)
+        class_word = _class_word(name, class_word, style)
         if device is not None:
             self.to(device)
+        m = self._method(method, dict(config, steps=steps, seed=seed))
+        session = LearningSession(self, m, name, class_word, style, *_read_images(images), resume=resume, wait=wait,
+                                  progress=progress, checkpoint_every=checkpoint_every, options=options, echo=echo,
+                                  on_step=on_step)
+        return self.concept(name) if session.run() else None
+
+    def learn_together(self, concepts: Sequence[tuple], *, method: str, steps: int | None = None,
+                       seed: int | None = None, progress: bool = True, options: TrainOptions | None = None,
+                       **config) -> list[Concept]:
+        """Learn several concepts in one run, each with its own token, with a method that can (``Method.joint``:
+        finetune, custom-diffusion), and commit them together: the joint oracle continual methods are measured
+        against. ``concepts``: (name, images, class word or None, style) each. One process, no checkpoints."""
+        m = self._method(method, dict(config, steps=steps, seed=seed))
+        if not type(m).joint:
+            joint = [n for n in method_names() if METHODS[n].joint]
+            raise MuseumError(f"{method} cannot learn several concepts at once; these can: {', '.join(joint)}")
+        requests = [(name, _class_word(name, word, style), style, *_read_images(images))
+                    for name, images, word, style in concepts]
+        session = JointSession(self, m, requests, progress=progress,
+                               options=dataclasses.replace(options or TrainOptions(), data_parallel=False))
+        session.run()
+        return [self.concept(r[0]) for r in requests]
+
+    def _method(self, method: str, overrides: dict) -> Method:
+        """The method ``method`` with its defaults for this base and ``overrides``, checked against the base."""
         if method not in method_names():
             raise MuseumError(f"unknown method {method!r}; available methods: {', '.join(method_names())}")
-        if style and class_word not in (None, "style"):
-            raise MuseumError("a style has no class word: pass either --style or --class-word, not both")
-        if not style and not class_word:
-            raise MuseumError(f"say what {name!r} is: pass --class-word WORD (e.g. circle, dog) or --style")
-        class_word = "style" if style else class_word.strip().lower()
-        overrides = dict(config, steps=steps, seed=seed)
         m = get_method(method, family=self.family, **{k: v for k, v in overrides.items() if v is not None})
         if not type(m).two_text_encoders and tokens.is_sdxl(self.pipe):
             raise MuseumError(f"{method} does not support bases with two text encoders (SDXL) yet; use another "
                               f"method (see `museum methods`)")
-        if isinstance(images, (str, Path)):
-            pil_images, image_hashes = read_image_folder(images)
-        else:
-            pil_images = [im.convert("RGB") for im in images]
-            image_hashes = [_image_hash(im) for im in pil_images]
-            if not pil_images:
-                raise MuseumError("no images given")
-        session = LearningSession(self, m, name, class_word, style, pil_images, image_hashes, resume=resume, wait=wait,
-                                  progress=progress, checkpoint_every=checkpoint_every, options=options, echo=echo,
-                                  on_step=on_step)
-        return self.concept(name) if session.run() else None
+        return m
 
     def remove(self, name: str, *, wait: bool = False) -> None:
         """Forget a concept. Refused for methods whose shared state cannot drop one concept."""
@@ -269,6 +281,26 @@ class Museum:
         """Write one concept, or several composed, in ``format``: "diffusers", "kohya" (a LoRA and embeddings for
         AUTOMATIC1111 and ComfyUI) or "a1111" (embeddings); ``rank`` caps the LoRA's rank (see ``museum.export``)."""
         return export_concepts(self, [names] if isinstance(names, str) else list(names), Path(out), format, rank)
+
+
+def _class_word(name: str, class_word: str | None, style: bool) -> str:
+    """A new concept's name checked, and what it is: its class word, or "style"."""
+    check_name(name)
+    if style and class_word not in (None, "style"):
+        raise MuseumError("a style has no class word: pass either --style or --class-word, not both")
+    if not style and not class_word:
+        raise MuseumError(f"say what {name!r} is: pass --class-word WORD (e.g. circle, dog) or --style")
+    return "style" if style else class_word.strip().lower()
+
+
+def _read_images(images: str | Path | Sequence[Image.Image]) -> tuple[list[Image.Image], list[str]]:
+    """A folder's images or PIL images, as RGB, and their hashes."""
+    if isinstance(images, (str, Path)):
+        return read_image_folder(images)
+    pil_images = [im.convert("RGB") for im in images]
+    if not pil_images:
+        raise MuseumError("no images given")
+    return pil_images, [_image_hash(im) for im in pil_images]
 
 
 def _image_hash(image: Image.Image) -> str:

@@ -22,7 +22,7 @@ from museum.models.loading import (
 from museum.museum import Museum
 from museum.plumbing import kv
 from museum.world.concepts import build_concept
-from tiny_models import build_tiny_pipeline
+from tiny_models import build_tiny_pipeline, build_tiny_v2_pipeline, tiny_v2_evaluator
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -74,6 +74,20 @@ def tiny_base(tmp_path_factory) -> Path:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_v2_base(tmp_path_factory) -> Path:
+    """A tiny random World v2 pipeline folder (64x64 images, eight latent channels, the v2 vocabulary)."""
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    return build_tiny_v2_pipeline(tmp_path_factory.mktemp("tiny-v2") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def v2_evaluator(tmp_path_factory):
+    """A tiny random evaluator of 64x64 images with the v2 vocabulary."""
+    return tiny_v2_evaluator(tmp_path_factory.mktemp("v2-evaluator"))
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,8 @@ from museum.methods.perfusion import PerfusionConfig
 from museum.models.evaluator import Evaluator
 from museum.models.tokenizer import write_clip_tokenizer
 from museum.museum import Museum
-from museum.report.benchmark_report import grid_cells, write_report
+from museum.report.benchmark_report import write_report
+from museum.report.figures import grid_cells
 from museum.world.concepts import build_concept
 from museum.world.render import base_vocabulary, held_out_vocabulary
 

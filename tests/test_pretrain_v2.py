@@ -7,36 +7,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from museum.models import icgen
 from museum.models.v2 import components
 from museum.models.v2 import pretrain as P
 from museum.world.v2 import render
-
-
-def _tiny_vae():
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(4, 8, 8), layers_per_block=1,
-                         latent_channels=components.LATENT_CHANNELS, norm_num_groups=4, sample_size=64,
-                         mid_block_add_attention=False)
-
-
-def _tiny_unet():
-    return UNet2DConditionModel(sample_size=16, in_channels=components.LATENT_CHANNELS,
-                                out_channels=components.LATENT_CHANNELS, block_out_channels=(8, 16),
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
-                                cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)
-
-
-def _tiny_text_encoder(tokenizer):
-    return CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                        num_hidden_layers=1, num_attention_heads=2,
-                                        max_position_embeddings=tokenizer.model_max_length,
-                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                        pad_token_id=tokenizer.pad_token_id))
+from tiny_models import tiny_v2_text_encoder, tiny_v2_unet, tiny_v2_vae
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +26,9 @@ def tiny_set(tmp_path_factory):
 
 @pytest.fixture
 def tiny_components(monkeypatch):
-    monkeypatch.setattr(components, "make_vae", _tiny_vae)
-    monkeypatch.setattr(components, "make_unet", _tiny_unet)
-    monkeypatch.setattr(components, "make_text_encoder", _tiny_text_encoder)
+    monkeypatch.setattr(components, "make_vae", tiny_v2_vae)
+    monkeypatch.setattr(components, "make_unet", tiny_v2_unet)
+    monkeypatch.setattr(components, "make_text_encoder", tiny_v2_text_encoder)
     monkeypatch.setattr(P, "VAE_CROP_STEPS", 2)
     monkeypatch.setattr(P, "UNET_BATCH", 4)
     monkeypatch.setattr(P, "EVALUATOR_BATCH", 8)
@@ -182,7 +159,7 @@ def test_a_cache_made_by_other_code_is_refused(tiny_set, tiny_components, tmp_pa
         P.verify_chunks([stale], 0, chunk=20)
     vae = P.train_vae(tmp_path, images, steps=2, minutes=5)
     assert P.encode_latents(tmp_path, vae, paths[:1]) is not None
-    other = _tiny_vae()
+    other = tiny_v2_vae()
     with pytest.raises(P.StaleCacheError, match="another VAE"):
         P.encode_latents(tmp_path, other, paths[:1])
 

@@ -24,6 +24,7 @@ from PIL import Image
 
 from museum import cli
 from museum.evaluation.benchmark import run_benchmark
+from museum.evaluation.benchmark import v2 as world_v2
 from museum.models.evaluator import Evaluator
 from museum.models.tokenizer import write_clip_tokenizer
 from museum.museum import Museum
@@ -45,6 +46,11 @@ GATE_BETAS = (0.5, 0.7, 0.9)
 FAST = dict(lr=2e-2, token_lr=0.5)
 RUN = dict(steps=2, n_prompts=1, n_seeds=4, gen_steps=2, progress=False, method_overrides={m: FAST for m in METHODS},
            upper_bound=True, gate_betas=GATE_BETAS)
+#: World v2: two methods, two training seeds, three tasks (two objects read side by side, a style)
+V2_METHODS = ["textual-inversion", "finetune"]
+V2_CONCEPTS = ["sunburst", "gem", "glowline"]
+V2_RUN = dict(steps=2, n_prompts=1, n_seeds=4, gen_steps=2, n_ref=4, generality_prompts=4, n_pairs=1, progress=False,
+              method_overrides={m: FAST for m in V2_METHODS}, seeds=2)
 
 
 # ----------------------------------------------------------------------------- a DevTools client on a pipe
@@ -188,6 +194,12 @@ def bench(tiny_base, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def bench_v2(tiny_v2_base, v2_evaluator, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-v2") / "out"
+    return out, world_v2.run_benchmark(V2_METHODS, V2_CONCEPTS, out, base=tiny_v2_base, evaluator=v2_evaluator, **V2_RUN)
+
+
+@pytest.fixture(scope="module")
 def artifacts():
     folder = ARTIFACTS / "report-browser"
     shutil.rmtree(folder, ignore_errors=True)
@@ -262,6 +274,38 @@ def test_report_in_chromium(bench, browser, artifacts, record_property, monkeypa
     assert "gate-textual-inversion" not in tables
     assert state["headings"][:2] == ["Results", "Over the tasks"]
     assert {"method-textual-inversion", "method-perfusion", "gate-curve-perfusion"} <= set(state["headings"])
+
+
+def test_world_v2_report_in_chromium(bench_v2, browser, artifacts, record_property, monkeypatch, capsys):
+    """The World v2 report: intervals over two seeds, the per-concept matrices, the generality curve, the pairs, and
+    per concept its samples (base model, renders, after its own task, after the last, alone)."""
+    out, results = bench_v2
+    monkeypatch.setattr(sys, "argv", ["museum", "report", str(out)])
+    cli.main()
+    state = render(browser, out / "report.html", artifacts, "report-v2", record_property)
+    assert state["title"] == "Museum continual benchmark (World v2)"
+    assert_images_loaded(state)
+    alts = [i["alt"] for i in state["images"]]
+    for alt in ("summary with intervals", "average and forgetting over tasks", "generality over tasks",
+                "per-concept matrix, gap_evaluator", "per-concept matrix, gap_independent"):
+        assert alts.count(alt) == 1, alt
+    for method in V2_METHODS:
+        assert alts.count(f"{method} heatmaps") == 1
+        assert sum(a.startswith((f"{method} after own task", f"{method} after last task", f"{method} alone:"))
+                   for a in alts) == 3 * len(V2_CONCEPTS)
+    assert sum(a.startswith(("base model:", "rendered:")) for a in alts) == 2 * len(V2_CONCEPTS) * len(V2_METHODS)
+    tables = state["tables"]
+    assert [r["first"] for r in tables["results"]["rows"]] == [*V2_METHODS, *(f"alone: {m}" for m in V2_METHODS),
+                                                               "joint: finetune", "base model (class prompt)"]
+    assert all(r["cells"] == len(tables["beyond"]["header"]) for r in tables["beyond"]["rows"])
+    for method in V2_METHODS:
+        samples = tables[f"samples-{method}"]
+        assert [r["first"] for r in samples["rows"]] == V2_CONCEPTS and all(r["images"] == 5 for r in samples["rows"])
+    assert [r["first"] for r in tables["generality"]["rows"]] == [
+        "base model (before the first task)", *(f"{m} (after the last task)" for m in V2_METHODS)]
+    assert [r["first"] for r in tables["composition"]["rows"]] == V2_METHODS
+    assert state["headings"][:5] == ["Results", "Over the tasks", "Per concept", "Retained generality",
+                                     "Two concepts side by side"]
 
 
 def test_gallery_in_chromium(bench, browser, artifacts, record_property, tmp_path):

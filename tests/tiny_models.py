@@ -12,6 +12,9 @@ code path a real Stable Diffusion checkpoint goes through. One builder per base 
 * ``sdxl``: Stable Diffusion XL: two text encoders and tokenizers (the second with a projection,
   whose pooled output conditions the UNet with the size/crop time ids, ``addition_embed_type=
   "text_time"``), cross-attention over both encoders' penultimate states concatenated.
+
+And World v2's layout (``build_tiny_v2_pipeline``: 64x64 images, eight latent channels, its vocabulary) with a
+64x64 evaluator (``tiny_v2_evaluator``), for the benchmark on the new world.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ from transformers import (
 
 from museum.models import icgen
 from museum.models.components import SD_SCHEDULER
+from museum.models.evaluator import Evaluator
 from museum.models.tokenizer import write_clip_tokenizer
+from museum.models.v2 import components as v2
 from museum.world.render import base_vocabulary
+from museum.world.v2 import render as render_v2
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -112,3 +118,50 @@ def build_tiny_ip_adapter(pipeline: str | Path, directory: str | Path, seed: int
             p.add_(0.5 * torch.randn_like(p))
     save_file(icgen.adapter_state(unet), directory / weight_name)
     return directory
+
+
+# --------------------------------------------------------------------------- World v2 (64x64, 8 latent channels)
+
+
+def tiny_v2_vae() -> AutoencoderKL:
+    """World v2's VAE layout (three levels, factor 4, eight latent channels, no attention) at a tiny width."""
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(4, 8, 8), layers_per_block=1,
+                         latent_channels=v2.LATENT_CHANNELS, norm_num_groups=4, sample_size=v2.IMAGE_SIZE,
+                         mid_block_add_attention=False)
+
+
+def tiny_v2_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(sample_size=v2.LATENT_SIZE, in_channels=v2.LATENT_CHANNELS,
+                                out_channels=v2.LATENT_CHANNELS, block_out_channels=(8, 16),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)
+
+
+def tiny_v2_text_encoder(tokenizer) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        max_position_embeddings=tokenizer.model_max_length,
+                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                        pad_token_id=tokenizer.pad_token_id))
+
+
+def build_tiny_v2_pipeline(directory: str | Path, seed: int = 0) -> Path:
+    """Write a random tiny World v2 pipeline (64x64 images, latent 8x16x16, the v2 vocabulary) to ``directory``."""
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(render_v2.vocabulary(), directory / "_tokenizer", v2.MODEL_MAX_LENGTH)
+    scheduler = DDIMScheduler(**SD_SCHEDULER, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=tiny_v2_vae(), text_encoder=tiny_v2_text_encoder(tokenizer), tokenizer=tokenizer,
+                                   unet=tiny_v2_unet(), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(directory)
+    return directory
+
+
+def tiny_v2_evaluator(folder: str | Path, seed: int = 0) -> Evaluator:
+    """A random evaluator reading 64x64 images with the v2 vocabulary (the same weights for the same ``seed``)."""
+    tokenizer = write_clip_tokenizer(render_v2.vocabulary(), folder, v2.MODEL_MAX_LENGTH)
+    torch.manual_seed(seed)
+    return Evaluator.create(tokenizer, image_size=v2.IMAGE_SIZE).eval().requires_grad_(False)

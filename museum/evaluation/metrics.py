@@ -38,19 +38,24 @@ def average(R: np.ndarray) -> float:
 
 
 def forgetting(R: np.ndarray) -> float:
-    """mean_{j<T} (max_{t<T} R[t, j] - R[T, j]) for a lower-triangular R (rows: after task t, cols: concept j)."""
+    """mean_{j<T} (max_{t<T} R[t, j] - R[T, j]) for a lower-triangular R (rows: after task t, cols: concept j).
+    Missing values are NaN: the max is over the rows that have one, and a concept without a final value or
+    without any earlier one is left out (NaN when none is left)."""
     R = np.asarray(R, dtype=float)
     T = R.shape[0]
     if T < 2:
         return 0.0
-    drops = [np.nanmax(R[j:T - 1, j]) - R[T - 1, j] for j in range(T - 1)]
-    return float(np.mean(drops))
+    drops = [np.nanmax(R[j:T - 1, j]) - R[T - 1, j] for j in range(T - 1)
+             if np.isfinite(R[T - 1, j]) and np.isfinite(R[j:T - 1, j]).any()]
+    return float(np.mean(drops)) if drops else float("nan")
 
 
 def backward_transfer(R: np.ndarray) -> float:
-    """mean_{j<T} (R[T, j] - R[j, j]): negative when learning later tasks hurt earlier ones."""
+    """mean_{j<T} (R[T, j] - R[j, j]): negative when learning later tasks hurt earlier ones (concepts missing
+    either value, NaN, are left out)."""
     R = np.asarray(R, dtype=float)
     T = R.shape[0]
     if T < 2:
         return 0.0
-    return float(np.mean([R[T - 1, j] - R[j, j] for j in range(T - 1)]))
+    diffs = [R[T - 1, j] - R[j, j] for j in range(T - 1) if np.isfinite(R[T - 1, j]) and np.isfinite(R[j, j])]
+    return float(np.mean(diffs)) if diffs else float("nan")

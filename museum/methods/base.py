@@ -221,6 +221,8 @@ class TrainContext:
     images: Any = None  # the task's images (PIL), for what a method keeps derived from them (lfs: context embeddings)
     # set by the trainer right after :meth:`Method.setup` when :meth:`Method.wants_teacher` says so:
     teacher: Any = None  # a frozen copy of the UNet as setup left it: the model before this task
+    # set by ``museum.training.trainer.train_together``: every concept of a joint run (empty for one concept)
+    together: list = field(default_factory=list)
 
 
 class Method:
@@ -238,6 +240,10 @@ class Method:
     removable_why: ClassVar[str] = ""
     #: does it work on bases with two text encoders (SDXL)?
     two_text_encoders: ClassVar[bool] = True
+    #: can it learn several concepts in one run, each with its own token (``train_together``; the benchmark's joint
+    #: oracle)? Only where the result is something the method stores: one shared state, or per-concept tensors that
+    #: can all hold the run's
+    joint: ClassVar[bool] = False
     #: settings it reads at generation time, applied by :meth:`generation_settings`
     generation_options: ClassVar[tuple[GenerationOption, ...]] = ()
 

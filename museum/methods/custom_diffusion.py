@@ -58,6 +58,7 @@ class CustomDiffusion(Method):
     name = "custom-diffusion"
     config_class = CustomDiffusionConfig
     export_format = "lora"
+    joint = True  # learned together, every concept keeps the run's K/V deltas (and its own token)
 
     @classmethod
     def cost(cls, kv, width, config) -> ConceptCost:  # dense K/V deltas, trained in place; the prior batch doubles
@@ -94,13 +95,14 @@ class CustomDiffusion(Method):
         return [{"params": params, "lr": self.config.lr}]
 
     def _class_data(self, ctx: TrainContext) -> tuple[torch.Tensor, list[str]]:
-        """Class images (as latents) from the base model, generated once per (class, count) and cached."""
-        n = self.config.num_class_images
-        if ctx.concept.is_style:  # a style's "class" is generic content
-            prompts = generic_captions(n)
-        else:
-            prompts = [f"a {ctx.concept.class_word}"] * n
-        return generated_latents(ctx.pipe, prompts, ctx.cache_dir, f"{ctx.concept.class_word}-{n}"), prompts
+        """Class images (as latents) from the base model, generated once per (classes, count) and cached; learning
+        several concepts together, an equal share of each one's class (the paper's joint training, sec. 3.2)."""
+        n, concepts = self.config.num_class_images, ctx.together or [ctx.concept]
+        share = max(1, n // len(concepts))
+        prompts = [p for c in concepts  # a style's "class" is generic content
+                   for p in (generic_captions(share) if c.is_style else [f"a {c.class_word}"] * share)]
+        name = "+".join(dict.fromkeys(c.class_word for c in concepts))
+        return generated_latents(ctx.pipe, prompts, ctx.cache_dir, f"{name}-{n}"), prompts
 
     def loss_terms(self, ctx: TrainContext, batch: dict) -> dict[str, torch.Tensor]:
         if self.config.prior_weight == 0:

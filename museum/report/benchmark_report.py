@@ -13,7 +13,6 @@ sample grids, so the page can be mailed or opened offline.
 from __future__ import annotations
 
 import html
-import io
 import math
 from pathlib import Path
 
@@ -22,7 +21,10 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from museum.evaluation.benchmark.results import read_results
+from museum.evaluation.benchmark.units import RESULTS, read_json
+from museum.report.figures import fmt, fmt_int, grid_cells, heatmap_axes, nan_list, render_figure
 from museum.report.html import Raw, img_tag, table, write_page
+from museum.report.v2 import benchmark_report as world_v2
 
 REPORT = "report.html"
 LABELS = {"image_alignment": "image alignment (CLIP-I)", "text_alignment": "text alignment (CLIP-T)",
@@ -32,61 +34,8 @@ RESULTS_HEADER = ["method", "A (CLIP-I)", "F", "BWT", "CLIP-T", "KID", "recognit
 GATE_HEADER = ["gate bias beta", "CLIP-I", "CLIP-T", "KID", "recognition", "note"]
 
 
-def _f(x, digits: int = 3) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
-
-
-def _int(x) -> str:
-    return "–" if x is None else f"{int(round(x)):,}"
-
-
 def _digits(metric: str) -> int:
     return 4 if metric == "kid" else 3
-
-
-def _render(fig) -> Image.Image:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
-
-
-def _matrix(R) -> np.ndarray:
-    return np.array([[np.nan if v is None else v for v in row] for row in R], dtype=float)
-
-
-def _nan(values) -> list[float]:
-    return [np.nan if v is None else v for v in values]
-
-
-def _heatmap_axes(fig, ax, R, concepts, title: str, higher_is_better: bool = True) -> None:
-    arr = _matrix(R)
-    T = len(arr)
-    finite = np.isfinite(arr).any()
-    cmap = "viridis" if higher_is_better else "viridis_r"  # bright = good for every metric
-    im = ax.imshow(np.ma.masked_invalid(arr), cmap=cmap, vmin=np.nanmin(arr) if finite else 0,
-                   vmax=np.nanmax(arr) if finite else 1)
-    ax.set_xticks(range(T), concepts[:T], rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(T), [f"after {c}" for c in concepts[:T]], fontsize=8)
-    ax.set_xlabel("concept j")
-    ax.set_title(title, fontsize=9)
-    lo, hi = im.get_clim()
-    for t in range(T):
-        for j in range(T):
-            if np.isfinite(arr[t, j]):
-                x = (arr[t, j] - lo) / (hi - lo) if hi > lo else 0.0
-                light = (x if higher_is_better else 1 - x) > 0.6  # viridis is light at its top
-                ax.text(j, t, f"{arr[t, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if light else "white")
-    fig.colorbar(im, ax=ax, shrink=0.8)
-
-
-def heatmap(R, concepts, title: str, higher_is_better: bool = True) -> Image.Image:
-    """R[t, j] as a heatmap: rows the task just learned, columns the concept scored."""
-    T = len(R)
-    fig = Figure(figsize=(1.2 + 0.55 * T, 1.0 + 0.5 * T))
-    _heatmap_axes(fig, fig.add_subplot(), R, concepts, title, higher_is_better)
-    return _render(fig)
 
 
 def heatmaps(r: dict, results: dict, method: str) -> Image.Image:
@@ -99,9 +48,9 @@ def heatmaps(r: dict, results: dict, method: str) -> Image.Image:
     for k, metric in enumerate(metrics):
         hib = results["higher_is_better"][metric]
         title = f"{method}: {LABELS[metric]} R[t, j]" + ("" if hib else " (lower is better)")
-        _heatmap_axes(fig, fig.add_subplot(rows, cols, k + 1), r["R"][metric], r["concepts"], title, hib)
+        heatmap_axes(fig, fig.add_subplot(rows, cols, k + 1), r["R"][metric], r["concepts"], title, hib)
     fig.tight_layout()
-    return _render(fig)
+    return render_figure(fig)
 
 
 def curves_plot(results: dict, metric: str = "image_alignment") -> Image.Image:
@@ -111,11 +60,11 @@ def curves_plot(results: dict, metric: str = "image_alignment") -> Image.Image:
     for method, r in results["methods"].items():
         c = r["curves"][metric]
         x = np.arange(1, len(c["average"]) + 1)
-        ax_a.plot(x, _nan(c["average"]), marker="o", label=method)
-        ax_f.plot(x, _nan(c["forgetting"]), marker="o", label=method)
+        ax_a.plot(x, nan_list(c["average"]), marker="o", label=method)
+        ax_f.plot(x, nan_list(c["forgetting"]), marker="o", label=method)
     base = results.get("base")
     if base:  # the untrained model's average over the same concepts seen so far
-        vals = np.array(_nan(base["scores"].get(c, {}).get(metric) for c in results["concepts"]), dtype=float)
+        vals = np.array(nan_list(base["scores"].get(c, {}).get(metric) for c in results["concepts"]), dtype=float)
         avg = [float(np.nanmean(vals[:t + 1])) if np.isfinite(vals[:t + 1]).any() else np.nan
                for t in range(len(vals))]
         ax_a.plot(np.arange(1, len(avg) + 1), avg, color="grey", linestyle="--", label="base model")
@@ -127,15 +76,15 @@ def curves_plot(results: dict, metric: str = "image_alignment") -> Image.Image:
         ax.grid(alpha=0.3)
     ax_a.legend(fontsize=8)
     fig.tight_layout()
-    return _render(fig)
+    return render_figure(fig)
 
 
 def gate_plot(curve: dict, method: str) -> Image.Image:
     """The gate curve: mean image and text alignment over the concepts against beta, and CLIP-T against CLIP-I."""
     points = curve["points"]
     betas = [p["beta"] for p in points]
-    x = _nan(p["mean"]["image_alignment"] for p in points)
-    y = _nan(p["mean"]["text_alignment"] for p in points)
+    x = nan_list(p["mean"]["image_alignment"] for p in points)
+    y = nan_list(p["mean"]["text_alignment"] for p in points)
     fig = Figure(figsize=(12, 3.4))
     ax_i, ax_t, ax_p = (fig.add_subplot(1, 3, k) for k in (1, 2, 3))
     for ax, values, metric in ((ax_i, x, "image_alignment"), (ax_t, y, "text_alignment")):
@@ -152,7 +101,7 @@ def gate_plot(curve: dict, method: str) -> Image.Image:
     for ax in (ax_i, ax_t, ax_p):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _render(fig)
+    return render_figure(fig)
 
 
 def results_rows(results: dict) -> list[list[str]]:
@@ -161,48 +110,26 @@ def results_rows(results: dict) -> list[list[str]]:
     for method, r in results["methods"].items():
         s = r["summary"]
         name = method if r.get("complete") else f"{method} (after {len(r['grids'])} of {len(results['concepts'])} tasks)"
-        rows.append([name, _f(s["image_alignment"]["A"]), _f(s["image_alignment"]["F"]),
-                     _f(s["image_alignment"]["BWT"]), _f(s["text_alignment"]["A"]), _f(s["kid"]["A"], 4),
-                     _f(s["recognition"]["A"], 2), _int(r["bytes_per_concept"]), _f(r["seconds_per_task"], 1)])
+        rows.append([name, fmt(s["image_alignment"]["A"]), fmt(s["image_alignment"]["F"]),
+                     fmt(s["image_alignment"]["BWT"]), fmt(s["text_alignment"]["A"]), fmt(s["kid"]["A"], 4),
+                     fmt(s["recognition"]["A"], 2), fmt_int(r["bytes_per_concept"]), fmt(r["seconds_per_task"], 1)])
     base = results.get("base")
     if base:
         m = base["mean"]
-        rows.append(["base model (no training)", _f(m["image_alignment"]), "–", "–", _f(m["text_alignment"]),
-                     _f(m["kid"], 4), _f(m["recognition"], 2), "0", "0"])
+        rows.append(["base model (no training)", fmt(m["image_alignment"]), "–", "–", fmt(m["text_alignment"]),
+                     fmt(m["kid"], 4), fmt(m["recognition"], 2), "0", "0"])
     for method, u in (results.get("upper_bound") or {}).items():
         m = u["mean"]
-        rows.append([f"upper bound: {method} (each concept alone)", _f(m["image_alignment"]), "–", "–",
-                     _f(m["text_alignment"]), _f(m["kid"], 4), _f(m["recognition"], 2),
-                     _int(u.get("bytes_per_concept")), _f(u.get("seconds_per_task"), 1)])
+        rows.append([f"upper bound: {method} (each concept alone)", fmt(m["image_alignment"]), "–", "–",
+                     fmt(m["text_alignment"]), fmt(m["kid"], 4), fmt(m["recognition"], 2),
+                     fmt_int(u.get("bytes_per_concept")), fmt(u.get("seconds_per_task"), 1)])
     return rows
 
 
 def gate_rows(curve: dict) -> list[list[str]]:
-    return [[f"{p['beta']:g}", _f(p["mean"]["image_alignment"]), _f(p["mean"]["text_alignment"]),
-             _f(p["mean"]["kid"], 4), _f(p["mean"]["recognition"], 2),
+    return [[f"{p['beta']:g}", fmt(p["mean"]["image_alignment"]), fmt(p["mean"]["text_alignment"]),
+             fmt(p["mean"]["kid"], 4), fmt(p["mean"]["recognition"], 2),
              "the concepts' own (the last row of R)" if p.get("from_final_row") else ""] for p in curve["points"]]
-
-
-def grid_cells(path: Path, n_rows: int) -> list[Image.Image] | None:
-    """Cut a sample grid (one row of square images per concept) into one cell per row, each row's
-    images rearranged into a square block (4 images: 2 x 2). None if the file is missing or is not
-    ``n_rows`` rows of square images."""
-    if not path.is_file():
-        return None
-    with Image.open(path) as im:
-        grid = im.convert("RGB")
-    h = grid.height // n_rows
-    if n_rows < 1 or h < 1 or grid.height != h * n_rows or grid.width % h:
-        return None
-    k = grid.width // h
-    cols = math.ceil(math.sqrt(k))
-    cells = []
-    for row in range(n_rows):
-        cell = Image.new("RGB", (cols * h, math.ceil(k / cols) * h), "white")
-        for i in range(k):
-            cell.paste(grid.crop((i * h, row * h, (i + 1) * h, (row + 1) * h)), ((i % cols) * h, (i // cols) * h))
-        cells.append(cell)
-    return cells
 
 
 def samples_rows(out_dir: Path, results: dict, method: str) -> list[list]:
@@ -241,8 +168,11 @@ def samples_rows(out_dir: Path, results: dict, method: str) -> list[list]:
 
 
 def write_report(out_dir: str | Path) -> Path:
-    """Write ``out_dir/report.html`` from ``out_dir/results.json`` and return its path."""
+    """Write ``out_dir/report.html`` from ``out_dir/results.json`` and return its path (a World v2 run's, version 2:
+    ``museum.report.v2.benchmark_report``)."""
     out_dir = Path(out_dir)
+    if (read_json(out_dir / RESULTS) or {}).get("version") == world_v2.RESULTS_VERSION:
+        return world_v2.write_report(out_dir)
     results = read_results(out_dir)
     concepts = results["concepts"]
     settings = results.get("settings") or {}
@@ -266,7 +196,7 @@ def write_report(out_dir: str | Path) -> Path:
             body.append(img_tag(heatmaps(r, results, method), alt=f"{method} heatmaps"))
         final = len(r["R"]["image_alignment"]) - 1
         if final >= 0:
-            rows = [[c] + [_f(r["R"][metric][final][j], _digits(metric)) for metric in results["metrics"]]
+            rows = [[c] + [fmt(r["R"][metric][final][j], _digits(metric)) for metric in results["metrics"]]
                     for j, c in enumerate(r["concepts"])]
             body.append(f"<p>Scores after task {final + 1}:</p>")
             body.append(table(["concept"] + [LABELS[m] for m in results["metrics"]], rows, f"final-{method}"))

@@ -225,22 +225,57 @@ def train_concept(
     start = run.resume(checkpoints) if resume else 0
     run.fix_text()
     fault_point("train.start")
-    bar = _progress(range(start, method.config.steps), progress, f"learning {concept.name} ({method.name})")
     try:
-        for step in bar:
-            loss = run.step(step)
-            fault_point("train.step")
-            if progress and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss:.4f}")
-            if on_step is not None:
-                on_step(step + 1, loss)
-            if checkpoints.folder is not None and (step + 1) % checkpoints.every == 0 and step + 1 < run.cfg.steps:
-                checkpoints.save(step + 1, run.trainable(), run.optimizer, run.params)
+        _steps(run, start, progress, f"learning {concept.name} ({method.name})", on_step, checkpoints)
         concept_tensors, new_state = run.finish()
         fault_point("train.finished")
     finally:
         run.teardown()
     return LearnResult(concept_tensors, new_state, run.cfg.steps, time.time() - t_start, run.losses, run.term_log)
+
+
+def _steps(run: "_TrainingRun", start: int, progress: bool, desc: str, on_step, checkpoints: "Checkpointer") -> None:
+    """The training loop: steps ``start`` .. the config's, with the progress bar, ``on_step`` and checkpoints."""
+    bar = _progress(range(start, run.cfg.steps), progress, desc)
+    for step in bar:
+        loss = run.step(step)
+        fault_point("train.step")
+        if progress and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss:.4f}")
+        if on_step is not None:
+            on_step(step + 1, loss)
+        if checkpoints.folder is not None and (step + 1) % checkpoints.every == 0 and step + 1 < run.cfg.steps:
+            checkpoints.save(step + 1, run.trainable(), run.optimizer, run.params)
+
+
+def train_together(pipe, method: Method, concepts: list[ConceptInfo], images: list, *,
+                   state: dict[str, torch.Tensor] | None = None, earlier: list[ConceptInfo] | None = None,
+                   cache_dir: Path | None = None, progress: bool = True,
+                   options: TrainOptions | None = None) -> list[LearnResult]:
+    """Learn several ``concepts`` in one run (``images[k]``: concept k's PIL images) with a method that can
+    (``Method.joint``): each concept keeps its own token, and every step trains on one concept's batch with its own
+    prompt, the concepts in turn (joint training: Custom Diffusion, Kumari et al. 2023, sec. 3.2; the benchmark's
+    joint oracle). No checkpoints: an interrupted run starts again. One result per concept, all with the method's
+    one new state; each concept's tensors hold what the run trained and its own token."""
+    if not type(method).joint:
+        raise MuseumError(f"{method.name} cannot learn several concepts at once (see `museum methods`)")
+    if len({c.name for c in concepts}) != len(concepts) or len(concepts) != len(images) or not concepts:
+        raise MuseumError("learning together needs distinct concepts, each with its own images")
+    options = options or TrainOptions()
+    options.check(pipe.unet.device)
+    t_start = time.time()
+    run = _JointRun(pipe, method, concepts, images, state=state, earlier=earlier, cache_dir=cache_dir, variants=8,
+                    flip=False, options=options)
+    run.install(None)
+    run.fix_text()
+    try:
+        _steps(run, 0, progress, f"learning {', '.join(c.name for c in concepts)} together ({method.name})", None,
+               Checkpointer(None))
+        tensors, new_state = run.finish_all()
+    finally:
+        run.teardown()
+    seconds = time.time() - t_start
+    return [LearnResult(t, new_state, run.cfg.steps, seconds, run.losses, run.term_log) for t in tensors]
 
 
 class _TrainingRun:
@@ -259,21 +294,15 @@ class _TrainingRun:
                               f"divide evenly; pass --set batch_size={procs * max(1, cfg.batch_size // procs)}")
         self.procs, self.rank = procs, rank
         self.local = slice(rank * cfg.batch_size // procs, (rank + 1) * cfg.batch_size // procs)  # this process's rows
-        self.gen = gen = torch.Generator().manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
         unet, vae = pipe.unet, pipe.vae
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.w0 = kv.kv_weights(unet)
         encoders = [encoder for _, encoder in tokens.text_pairs(pipe)]  # two on SDXL
         for module in (unet, vae, *encoders):
             module.requires_grad_(False)
-        # SDXL: the token goes into both encoders (the first one's draw first: SD runs are unchanged)
-        starts = [tokens.initial_vector(pipe, cfg.token_init, concept.class_word, gen, which)
-                  for which in range(len(encoders))]
-        self.token_id = tokens.add_token(pipe, concept.token, *starts)
-        self.row_ids = tokens.token_ids(pipe, concept.token)
-        self.latents = encode_variants(vae, images, resolution(pipe), variants=variants,
-                                       flip=flip and not concept.is_style, seed=cfg.seed)
-        self.prompt = concept_prompt(method, concept)
+        self.variants, self.flip = variants, flip
+        self.token_id, self.row_ids, self.latents, self.prompt = self._concept_data(concept, images)
         self.sdxl = SDXLConditioning(pipe, resolution(pipe)) if len(encoders) == 2 else None
         if self.sdxl is not None:
             self.sdxl.pooled = encode_prompts(pipe, [self.prompt], pooled=True)[1].detach()
@@ -286,6 +315,18 @@ class _TrainingRun:
         self.fixed_text = None
         self.losses: list[float] = []
         self.term_log: dict[str, list[float]] = {}
+
+    def _concept_data(self, concept: ConceptInfo, images) -> tuple:
+        """The concept's token added to the pipeline and its images encoded: (token id, its row in each text
+        encoder, latents, training prompt). SDXL: the token goes into both encoders (the first one's draw first: SD
+        runs are unchanged)."""
+        pipe, cfg = self.pipe, self.cfg
+        starts = [tokens.initial_vector(pipe, cfg.token_init, concept.class_word, self.gen, which)
+                  for which in range(len(tokens.text_pairs(pipe)))]
+        token_id = tokens.add_token(pipe, concept.token, *starts)
+        latents = encode_variants(pipe.vae, images, resolution(pipe), variants=self.variants,
+                                  flip=self.flip and not concept.is_style, seed=cfg.seed)
+        return token_id, tokens.token_ids(pipe, concept.token), latents, concept_prompt(self.method, concept)
 
     def install(self, echo: Callable[[str], None] | None) -> None:
         """The method's parameters, the frozen teacher it asks for, the token's rows and the optimizer; ``echo``
@@ -423,6 +464,41 @@ class _TrainingRun:
             for name, module in kv.kv_modules(unet).items():
                 module.weight.copy_(self.w0[name])
         unet.requires_grad_(False)
+
+
+class _JointRun(_TrainingRun):
+    """Several concepts in one run (:func:`train_together`): every concept's token is added and trained, and step s
+    trains on the batch of concept s mod K with its prompt; the method sees every concept in ``ctx.together``."""
+
+    def __init__(self, pipe, method: Method, concepts: list[ConceptInfo], images: list, **kw):
+        super().__init__(pipe, method, concepts[0], images[0], **kw)
+        if not self.trains_token:
+            raise MuseumError("learning several concepts together trains their tokens: token_lr must be above 0")
+        self.parts = [(concepts[0], self.token_id, self.row_ids, self.latents, self.prompt)]
+        self.parts += [(c, *self._concept_data(c, ims)) for c, ims in zip(concepts[1:], images[1:])]
+        self.ctx.together = list(concepts)
+        self.ctx.images = [im for ims in images for im in ims]
+
+    def install(self, echo: Callable[[str], None] | None) -> None:
+        super().install(echo)
+        for hook in self.hooks:  # every concept's rows train, not only the first's
+            hook.remove()
+        self.hooks = [tokens.train_only_rows(e, [part[2][which] for part in self.parts])
+                      for which, e in enumerate(self.embeddings)]
+
+    def step(self, step: int) -> float:
+        concept, self.token_id, self.row_ids, self.latents, self.prompt = self.parts[step % len(self.parts)]
+        self.concept = self.ctx.concept = concept
+        self.ctx.latents, self.ctx.prompt = self.latents, self.prompt
+        return super().step(step)
+
+    def finish_all(self) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """(Each concept's tensors: what the method keeps of the run and the concept's token; the new state.)"""
+        shared, new_state = self.method.finish(self.ctx)
+        out = [{**shared, **tokens.token_tensors(self.pipe, part[0].token)} for part in self.parts]
+        for tensors in out:
+            self.watch.check_result(tensors, new_state)
+        return out, new_state
 
 
 class _DivergenceWatch:

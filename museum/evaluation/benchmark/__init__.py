@@ -12,10 +12,10 @@ from museum.evaluation.benchmark.metrics import (
     shape_renders, summarize,
 )
 from museum.evaluation.benchmark.results import (
-    RESULTS, RESULTS_VERSION, BenchmarkError, Settings, collect_results, gate_curve_results, read_results,
-    write_results,
+    RESULTS, RESULTS_VERSION, Settings, collect_results, gate_curve_results, read_results, write_results,
 )
-from museum.evaluation.benchmark.run import FULL, GATE_BETAS, GRID_IMAGES, QUICK, grid_row, run_benchmark
+from museum.evaluation.benchmark.run import FULL, GATE_BETAS, QUICK, run_benchmark
+from museum.evaluation.benchmark.units import GRID_IMAGES, BenchmarkError, grid_row
 
 __all__ = [
     "run_benchmark", "collect_results", "write_results", "read_results", "kid", "build_prototypes", "Prototypes",

@@ -6,66 +6,24 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from museum.errors import MuseumUserError
 from museum.evaluation.benchmark.metrics import HIGHER_IS_BETTER, METRICS, curves, summarize
+from museum.evaluation.benchmark.units import PROGRESS, RESULTS, RunSettings, read_json, read_results_file
 from museum.store.atomic import atomic_write_json
 
 RESULTS_VERSION = 1
-RESULTS = "results.json"
-PROGRESS = "progress.json"
-
-
-class BenchmarkError(MuseumUserError):
-    """A benchmark folder does not fit the run asked for."""
 
 
 @dataclass
-class Settings:
-    """What a benchmark folder's results depend on; a rerun must use the same (or it is refused)."""
+class Settings(RunSettings):
+    """The first world's settings: one seed draws the concepts' renders and trains every method."""
 
-    n_prompts: int
-    n_seeds: int
-    gen_steps: int
-    guidance: float
-    steps: int | None
-    seed: int
-    n_train: int
-    n_ref: int
-    base: str
-    base_hash: str
-    evaluator: str  # fingerprint of the evaluator's weights
-    overrides: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def progress_of(path: Path, kind: str, settings: dict) -> dict:
-    """A unit's progress file, or a new one; refused when it was made with other ``settings``."""
-    if path.is_file():
-        progress = json.loads(path.read_text())
-        _check_settings(path, progress.get("settings", {}), settings)
-        return progress
-    return {"version": RESULTS_VERSION, "kind": kind, "settings": settings}
-
-
-def _check_settings(path: Path, stored: dict, current: dict) -> None:
-    # the base model is identified by its hash; the path it was given by may differ between runs
-    diff = {k: (stored.get(k), v) for k, v in current.items() if k != "base" and stored.get(k) != v}
-    if diff:
-        what = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-        raise BenchmarkError(f"{path} was made with other settings ({what}); rerun with the same settings "
-                             f"to continue it, or choose another output folder")
-
-
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    seed: int = 0
 
 
 def _mean_scores(scores: Iterable[dict]) -> dict[str, float | None]:
@@ -143,18 +101,18 @@ def collect_results(out_dir: str | Path, methods: Sequence[str] | None = None,
                "settings": settings.to_dict() if isinstance(settings, Settings) else settings,
                "methods": {}, "base": None, "upper_bound": {}}
     for method in methods:
-        progress = _read(out_dir / method / PROGRESS)
+        progress = read_json(out_dir / method / PROGRESS)
         if progress is None:
             continue
         seq = list(concepts) if concepts is not None else [t["concept"] for t in progress.get("tasks", [])]
         results["methods"][method] = method_results(progress, seq)
         results["concepts"] = results["concepts"] or seq
         results["settings"] = results["settings"] or {k: v for k, v in progress["settings"].items() if k != "overrides"}
-        upper = _read(out_dir / method / "upper" / PROGRESS)
+        upper = read_json(out_dir / method / "upper" / PROGRESS)
         if upper is not None:
             results["upper_bound"][method] = _row_results(upper.get("concepts", {}), seq)
     seq = list(concepts) if concepts is not None else results["concepts"] or []
-    base = _read(out_dir / "base" / PROGRESS)
+    base = read_json(out_dir / "base" / PROGRESS)
     if base is not None:
         rows = base.get("concepts", {})
         results["base"] = _row_results(rows, seq or list(rows))
@@ -169,10 +127,4 @@ def write_results(out_dir: str | Path, methods=None, concepts=None, settings=Non
 
 
 def read_results(out_dir: str | Path) -> dict:
-    path = Path(out_dir) / RESULTS
-    results = _read(path)
-    if results is None:
-        raise BenchmarkError(f"no benchmark results at {path}; run `museum bench --out {out_dir}` first")
-    if results.get("version") != RESULTS_VERSION:
-        raise BenchmarkError(f"{path} has version {results.get('version')}; this museum reads version {RESULTS_VERSION}")
-    return results
+    return read_results_file(out_dir, RESULTS_VERSION, "museum bench")

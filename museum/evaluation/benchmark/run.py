@@ -34,70 +34,38 @@ process left. Every unit has its own seeds, so the results do not depend on who 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image
-from tqdm.auto import tqdm
-
 from museum.evaluation.benchmark.metrics import build_prototypes, score_images
-from museum.evaluation.benchmark.results import PROGRESS, BenchmarkError, Settings, progress_of, write_results
+from museum.evaluation.benchmark.results import RESULTS_VERSION, Settings, write_results
+from museum.evaluation.benchmark.units import (
+    PROGRESS, BenchmarkError, Units, check_sequence, evaluator_fingerprint, grid_row, progress_bar, progress_of,
+    storage, this_process,
+)
 from museum.evaluation.protocol import base_images, class_prompts, concept_images
-from museum.generation.sampling import image_grid
 from museum.methods import METHODS, method_names
 from museum.models.loading import base_hash, is_embedded, load_evaluator, load_pipeline
-from museum.museum import Museum
 from museum.store.atomic import atomic_write_json
-from museum.store.lock import claim
-from museum.store.manifest import MANIFEST
-from museum.training.trainer import TrainOptions, get_accelerator
+from museum.training.trainer import TrainOptions
 from museum.world.concepts import BENCHMARK_CONCEPTS, build_concept, concept_names
 
-CLAIMS = ".claims"  # one lock file per unit of work (see the module docstring)
 #: (templates, seeds per template) evaluated per concept
 QUICK = (8, 4)
 FULL = (20, 8)
-GRID_IMAGES = 4  # samples per concept (row) in a task's grid: the first template's first seeds
 #: gate biases of the gate curve (methods with a swept generation option); Perfusion's own default is 0.7
 GATE_BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def grid_row(images: Sequence, n: int = GRID_IMAGES) -> list:
-    """The first ``n`` of a concept's images, padded with white ones so the concept fills exactly one grid row."""
-    row = list(images[:n])
-    return row + [Image.new("RGB", row[0].size, "white") for _ in range(n - len(row))]
-
-
-def evaluator_fingerprint(evaluator) -> str:
-    digest = hashlib.sha256()
-    for k, v in sorted(evaluator.state_dict().items()):
-        digest.update(k.encode())
-        digest.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _storage(m, name: str) -> tuple[int, int]:
-    """(bytes of the concept's .safetensors, bytes of its method's shared state file now)."""
-    c = m.concept(name)
-    concept_bytes = sum(p.stat().st_size for p in c.path.glob("*.safetensors"))
-    record = m.manifest.state.get(c.method)
-    state_bytes = (m.folder / record["file"]).stat().st_size if record else 0
-    return concept_bytes, state_bytes
-
-
-class _Run:
+class _Run(Units):
     """One benchmark run: shared data (concepts, prototypes, prompts) and the scoring of images."""
 
     def __init__(self, concepts, evaluator, settings: Settings, out_dir: Path, bar, device: str = "cpu"):
-        self.device = device
-        self.worked = False
+        super().__init__(out_dir, bar, device)
         self.names = list(concepts)
         self.settings = settings
-        self.out_dir = out_dir
         self.evaluator = evaluator
-        self.bar = bar
         self.data = {n: build_concept(n, n_train=settings.n_train, n_ref=settings.n_ref, seed=settings.seed)
                      for n in dict.fromkeys([*self.names, *BENCHMARK_CONCEPTS])}
         self.prototypes = build_prototypes(evaluator, {n: c.reference_images for n, c in self.data.items()})
@@ -124,61 +92,29 @@ class _Run:
                 **s.overrides.get(method, {}))
         return time.time() - start
 
-    def step(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(text[:60])
-
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def open_museum(self, folder: Path, base: str):
-        m = Museum.open(folder) if (folder / MANIFEST).is_file() else Museum.init(folder, base=base)
-        return m.to(self.device) if self.device != "cpu" else m
-
     def method_settings(self, method: str) -> dict:
         """The settings a method's units depend on: the run's, with the method's own overrides."""
         return {**self.settings.to_dict(), "overrides": self.settings.overrides.get(method, {})}
-
-    def save_grid(self, path: Path, images: list) -> str:
-        """Write a grid of ``images`` (rows of ``GRID_IMAGES``) to ``path``; its path in ``out_dir``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(images, cols=GRID_IMAGES, scale=2).save(path)
-        return str(path.relative_to(self.out_dir))
 
     # ------------------------------------------------------------------ a method, task after task
     def run_method(self, method: str) -> dict:
         folder = self.out_dir / method
         path = folder / PROGRESS
-        progress = progress_of(path, "method", self.method_settings(method))
+        progress = progress_of(path, "method", self.method_settings(method), RESULTS_VERSION)
         progress["method"] = method
         tasks: list[dict] = progress.setdefault("tasks", [])
         done = {t["task"] for t in tasks}
         m = self.open_museum(folder / "museum", self.settings.base)
-        have = [c.name for c in m.concepts]
-        n = min(len(have), len(self.names))  # a longer or a shorter run of the same sequence continues it
-        if have[:n] != self.names[:n]:
-            raise BenchmarkError(f"{folder / 'museum'} holds concepts {have}, another task sequence than this run's "
-                                 f"({self.names}); choose another output folder")
-        wrong = [c.name for c in m.concepts if c.method != method]
-        if wrong:
-            raise BenchmarkError(f"{folder / 'museum'}: concepts {wrong} were learned with another method")
+        have = check_sequence(m, folder / "museum", path, self.names, method, done)
         for t, name in enumerate(self.names):
             if t in done:
-                if name not in have:
-                    raise BenchmarkError(f"{path} has scores of task {t} ({name}) but the museum in {folder / 'museum'} "
-                                         f"does not hold {name}; delete {folder} and rerun to redo this method")
                 self.advance()
                 continue
-            if len(have) > t + 1:
-                raise BenchmarkError(f"{path} lacks the scores of task {t} ({name}), but the museum has already "
-                                     f"learned later concepts, so they cannot be measured any more; delete {folder} "
-                                     f"and rerun to redo this method")
             wall = None
             if name not in have:
                 self.step(f"{method}: learning {name}")
                 wall = self.learn(m, name, method)
-                have.append(name)
+                have.add(name)
             self.step(f"{method}: scoring after {name}")
             scores, grid_rows = {}, []
             for j in self.names[:t + 1]:
@@ -186,7 +122,7 @@ class _Run:
                 scores[j] = self.score(j, images)
                 grid_rows.extend(grid_row(images))
             grid = self.save_grid(folder / "grids" / f"task-{t:02d}.png", grid_rows)
-            concept_bytes, state_bytes = _storage(m, name)
+            concept_bytes, state_bytes = storage(m, name)
             info = m.concept(name).info
             tasks.append({"task": t, "concept": name, "scores": scores,
                           "train_seconds": info.get("train_seconds"), "learn_wall_seconds": wall,
@@ -202,7 +138,7 @@ class _Run:
         """Score every concept of the finished run at each gate bias (see the module docstring)."""
         folder = self.out_dir / method
         path = folder / PROGRESS
-        progress = progress_of(path, "method", self.method_settings(method))
+        progress = progress_of(path, "method", self.method_settings(method), RESULTS_VERSION)
         tasks = {t["task"]: t for t in progress.get("tasks", [])}
         T = len(self.names)
         if any(t not in tasks for t in range(T)):
@@ -247,7 +183,7 @@ class _Run:
     def run_upper_bound(self, method: str) -> dict:
         folder = self.out_dir / method / "upper"
         path = folder / PROGRESS
-        progress = progress_of(path, "upper_bound", self.method_settings(method))
+        progress = progress_of(path, "upper_bound", self.method_settings(method), RESULTS_VERSION)
         progress["method"] = method
         rows = progress.setdefault("concepts", {})
         for name in self.names:
@@ -258,7 +194,7 @@ class _Run:
                     self.step(f"{method} alone: learning {name}")
                     wall = self.learn(m, name, method)
                 self.step(f"{method} alone: scoring {name}")
-                concept_bytes, state_bytes = _storage(m, name)
+                concept_bytes, state_bytes = storage(m, name)
                 images = self.generate(m, name)
                 grid = self.save_grid(folder / "grids" / f"{name}.png", grid_row(images))
                 rows[name] = {"scores": self.score(name, images),
@@ -274,7 +210,7 @@ class _Run:
         folder = self.out_dir / "base"
         path = folder / PROGRESS
         settings = {k: v for k, v in self.settings.to_dict().items() if k not in ("steps", "overrides")}
-        progress = progress_of(path, "base", settings)
+        progress = progress_of(path, "base", settings, RESULTS_VERSION)
         rows = progress.setdefault("concepts", {})
         todo = [n for n in self.names if n not in rows]
         pipe = load_pipeline(self.settings.base).to(self.device) if todo else None
@@ -331,12 +267,8 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
     T = len(concepts)
     total = (len(methods) * T * (2 if upper_bound else 1) + (T if base_row else 0)
              + len(gate_betas) * sum(METHODS[m].swept_option() is not None for m in methods))
-    accelerator = get_accelerator()
-    procs, rank = accelerator.num_processes, accelerator.process_index
-    if device == "cuda" and procs > 1:
-        device = f"cuda:{accelerator.local_process_index}"
-    desc = "benchmark" if procs == 1 else f"benchmark [process {rank + 1}/{procs}]"
-    with tqdm(total=total, desc=desc, unit="task", disable=not progress, position=rank) as bar:
+    procs, rank, device = this_process(device)
+    with progress_bar(total, progress, procs, rank) as bar:
         run = _Run(concepts, evaluator, settings, out_dir, bar, device)
 
         def continual(method: str) -> None:
@@ -349,7 +281,7 @@ def run_benchmark(methods: str | Sequence[str] = "all", concepts: Sequence[str] 
         units += [(method, lambda method=method: continual(method)) for method in methods]
         units += [(f"{method}.upper", lambda method=method: run.run_upper_bound(method))
                   for method in methods if upper_bound]
-        _run_units(run, units, procs, rank)
+        run.run_units(units, procs, rank)
     return write_results(out_dir, methods, concepts, settings)
 
 
@@ -366,22 +298,3 @@ def _check_request(methods: str | Sequence[str], concepts: Sequence[str] | None)
         raise BenchmarkError(f"the task sequence must name distinct concepts among {', '.join(concept_names())}; "
                              f"got {concepts}")
     return methods, concepts
-
-
-def _run_units(run: _Run, units: list, procs: int, rank: int) -> None:
-    """Run every unit (name, work) this process can claim, then wait for the ones other processes hold and finish
-    any a dead process left (rerunning a finished unit only reads its progress)."""
-    held_elsewhere = []
-    for unit, work in units:
-        with claim(run.out_dir / CLAIMS / f"{unit}.lock", wait=False) as mine:
-            if mine:
-                run.worked = False
-                work()
-                if procs > 1 and run.worked:
-                    tqdm.write(f"process {rank + 1}/{procs} ran {unit}")
-            else:
-                held_elsewhere.append((unit, work))
-    for unit, work in held_elsewhere:
-        run.step(f"waiting for {unit} (another process)")
-        with claim(run.out_dir / CLAIMS / f"{unit}.lock", wait=True):
-            work()
