@@ -123,6 +123,7 @@ def test_prompt_renders_draw_the_concept_in_each_prompts_own_scene(name):
     assert len(renders) == 2 * C.N_QUICK_PROMPTS and all(im.size == (64, 64) for im in renders)
     assert renders[0].tobytes() != renders[1].tobytes()  # two draws of one prompt
     assert [im.tobytes() for im in renders] == [im.tobytes() for im in concept.prompt_renders(quick=True, per_prompt=2)]
+    assert len(concept.prompt_renders(per_prompt=1)) == len(concept.prompts)  # every prompt, styled ones too
     rng = random.Random(0)
     for template, scene in zip(concept.prompts, concept.prompt_scenes):
         if scene is None:
@@ -130,5 +131,8 @@ def test_prompt_renders_draw_the_concept_in_each_prompts_own_scene(name):
         drawn = concept._scene_for(scene, rng)
         if concept.is_style:
             assert drawn.style == C.LOOKS[name] and W.caption(drawn, style_phrase="{}") == template
+        elif scene.style is not None:  # a styled prompt: the family it names, with a recipe no concept owns
+            assert drawn.style.family == scene.style.family and drawn.style.signature() not in C.reserved_signatures()
+            assert W.caption(drawn, object_phrase="{}") == template
         else:
             assert drawn.look == C.LOOKS[name] and W.caption(drawn, object_phrase="{}") == template

@@ -37,6 +37,7 @@ from museum.world.v2.render import (
     caption,
     random_look,
     random_scene,
+    random_style,
     render,
 )
 
@@ -277,8 +278,11 @@ class Concept:
         scene = random_scene(rng, look=look, style_p=0.0)
         if template_scene is None:
             return scene
+        style = template_scene.style
+        if style is not None and not style.recipe:  # the prompt names the family: a recipe of it no concept owns
+            style = _unowned_style(style.family, rng)
         return replace(scene, background=template_scene.background, size=template_scene.size,
-                       position=template_scene.position, style=template_scene.style)
+                       position=template_scene.position, style=style)
 
     def save(self, folder: Union[str, Path]) -> list[Path]:
         """Write the training images as ``00.png``, ``01.png``, ... into ``folder``; return the paths."""
@@ -288,6 +292,14 @@ class Concept:
         for path, image in zip(paths, self.train_images):
             image.save(path)
         return paths
+
+
+def _unowned_style(family: str, rng: random.Random) -> StyleLook:
+    """A random recipe of ``family`` that is no pooled concept's."""
+    reserved = reserved_signatures()
+    while (style := random_style(rng, family)).signature() in reserved:
+        pass
+    return style
 
 
 def concept_scenes(name: str, rng: random.Random, n: int) -> list[Scene]:
