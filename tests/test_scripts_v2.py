@@ -1,0 +1,52 @@
+"""The World v2 measuring scripts run end to end on tiny models and write what their docs say."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(*args: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_measure_learning_v2_tries_a_grid_on_the_tuning_pool(tiny_v2_base, v2_evaluator, tmp_path):
+    v2_evaluator.save_pretrained(tmp_path / "evaluator")
+    out = tmp_path / "tuning.json"
+    table = run_script("scripts/measure_learning_v2.py", "--pool", "tuning", "--concepts", "bullseye", "chalk",
+                       "--methods", "textual-inversion", "--around", "token_lr", "--set", "steps=2",
+                       "--pipeline", str(tiny_v2_base), "--evaluator", str(tmp_path / "evaluator"), "--out", str(out))
+    results = json.loads(out.read_text())
+    runs = list(results["methods"])
+    assert runs == [f"textual-inversion token_lr={v:g}" for v in (0.005, 0.01, 0.02)]
+    for run in runs:
+        for name, row in results["methods"][run].items():
+            assert set(row["gap_closed"]) == {"evaluator", "independent"} and 0 <= row["recognition"] <= 1
+            assert row["steps"] == 2 and row["upper"]["independent"] > 0
+    assert results["settings"][runs[0]] == {"method": "textual-inversion", "steps": 2, "token_lr": 0.005}
+    assert table.count("(best)") <= 2 and "| textual-inversion token_lr=0.01 |" in table.replace(" (best)", "")
+
+
+def test_measure_learning_v2_refuses_to_tune_on_the_benchmark_pool(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "scripts/measure_learning_v2.py", "--pool", "benchmark", "--around", "lr",
+                           "--out", str(tmp_path / "x.json")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "tuning pool only" in done.stderr
+
+
+def test_check_independent_v2_reads_every_concept_of_a_pool(tmp_path):
+    run_script("scripts/check_independent_v2.py", "--pool", "tuning", "--out", str(tmp_path / "check.json"))
+    rows = json.loads((tmp_path / "check.json").read_text())["concepts"]
+    assert len(rows) == 8
+    for name, row in rows.items():
+        assert row["upper"] > row["other_looks"], name  # the anchor is above other looks of the class
+        assert math.isnan(row["training_images_gap_closed"]) == (row["upper"] - row["other_looks"] < 0.02)
