@@ -357,6 +357,8 @@ def bench(
                                          "generality, side by side, both fidelity readings)"),
     seeds: Optional[int] = typer.Option(None, help="v2: training seeds per method and upper bound (default 3)"),
     score_every: int = typer.Option(1, help="v2: read every seen concept after every N tasks and the last"),
+    generality_prompts: int = typer.Option(64, help="v2: held-out prompts of the retained-generality reading (an "
+                                                    "attribute moves in steps of 100/N points)"),
     joint: bool = typer.Option(True, "--joint/--no-joint", help="v2: also learn every concept at once with each "
                                                                 "method that can (finetune, custom-diffusion)"),
     evaluator: Optional[Path] = typer.Option(None, help="an evaluator folder (default: v1 the shipped one; v2 "
@@ -393,7 +395,8 @@ def bench(
                  f"--base PIPELINE and --evaluator FOLDER")
         run_benchmark(method_names() if chosen == "all" else chosen, tasks, out, base=base,
                       evaluator=load_evaluator(evaluator), seeds=seeds or 3, quick=quick, steps=steps,
-                      upper_bound=upper_bound is not False, joint=joint, score_every=score_every, device=device)
+                      upper_bound=upper_bound is not False, joint=joint, score_every=score_every,
+                      generality_prompts=generality_prompts, device=device)
     if not get_accelerator().is_main_process:  # every process has finished; one writes the report
         return
     page = write_report(out)

@@ -328,12 +328,13 @@ def test_bench_command_runs_world_v2(bench, tiny_v2_base, v2_evaluator, monkeypa
     seen = {}
     monkeypatch.setattr(v2_package, "run_benchmark", lambda *args, **kw: seen.update(args=args, kw=kw))
     monkeypatch.setattr(sys, "argv", ["museum", "bench", "--world", "v2", "--methods", "finetune,c-lora", "--seeds",
-                                      "2", "--tasks", "30", "--score-every", "5", "--base", str(tiny_v2_base),
+                                      "2", "--tasks", "30", "--score-every", "5", "--generality-prompts", "200",
+                                      "--base", str(tiny_v2_base),
                                       "--evaluator", str(tmp_path / "evaluator"), "--out", str(out)])
     cli.main()
     assert seen["args"] == (["finetune", "c-lora"], 30, out)
-    assert {k: seen["kw"][k] for k in ("seeds", "score_every", "upper_bound", "joint")} == {
-        "seeds": 2, "score_every": 5, "upper_bound": True, "joint": True}
+    assert {k: seen["kw"][k] for k in ("seeds", "score_every", "upper_bound", "joint", "generality_prompts")} == {
+        "seeds": 2, "score_every": 5, "upper_bound": True, "joint": True, "generality_prompts": 200}
     assert str(out / "report.html") in capsys.readouterr().out
 
 
