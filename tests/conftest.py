@@ -1,4 +1,3 @@
-import functools
 import os
 import shutil
 import subprocess
@@ -57,8 +56,13 @@ def stop_at(step: int):
 def interrupted_learning(step: int):
     """Inside the block, ``Museum.learn`` stops with KeyboardInterrupt (as Ctrl-C) once ``step`` training steps are
     done."""
+    train_concept = learning.train_concept
+
+    def stopping(*args, on_step=None, **kwargs):  # in place of the session's own callback (None in these tests)
+        return train_concept(*args, on_step=stop_at(step), **kwargs)
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(learning, "train_concept", functools.partial(learning.train_concept, on_step=stop_at(step)))
+        patch.setattr(learning, "train_concept", stopping)
         yield
 
 
