@@ -201,13 +201,18 @@ def _save(accelerator: Accelerator, step: int, settings: dict) -> None:
     (path / "step.json").write_text(json.dumps({"step": step, "settings": settings}))
 
 
-def save_atomically(model, folder: Path, **kwargs) -> None:
-    """``model.save_pretrained`` into a temporary folder renamed to ``folder``: a finished stage is marked by
-    its folder, and diffusers writes a model's config before its weights."""
+def write_atomically(folder: Path, write) -> None:
+    """``write(tmp)`` into a temporary folder renamed to ``folder``: a finished stage is marked by its folder
+    (diffusers writes a model's config before its weights)."""
     tmp = folder.with_name(folder.name + f".{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, **kwargs)
+    write(tmp)
     tmp.replace(folder)
+
+
+def save_atomically(model, folder: Path, **kwargs) -> None:
+    """``model.save_pretrained`` into ``folder``, atomically (:func:`write_atomically`)."""
+    write_atomically(folder, lambda tmp: model.save_pretrained(tmp, **kwargs))
 
 
 def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -510,10 +515,7 @@ def train_icgen(work: Path, pipe: StableDiffusionPipeline, evaluator: Evaluator,
     if not run_stage("icgen", work / "icgen-run", [unet], opt, sched, loss_fn, steps=steps, minutes=minutes, seed=seed,
                      settings=settings, max_new_steps=max_new_steps, logfile=logfile):
         return None
-    tmp = work / f"icgen.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    icgen.save_adapter(unet, tmp)
-    tmp.replace(work / "icgen")
+    write_atomically(work / "icgen", lambda tmp: icgen.save_adapter(unet, tmp))
     log("icgen done: adapter saved", logfile)
     return work / "icgen"
 
