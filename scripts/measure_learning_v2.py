@@ -3,11 +3,14 @@
     python scripts/measure_learning_v2.py --pool tuning --methods custom-diffusion c-lora --out docs/logs/tuning/v2-defaults.json
     python scripts/measure_learning_v2.py --pool benchmark --out docs/world-v2/learning.json   # never tune on this one
     python scripts/measure_learning_v2.py --pool tuning --methods c-lora --around lr --out docs/logs/tuning/c-lora-lr.json
+    python scripts/measure_learning_v2.py --pool tuning --methods c-lora --grid lr=2e-4,4e-4 --seeds 3 --out ...
 
 ``--around KEY`` tries each method at half, once and twice its default KEY (the defaults are chosen this way, on the
 tuning pool only: docs/logs/tuning/); ``--grid KEY=V1,V2`` tries the values given. The table then has a row per
 setting, and the setting with the highest mean gap closed by the evaluator is marked (the independent reading
-beside it must agree for a default to change).
+beside it must agree for a default to change). ``--seeds K`` learns every concept with training seeds 0..K-1 (the
+images are drawn with the same generation seeds every time): each figure is then the mean over seeds of the mean over
+concepts, with a 95% t-interval over seeds, so two settings whose intervals overlap are not told apart.
 
 For every concept: the base model draws the class prompts (8 quick prompts x 2 seeds); the upper anchor is the
 concept rendered in each prompt's own scene (``Concept.prompt_renders``, what a perfect method would draw). For every method: learn the concept in an empty museum on ``--pipeline`` with the
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from museum.models.loading import load_evaluator, load_pipeline
+from museum.evaluation.benchmark.v2.results import interval
 from museum.evaluation.concept_fidelity import GapClosed, fidelity, recognition, reference_bank
 from museum.generation import generate_images
 from museum.methods import method_names
@@ -44,9 +48,9 @@ def class_images(pipe, concept) -> list:
     return generate_images(pipe, prompts, seeds=[s for _ in range(N_PROMPTS) for s in range(N_SEEDS)])
 
 
-def learned_images(folder: Path, pipeline: Path, concept, method: str, overrides: dict) -> tuple[list, dict]:
+def learned_images(folder: Path, pipeline: Path, concept, method: str, overrides: dict, seed: int) -> tuple[list, dict]:
     m = Museum.init(folder, base=pipeline)
-    learned = m.learn(concept.name, concept.train_images, method=method, style=concept.is_style,
+    learned = m.learn(concept.name, concept.train_images, method=method, style=concept.is_style, seed=seed,
                       class_word=None if concept.is_style else concept.class_word, progress=False, **overrides)
     prompts = concept.concept_prompts(m.concept(concept.name).phrase, quick=True)
     info = {"seconds": learned.info["train_seconds"], "steps": learned.info["steps"]}
@@ -64,8 +68,11 @@ def main() -> None:
     tune = parser.add_mutually_exclusive_group()
     tune.add_argument("--around", metavar="KEY", help="try each method at 0.5x, 1x and 2x its default KEY (tuning pool)")
     tune.add_argument("--grid", metavar="KEY=V1,V2", help="try these values of KEY (tuning pool)")
+    parser.add_argument("--seeds", type=int, default=1, help="training seeds per concept (0..K-1)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     unknown = set(args.methods) - set(method_names())
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; known: {', '.join(method_names())}")
@@ -81,19 +88,21 @@ def main() -> None:
     anchors = {n: (fidelity(evaluator, class_images(pipe, built[n]), built[n].reference_images),
                    fidelity(evaluator, built[n].prompt_renders(quick=True, per_prompt=N_SEEDS), built[n].reference_images))
                for n in names}
-    results = {"pool": args.pool, "overrides": overrides, "date": time.strftime("%Y-%m-%d"),
+    results = {"pool": args.pool, "overrides": overrides, "seeds": args.seeds, "date": time.strftime("%Y-%m-%d"),
                "machine": f"{platform.platform()}, {torch.get_num_threads()} threads", "methods": {}}
     for method in args.methods:
         for setting in settings_to_try(method, args):
-            rows = {}
-            for name in names:
-                with tempfile.TemporaryDirectory() as tmp:
-                    images, info = learned_images(Path(tmp) / "museum", args.pipeline, built[name], method,
-                                                  dict(overrides, **setting))
-                gap = GapClosed(fidelity(evaluator, images, built[name].reference_images), *anchors[name])
-                rows[name] = dict(gap.to_dict(), recognition=recognition(evaluator, images, name, bank), **info)
-                print(method, setting, name, json.dumps(rows[name]["gap_closed"]),
-                      f"recognition {rows[name]['recognition']:.2f}", flush=True)
+            rows = {name: [] for name in names}
+            for seed in range(args.seeds):
+                for name in names:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        images, info = learned_images(Path(tmp) / "museum", args.pipeline, built[name], method,
+                                                      dict(overrides, **setting), seed)
+                    gap = GapClosed(fidelity(evaluator, images, built[name].reference_images), *anchors[name])
+                    rows[name].append(dict(gap.to_dict(), recognition=recognition(evaluator, images, name, bank),
+                                           seed=seed, **info))
+                    print(method, setting, f"seed {seed}", name, json.dumps(rows[name][-1]["gap_closed"]),
+                          f"recognition {rows[name][-1]['recognition']:.2f}", flush=True)
             results["methods"][run_name(method, setting)] = rows
             results.setdefault("settings", {})[run_name(method, setting)] = {"method": method, **overrides, **setting}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -118,18 +127,18 @@ def run_name(method: str, setting: dict) -> str:
 
 
 def table(results: dict) -> str:
-    """Markdown: per method and kind (objects, styles), the mean gap closed by both readings (over the concepts
-    with a gap to close: "mean (k of n)") and recognition."""
+    """Markdown: per run and kind (objects, styles), the mean gap closed by both readings (over the concepts with a
+    gap to close: "mean (k of n)"; with several seeds "mean [low, high]" over seeds) and recognition."""
     lines = ["| method | kind | concepts | gap closed, evaluator | gap closed, independent | recognition |",
              "|---|---|---|---|---|---|"]
     best = best_runs(results)
     for run, rows in results["methods"].items():
         for kind in ("object", "style"):
-            r = [v for n, v in rows.items() if pools.spec(n).kind == kind]
+            r = {n: seeds for n, seeds in rows.items() if pools.spec(n).kind == kind}
             if r:
                 lines.append(f"| {run}{' (best)' if run in best else ''} | {kind} | {len(r)} | "
                              f"{_mean_of_gaps(r, 'evaluator')} | {_mean_of_gaps(r, 'independent')} | "
-                             f"{statistics.mean(x['recognition'] for x in r):.2f} |")
+                             f"{_shown(interval(_per_seed(r, lambda x: x['recognition'])))} |")
     return "\n".join(lines)
 
 
@@ -138,17 +147,38 @@ def best_runs(results: dict) -> set[str]:
     by_method: dict[str, list[str]] = {}
     for run, setting in results.get("settings", {}).items():
         by_method.setdefault(setting["method"], []).append(run)
-    score = lambda run: statistics.mean(  # noqa: E731
-        [g for g in (x["gap_closed"]["evaluator"] for x in results["methods"][run].values()) if not math.isnan(g)]
-        or [-math.inf])
+
+    def score(run: str) -> float:
+        mean = interval(_per_seed(results["methods"][run], lambda x: x["gap_closed"]["evaluator"]))
+        return -math.inf if mean is None else mean["mean"]
     return {max(runs, key=score) for runs in by_method.values() if len(runs) > 1}
 
 
-def _mean_of_gaps(rows: list[dict], reading: str) -> str:
-    """"0.62 (7 of 8)": the mean over the concepts whose gap is wide enough to divide by (the others are NaN)."""
-    gaps = [x["gap_closed"][reading] for x in rows if not math.isnan(x["gap_closed"][reading])]
-    mean = f"{statistics.mean(gaps):.2f}" if gaps else "-"
-    return mean if len(gaps) == len(rows) else f"{mean} ({len(gaps)} of {len(rows)})"
+def _per_seed(rows: dict[str, list[dict]], read) -> list[float]:
+    """Per training seed, the mean of ``read(row)`` over the concepts where it is a number (NaN gaps left out)."""
+    n_seeds = len(next(iter(rows.values())))
+    means = []
+    for seed in range(n_seeds):
+        values = [read(seeds[seed]) for seeds in rows.values()]
+        values = [v for v in values if not math.isnan(v)]
+        means.append(statistics.mean(values) if values else math.nan)
+    return means
+
+
+def _shown(summary: dict | None) -> str:
+    if summary is None:
+        return "-"
+    if summary["low"] is None:
+        return f"{summary['mean']:.2f}"
+    return f"{summary['mean']:.2f} [{summary['low']:.2f}, {summary['high']:.2f}]"
+
+
+def _mean_of_gaps(rows: dict[str, list[dict]], reading: str) -> str:
+    """"0.62 (7 of 8)": the mean over the concepts whose gap is wide enough to divide by (the others are NaN), and
+    over seeds; with several seeds its 95% interval over seeds."""
+    shown = _shown(interval(_per_seed(rows, lambda x: x["gap_closed"][reading])))
+    wide = sum(not math.isnan(seeds[0]["gap_closed"][reading]) for seeds in rows.values())
+    return shown if wide == len(rows) else f"{shown} ({wide} of {len(rows)})"
 
 
 if __name__ == "__main__":

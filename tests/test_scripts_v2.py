@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,17 +24,21 @@ def test_measure_learning_v2_tries_a_grid_on_the_tuning_pool(tiny_v2_base, v2_ev
     v2_evaluator.save_pretrained(tmp_path / "evaluator")
     out = tmp_path / "tuning.json"
     table = run_script("scripts/measure_learning_v2.py", "--pool", "tuning", "--concepts", "bullseye", "chalk",
-                       "--methods", "textual-inversion", "--around", "token_lr", "--set", "steps=2",
+                       "--methods", "textual-inversion", "--around", "token_lr", "--set", "steps=2", "--seeds", "2",
                        "--pipeline", str(tiny_v2_base), "--evaluator", str(tmp_path / "evaluator"), "--out", str(out))
     results = json.loads(out.read_text())
     runs = list(results["methods"])
     assert runs == [f"textual-inversion token_lr={v:g}" for v in (0.005, 0.01, 0.02)]
     for run in runs:
-        for name, row in results["methods"][run].items():
-            assert set(row["gap_closed"]) == {"evaluator", "independent"} and 0 <= row["recognition"] <= 1
-            assert row["steps"] == 2 and row["upper"]["independent"] > 0
+        for name, seeds in results["methods"][run].items():
+            assert [row["seed"] for row in seeds] == [0, 1]
+            for row in seeds:
+                assert set(row["gap_closed"]) == {"evaluator", "independent"} and 0 <= row["recognition"] <= 1
+                assert row["steps"] == 2 and row["upper"]["independent"] > 0
     assert results["settings"][runs[0]] == {"method": "textual-inversion", "steps": 2, "token_lr": 0.005}
     assert table.count("(best)") <= 2 and "| textual-inversion token_lr=0.01 |" in table.replace(" (best)", "")
+    recognition = [line.split("|")[-2] for line in table.splitlines()[2:]]
+    assert all(re.fullmatch(r" [0-9.]+ \[[-0-9.]+, [-0-9.]+\] ", cell) for cell in recognition), table  # over 2 seeds
 
 
 def test_measure_learning_v2_refuses_to_tune_on_the_benchmark_pool(tmp_path):
