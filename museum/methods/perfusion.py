@@ -47,7 +47,7 @@ output, so it is the same for every layer and stored once. Size, values: 2 * sum
 * tiny test pipeline (d 16; 4 cross-attn layers, widths 8, 16, 8, 8): 2*40 + 48 = 128 values,
   512 B in fp32 (1712 B as a safetensors file with its header).
 * embedded model (d 64; 7 cross-attn layers of width 96; sum 672):
-  2*672 + 192 = 1536 values = 6144 B in fp32 (plus the safetensors header, ~1.3 KB of names).
+  2*672 + 192 = 1536 values = 6144 B in fp32 (8112 B as a safetensors file with its header, docs/learning.json).
 * SD-1.5 (d 768; 16 layers, widths 320 x5, 640 x5, 1280 x6; sum 12480): 2*12480 + 2304 = 27264
   values = 106.5 KiB in fp32 (the paper's "100 KB"), 53.3 KiB in fp16. Storing i_super (d)
   instead of o*_K (recomputable as W_K i_super) would bring fp16 to ~29 KiB; we keep o*_K as the

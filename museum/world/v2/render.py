@@ -545,7 +545,8 @@ def _mosaic(img, rng, tile, grout):
     return out
 
 
-HATCH = 6  # pixels between hatching lines; every 4 was lost in the VAE's round trip (docs/world-v2/README.md)
+HATCH = 6  # pixels between hatching lines (was 4; coarsened with the finest textures, docs/world-v2/README.md); the
+# refined VAE half keeps it (sketch patch similarity 0.765, docs/world-v2/vae-refined/vae.md)
 
 
 def _sketch(img, rng, angle, paper):
@@ -572,8 +573,10 @@ STYLES: dict[str, StyleSpec] = {
     "neon": StyleSpec(_neon, (tuple(GLOWS), (1.0, 2.0))),
     "blueprint": StyleSpec(_blueprint, ((8, 16), ("blue", "teal"))),
     "thermal": StyleSpec(_thermal, (tuple(THERMAL), (False, True))),
-    # the finest textures stay at 3 pixels or more: a 16x16 latent lost 2-pixel scanlines, 4-pixel halftone
-    # cells and 4-pixel mosaic tiles in the VAE's round trip (docs/world-v2/README.md)
+    # the finest textures were coarsened (scanlines 2-3 -> 3-4 pixels, halftone cells 4-6 -> 6-8, mosaic tiles
+    # 4-8 -> 8-16) after a per-recipe check of the first VAE found the finest settings the worst
+    # (docs/world-v2/README.md; that check's numbers are not kept); the refined VAE's round trip of these
+    # settings: docs/world-v2/vae-refined/vae.md
     "scanlines": StyleSpec(_scanlines, (tuple(TINTS), (3, 4))),
     "pixelated": StyleSpec(_pixelated, ((4, 8),)),
     "halftone": StyleSpec(_halftone, ((6, 8), tuple(INKS))),
