@@ -48,6 +48,24 @@ def test_measure_learning_v2_refuses_to_tune_on_the_benchmark_pool(tmp_path):
     assert done.returncode == 2 and "tuning pool only" in done.stderr
 
 
+def test_measure_user_concepts_reads_pictures_from_outside_the_world(tiny_v2_base, tmp_path):
+    out = tmp_path / "user.json"
+    run_script("scripts/measure_user_concepts.py", "--pipeline", str(tiny_v2_base), "--concepts", "mug", "duotone",
+               "--methods", "textual-inversion", "--set", "steps=2", "--per-prompt", "1", "--out", str(out))
+    results = json.loads(out.read_text())
+    assert results["resolution"] == 64 and list(results["concepts"]) == ["mug", "duotone"]
+    for name, row in results["concepts"].items():
+        assert 0 < row["anchors"]["upper"] <= 1 and 0 < row["anchors"]["base"] <= 1, name
+        learned = row["methods"]["textual-inversion"]
+        assert learned["steps"] == 2 and 0 < learned["reading"] <= 1
+        if not math.isnan(learned["gap_closed"]):
+            assert learned["gap_closed"] == pytest.approx((learned["reading"] - row["anchors"]["base"])
+                                                          / (row["anchors"]["upper"] - row["anchors"]["base"]))
+    assert out.with_suffix(".png").is_file()
+    table = run_script("scripts/measure_user_concepts.py", "--compare", str(out), str(out))
+    assert "| textual-inversion | objects |" in table and "| textual-inversion | styles |" in table
+
+
 def test_check_independent_v2_reads_every_concept_of_a_pool(tmp_path):
     run_script("scripts/check_independent_v2.py", "--pool", "tuning", "--out", str(tmp_path / "check.json"))
     rows = json.loads((tmp_path / "check.json").read_text())["concepts"]
