@@ -29,3 +29,22 @@ def test_placement_reads_renders_right_and_rejects_swapped_and_single_objects():
     assert not any(PF.read_placement(render.render(s, i), t)["placed"] for i, (s, t) in enumerate(zip(swapped, scenes)))
     alone = [replace(s, companion=None) for s in scenes]
     assert all(PF.read_placement(render.render(a, i), s)["objects_drawn"] <= 1 for i, (a, s) in enumerate(zip(alone, scenes)))
+
+
+def test_pixel_reading_gets_renders_right_and_a_changed_colour_or_ground_wrong():
+    scenes = [s for s in PF.held_out_scenes(1000, seed=2, style_p=0.0) if s.look.pattern == "plain"][:50]
+    renders = [render.render(s, i) for i, s in enumerate(scenes)]
+    right = PF.read_pixels(renders, scenes)
+    assert len(right["colour"]) == len(right["background"]) == len(scenes) >= 40
+    assert sum(right["colour"]) >= 0.95 * len(scenes) and sum(right["background"]) >= 0.9 * len(scenes), right
+
+    def far(name, values, colour_of):  # the value whose colour is farthest from ``name``'s
+        return max(values, key=lambda v: sum((a - b) ** 2 for a, b in zip(colour_of(v), colour_of(name))))
+    recoloured = [replace(s, look=replace(s.look, palette=(far(s.look.palette[0], render.COLOURS,
+                                                                 render.COLOURS.__getitem__),)))
+                  for s in scenes]
+    reground = [replace(s, background=far(s.background, render.BACKGROUNDS, PF.background_colour)) for s in scenes]
+    assert not any(PF.read_pixels([render.render(r, i) for i, r in enumerate(recoloured)], scenes)["colour"])
+    assert not any(PF.read_pixels([render.render(r, i) for i, r in enumerate(reground)], scenes)["background"])
+    styled = [s for s in PF.held_out_scenes(40, seed=3, style_p=1.0)]
+    assert PF.read_pixels([render.render(s) for s in styled], styled) == {"colour": [], "background": []}

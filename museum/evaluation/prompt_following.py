@@ -4,6 +4,10 @@
   (shape, colour, pattern, background, style) the candidates are the prompt's caption with that
   attribute set to every value of its vocabulary, the rest kept; the evaluator's zero-shot choice is
   right when it picks the prompt's own value.
+* **Colour and background from pixels** (:func:`read_pixels`): the same two attributes read without any
+  learned model, beside the evaluator's reading, on the prompts without a style: the object's main colour
+  is the named colour nearest to the median of the pixels inside its shape (plain objects only), the
+  background the one whose mean colour is nearest to the mean of the pixels well outside it.
 * **Two objects** (:func:`readable_pairs`, :func:`read_placement`): plain objects whose colours are far
   apart from each other and from the background; placed right when each colour is mostly in its own
   half. Read from pixels: the evaluator is not needed.
@@ -16,6 +20,8 @@ from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
+from PIL import Image
+from scipy import ndimage
 
 from museum.world.v2 import concepts, render
 
@@ -76,6 +82,37 @@ def read_attributes(evaluator, images, scenes: list[render.Scene]) -> dict[str, 
 def background_colour(name: str) -> tuple[float, float, float]:
     """The mean RGB of a background (rendered once per name)."""
     return tuple(render.background(name, np.random.default_rng(0)).reshape(-1, 3).mean(0))
+
+
+def object_mask(scene: render.Scene) -> np.ndarray:
+    """(64, 64) bool: where the prompt puts the object (its captioned size and position, unrotated)."""
+    fx, fy = render.POSITIONS[scene.position]
+    mask = render.shape_mask(scene.look.shape, fx * render.CANVAS, fy * render.CANVAS,
+                             render.SIZES[scene.size] * render.CANVAS, 0.0)
+    return np.asarray(mask.resize((render.IMAGE_SIZE, render.IMAGE_SIZE), Image.BOX)) > 127
+
+
+def _nearest(rgb: np.ndarray, named: dict) -> str:
+    return min(named, key=lambda name: float(np.linalg.norm(rgb - np.asarray(named[name], float))))
+
+
+def read_pixels(images, scenes: list[render.Scene]) -> dict[str, list[bool]]:
+    """``colour`` (plain objects without a style) and ``background`` (no style): for each image that can be read
+    so, whether its pixels show the prompt's value; the pose's jitter is absorbed by reading the shape's core
+    (two pixels in) and the ground from four pixels out."""
+    grounds = {name: background_colour(name) for name in render.BACKGROUNDS}
+    out = {"colour": [], "background": []}
+    for image, scene in zip(images, scenes):
+        if scene.style is not None:
+            continue
+        px, mask = np.asarray(image.convert("RGB"), float), object_mask(scene)
+        core = ndimage.binary_erosion(mask, iterations=2)
+        outside = ~ndimage.binary_dilation(mask, iterations=4)
+        if scene.look.pattern == "plain":
+            inside = px[core if core.sum() >= 8 else mask]
+            out["colour"].append(_nearest(np.median(inside, axis=0), render.COLOURS) == scene.look.palette[0])
+        out["background"].append(_nearest(px[outside].mean(0), grounds) == scene.background)
+    return out
 
 
 def readable_pairs(n: int, seed: int) -> list[render.Scene]:
