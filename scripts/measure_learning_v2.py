@@ -16,7 +16,9 @@ For every concept: the base model draws the class prompts (8 quick prompts x 2 s
 concept rendered in each prompt's own scene (``Concept.prompt_renders``, what a perfect method would draw). For every method: learn the concept in an empty museum on ``--pipeline`` with the
 method's defaults (and ``--set`` overrides), draw the concept prompts with the same seeds, and report
 (museum.evaluation.concept_fidelity) the gap closed by the evaluator's image alignment and by the independent
-reading, and the evaluator's top-1 recognition among all concepts of the pool. Writes JSON and prints a table.
+reading, the evaluator's top-1 recognition among all concepts of the pool, its text alignment (CLIP-T: each image
+against the class prompt it was drawn for, with the concept's words left out; the base model's beside it) and the
+bytes of the concept's own file. Writes JSON and prints a table.
 """
 
 import argparse
@@ -33,6 +35,7 @@ import torch
 from museum.models.loading import load_evaluator, load_pipeline
 from museum.evaluation.benchmark.v2.results import interval
 from museum.evaluation.concept_fidelity import GapClosed, fidelity, recognition, reference_bank
+from museum.evaluation.metrics import text_alignment
 from museum.generation import generate_images
 from museum.methods import method_names
 from museum.methods.base import get_method, parse_setting
@@ -43,9 +46,13 @@ POOLS = {"tuning": pools.TUNING_POOL, "benchmark": pools.BENCHMARK_POOL, "zero-s
 N_PROMPTS, N_SEEDS = 8, 2
 
 
+def class_prompts(concept) -> list[str]:
+    """The quick class prompts, each once per generation seed: what each drawn image is read against."""
+    return [p for p in concept.class_prompts(quick=True) for _ in range(N_SEEDS)]
+
+
 def class_images(pipe, concept) -> list:
-    prompts = [p for p in concept.class_prompts(quick=True) for _ in range(N_SEEDS)]
-    return generate_images(pipe, prompts, seeds=[s for _ in range(N_PROMPTS) for s in range(N_SEEDS)])
+    return generate_images(pipe, class_prompts(concept), seeds=[s for _ in range(N_PROMPTS) for s in range(N_SEEDS)])
 
 
 def learned_images(folder: Path, pipeline: Path, concept, method: str, overrides: dict, seed: int) -> tuple[list, dict]:
@@ -53,7 +60,8 @@ def learned_images(folder: Path, pipeline: Path, concept, method: str, overrides
     learned = m.learn(concept.name, concept.train_images, method=method, style=concept.is_style, seed=seed,
                       class_word=None if concept.is_style else concept.class_word, progress=False, **overrides)
     prompts = concept.concept_prompts(m.concept(concept.name).phrase, quick=True)
-    info = {"seconds": learned.info["train_seconds"], "steps": learned.info["steps"]}
+    info = {"seconds": learned.info["train_seconds"], "steps": learned.info["steps"],
+            "bytes": (learned.path / "tensors.safetensors").stat().st_size}
     return m.generate(prompts, n=N_SEEDS, seed=0), info
 
 
@@ -85,10 +93,12 @@ def main() -> None:
     evaluator, pipe = load_evaluator(args.evaluator), load_pipeline(args.pipeline)
     built = {n: pools.build_concept(n) for n in POOLS[args.pool]}
     bank = reference_bank(evaluator, {n: c.reference_images for n, c in built.items()})
-    anchors = {n: (fidelity(evaluator, class_images(pipe, built[n]), built[n].reference_images),
+    base_images = {n: class_images(pipe, built[n]) for n in names}
+    anchors = {n: (fidelity(evaluator, base_images[n], built[n].reference_images),
                    fidelity(evaluator, built[n].prompt_renders(quick=True, per_prompt=N_SEEDS), built[n].reference_images))
                for n in names}
     results = {"pool": args.pool, "overrides": overrides, "seeds": args.seeds, "date": time.strftime("%Y-%m-%d"),
+               "base_text_alignment": {n: text_alignment(evaluator, base_images[n], class_prompts(built[n])) for n in names},
                "machine": f"{platform.platform()}, {torch.get_num_threads()} threads", "methods": {}}
     for method in args.methods:
         for setting in settings_to_try(method, args):
@@ -100,6 +110,7 @@ def main() -> None:
                                                       dict(overrides, **setting), seed)
                     gap = GapClosed(fidelity(evaluator, images, built[name].reference_images), *anchors[name])
                     rows[name].append(dict(gap.to_dict(), recognition=recognition(evaluator, images, name, bank),
+                                           text_alignment=text_alignment(evaluator, images, class_prompts(built[name])),
                                            seed=seed, **info))
                     print(method, setting, f"seed {seed}", name, json.dumps(rows[name][-1]["gap_closed"]),
                           f"recognition {rows[name][-1]['recognition']:.2f}", flush=True)
@@ -129,8 +140,8 @@ def run_name(method: str, setting: dict) -> str:
 def table(results: dict) -> str:
     """Markdown: per run and kind (objects, styles), the mean gap closed by both readings (over the concepts with a
     gap to close: "mean (k of n)"; with several seeds "mean [low, high]" over seeds) and recognition."""
-    lines = ["| method | kind | concepts | gap closed, evaluator | gap closed, independent | recognition |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | kind | concepts | gap closed, evaluator | gap closed, independent | recognition | "
+             "text alignment (base) | bytes / concept |", "|---|---|---|---|---|---|---|---|"]
     best = best_runs(results)
     for run, rows in results["methods"].items():
         for kind in ("object", "style"):
@@ -138,7 +149,10 @@ def table(results: dict) -> str:
             if r:
                 lines.append(f"| {run}{' (best)' if run in best else ''} | {kind} | {len(r)} | "
                              f"{_mean_of_gaps(r, 'evaluator')} | {_mean_of_gaps(r, 'independent')} | "
-                             f"{_shown(interval(_per_seed(r, lambda x: x['recognition'])))} |")
+                             f"{_shown(interval(_per_seed(r, lambda x: x['recognition'])))} | "
+                             f"{_shown(interval(_per_seed(r, lambda x: x['text_alignment'])))} "
+                             f"({statistics.mean(results['base_text_alignment'][n] for n in r):.2f}) | "
+                             f"{statistics.median(x['bytes'] for seeds in r.values() for x in seeds):,.0f} |")
     return "\n".join(lines)
 
 

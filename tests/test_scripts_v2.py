@@ -35,9 +35,11 @@ def test_measure_learning_v2_tries_a_grid_on_the_tuning_pool(tiny_v2_base, v2_ev
             for row in seeds:
                 assert set(row["gap_closed"]) == {"evaluator", "independent"} and 0 <= row["recognition"] <= 1
                 assert row["steps"] == 2 and row["upper"]["independent"] > 0
+                assert -1 <= row["text_alignment"] <= 1 and row["bytes"] > 0
+    assert set(results["base_text_alignment"]) == {"bullseye"}
     assert results["settings"][runs[0]] == {"method": "textual-inversion", "steps": 2, "token_lr": 0.005}
     assert table.count("(best)") <= 2 and "| textual-inversion token_lr=0.01 |" in table.replace(" (best)", "")
-    recognition = [line.split("|")[-2] for line in table.splitlines() if line.startswith("| textual-inversion")]
+    recognition = [line.split("|")[6] for line in table.splitlines() if line.startswith("| textual-inversion")]
     assert len(recognition) == 3
     assert all(re.fullmatch(r" [0-9.]+ \[[-0-9.]+, [-0-9.]+\] ", cell) for cell in recognition), table  # over 2 seeds
 
