@@ -5,16 +5,35 @@
 Draws ``--prompts`` held-out prompts (museum.evaluation.prompt_following.held_out_scenes; the
 Foundation benchmark's kind) plus two two-object prompts, two seeds each, in a grid beside the renders of
 the same scenes (left: render, right: samples), and writes the captions next to the grid (``.txt``).
-Looks only: the numbers come from scripts/bench_base_model_v2.py once the stage is done.
+Looks only: the numbers come from scripts/bench_base_model_v2.py once the stage is done. ``--grounds`` also
+prints whether the ground follows the words or the seed: "a red circle on a {blue, yellow, grass} background",
+seeds 0-5, the variance of the top strip's mean colour between words and between seeds (the check that found the
+UNet reading the ground from the starting noise; museum/models/v2/pretrain.py, NOISE_OFFSET).
+
+    OMP_NUM_THREADS=1 python scripts/peek_pretrain_v2.py --out /tmp/peek.png --grounds
 """
 
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from museum.evaluation import prompt_following as PF
 from museum.generation import generate_images, image_grid
 from museum.models.v2.pretrain import unet_snapshot
 from museum.world.v2 import render
+
+GROUNDS, GROUND_SEEDS = ("blue", "yellow", "grass"), range(6)
+
+
+def ground_variances(pipe, steps: int) -> dict[str, float]:
+    """Variance (summed over RGB) of the top 8 rows' mean colour: between ground words and between seeds."""
+    prompts = [f"a red circle on a {g} background" for g in GROUNDS for _ in GROUND_SEEDS]
+    images = generate_images(pipe, prompts, seeds=list(GROUND_SEEDS) * len(GROUNDS), steps=steps)
+    top = np.array([np.asarray(im, float)[:8].reshape(-1, 3).mean(0) for im in images])
+    top = top.reshape(len(GROUNDS), len(GROUND_SEEDS), 3)
+    return {"between words": float(top.mean(1).var(0).sum()), "between seeds": float(top.mean(0).var(0).sum())}
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,6 +41,7 @@ if __name__ == "__main__":
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--grounds", action="store_true", help="also check that grounds follow the words")
     args = parser.parse_args()
     pipe, step = unet_snapshot(args.work)
     scenes = PF.held_out_scenes(args.prompts, seed=777) + PF.readable_pairs(2, seed=777)
@@ -34,3 +54,5 @@ if __name__ == "__main__":
     args.out.with_suffix(".txt").write_text(f"UNet step {step}; rows of two prompts, each: render, seed 0, seed 1\n"
                                             + "\n".join(f"{i}: {c}" for i, c in enumerate(captions)) + "\n")
     print(f"step {step}: {args.out}")
+    if args.grounds:
+        print(f"step {step}: top-strip colour variance", {k: round(v) for k, v in ground_variances(pipe, args.steps).items()})

@@ -200,3 +200,16 @@ def test_frequency_loss_prefers_the_texture_to_its_grey_average():
     l1 = torch.nn.functional.l1_loss
     assert l1(shifted, lines) > l1(grey, lines)
     assert P.frequency_loss(shifted, lines) < 1e-5 < P.frequency_loss(grey, lines)
+
+
+def test_offset_noise_moves_each_channels_mean_and_nothing_else():
+    """Offset noise: a per-sample, per-channel constant on top of Gaussian noise, so a 16x16 latent's mean no
+    longer keeps the image's colour at the last timestep (the reason for P.NOISE_OFFSET)."""
+    latents = torch.zeros(512, 8, 16, 16)
+    torch.manual_seed(0)
+    plain = P.training_noise(latents, 0.0)
+    offset = P.training_noise(latents, 0.25)
+    assert plain.mean((2, 3)).std().item() == pytest.approx(1 / 16, rel=0.1)  # 256 positions average it down
+    assert offset.mean((2, 3)).std().item() == pytest.approx((0.25 ** 2 + 1 / 256) ** 0.5, rel=0.1)
+    within = offset - offset.mean((2, 3), keepdim=True)
+    assert within.std().item() == pytest.approx(1.0, rel=0.02)  # the noise around each channel's mean is unchanged

@@ -94,3 +94,24 @@ def test_bench_base_model_v2_reads_every_attribute_both_ways_and_times_against_a
     assert readings["timing_s"]["ratio"] > 0
     page = (tmp_path / "out" / "BASE_MODEL.md").read_text()
     assert "| background, pixels (no learned model) |" in page and "the issue allows 3x" in page
+
+
+def test_peek_ground_check_tells_a_ground_that_follows_the_seed_from_one_that_follows_the_word(monkeypatch):
+    import importlib.util
+    from PIL import Image
+    spec = importlib.util.spec_from_file_location("peek", ROOT / "scripts" / "peek_pretrain_v2.py")
+    peek = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peek)
+    colours = {"blue": (0, 0, 255), "yellow": (255, 255, 0), "grass": (60, 120, 40)}
+
+    def by_word(pipe, prompts, seeds, steps):
+        return [Image.new("RGB", (64, 64), colours[p.split(" on a ")[1].split()[0]]) for p in prompts]
+
+    def by_seed(pipe, prompts, seeds, steps):
+        return [Image.new("RGB", (64, 64), (40 * s, 0, 255 - 40 * s)) for s in seeds]
+    monkeypatch.setattr(peek, "generate_images", by_word)
+    words = peek.ground_variances(None, 1)
+    monkeypatch.setattr(peek, "generate_images", by_seed)
+    seeds = peek.ground_variances(None, 1)
+    assert words["between seeds"] == 0 < words["between words"]
+    assert seeds["between words"] == 0 < seeds["between seeds"]
