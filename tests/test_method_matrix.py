@@ -134,6 +134,37 @@ def test_a_first_concepts_sample_is_drawn_with_its_methods_new_state(method, tin
     assert np.abs(sample - drawn).max() <= 1  # one level: a reloaded pipeline may round differently
 
 
+def learned_after_and_alone(method: str, base, concept_images, folder) -> list[tuple[dict, np.ndarray]]:
+    """"checker" learned after "sunburst" in one museum and alone in another, same seed and class word (so Custom
+    Diffusion's second concept reads the class images its first one cached): (its tensors, an image of a prompt
+    naming only it) from each."""
+    out = []
+    for where, names in (("after", ["sunburst", "checker"]), ("alone", ["checker"])):
+        m = Museum.init(folder / where, base=base)
+        for name in names:
+            m.learn(name, concept_images[name][0], method=method, class_word="circle", progress=False, seed=3,
+                    **dict(FAST, **EXTRA.get(method, {})))
+        image = m.generate(f"a {m.concept('checker').phrase} on a sand background", n=1, steps=3)[0]
+        out.append((m.concept_info(m.manifest.concepts[-1]).tensors, pixels(image)))
+    return out
+
+
+@pytest.mark.parametrize("method", [m for m in method_names() if METHODS[m].independent])
+def test_an_independent_method_learns_a_concept_after_another_as_alone(method, tiny_base, concept_images, tmp_path):
+    """``Method.independent`` promises bit for bit the concept learned alone: its tensors, and its image."""
+    (after, image_after), (alone, image_alone) = learned_after_and_alone(method, tiny_base, concept_images, tmp_path)
+    assert after.keys() == alone.keys() and all(torch.equal(after[k], alone[k]) for k in after)
+    assert np.array_equal(image_after, image_alone)
+
+
+def test_a_method_that_does_not_declare_independence_need_not_have_it(tiny_base, concept_images, tmp_path):
+    """C-LoRA's regulariser reads the earlier concepts' LoRAs: the same concept learned after another differs, and
+    the method does not declare ``independent``, so nothing (the benchmark's upper bound) takes it for granted."""
+    assert not METHODS["c-lora"].independent
+    (after, _), (alone, _) = learned_after_and_alone("c-lora", tiny_base, concept_images, tmp_path)
+    assert not all(torch.equal(after[k], alone[k]) for k in after)
+
+
 def test_learn_save_reload_generate(learned):
     method, folder, m = learned
     assert [c.name for c in m.concepts] == ["sunburst", "neon"]

@@ -244,6 +244,11 @@ class Method:
     #: oracle)? Only where the result is something the method stores: one shared state, or per-concept tensors that
     #: can all hold the run's
     joint: ClassVar[bool] = False
+    #: are its concepts independent of one another? A concept's training and its drawing alone (a prompt naming only
+    #: it) do not depend on the other concepts in the museum: learned in a sequence it is bit for bit what it is
+    #: learned alone from the base model with the same seed (tests/test_method_matrix.py checks it; the benchmark
+    #: then reads its upper bound from the sequence instead of learning every concept again)
+    independent: ClassVar[bool] = False
     #: settings it reads at generation time, applied by :meth:`generation_settings`
     generation_options: ClassVar[tuple[GenerationOption, ...]] = ()
 

@@ -59,6 +59,8 @@ class CustomDiffusion(Method):
     config_class = CustomDiffusionConfig
     export_format = "lora"
     joint = True  # learned together, every concept keeps the run's K/V deltas (and its own token)
+    independent = True  # deltas trained from the base K/V with the base model's class images; one concept drawn
+    # alone applies only its own deltas (the merge joins several named in one prompt)
 
     @classmethod
     def cost(cls, kv, width, config) -> ConceptCost:  # dense K/V deltas, trained in place; the prior batch doubles

@@ -452,6 +452,7 @@ class Perfusion(Method):
     name = "perfusion"
     config_class = PerfusionConfig
     export_format = "museum"
+    independent = True  # each edit is trained on the base model; a prompt installs only the edits it names
     lora_export_why = (
         "Perfusion's edit is not a weight delta: each text token's K/V change is gated by a sigmoid of that token's "
         "similarity to the concept (Tewel et al. 2023, sec. 4), which no LoRA can express, and the edit without its "

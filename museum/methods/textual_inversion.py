@@ -30,3 +30,4 @@ class TextualInversion(Method):
     name = "textual-inversion"
     config_class = TextualInversionConfig
     export_format = "textual_inversion"
+    independent = True  # only its own token's row trains, and a prompt reads only the rows it names
