@@ -137,6 +137,23 @@ def test_training_seeds_differ_and_the_upper_bound_starts_as_the_sequence(bench)
             r["seeds"][k]["R"]["independent"][0][0])
 
 
+def test_an_independent_methods_upper_bound_is_its_own_task_readings(bench):
+    """Textual inversion declares ``Method.independent``: no upper-bound unit runs for it (finetune's does), and its
+    upper bound is, per concept and reading, the interval over seeds of R[t][t] of its sequences."""
+    out, results = bench
+    units = sorted(p.stem for p in (out / ".claims").glob("*.lock"))
+    assert [u for u in units if ".upper." in u] == ["finetune.upper.seed-0", "finetune.upper.seed-1"]
+    assert not (out / "textual-inversion" / "upper").exists()
+    r = results["methods"]["textual-inversion"]
+    upper, seeds = r["upper_bound"], r["seeds"].values()
+    assert upper["source"] == "own-task readings (independent method)" and upper["concepts"] == CONCEPTS
+    assert results["methods"]["finetune"]["upper_bound"]["source"] == "each concept learned alone"
+    for reading in ALL_READINGS:
+        for j, c in enumerate(CONCEPTS):
+            assert upper["final"][reading][c] == interval(b["R"][reading][j][j] for b in seeds), (reading, c)
+        assert upper["summary"][reading] == pytest.approx(r["summary"][reading]["own"])
+
+
 def test_textual_inversion_forgets_nothing_and_keeps_the_base_vocabulary(bench):
     """A token-only method leaves earlier concepts' images and every prompt without its tokens bit-identical: F and
     BWT are 0 in every reading, and the base vocabulary's prompt following is the base model's exactly."""
@@ -169,7 +186,8 @@ def test_times_are_recorded(bench):
     out, results = bench
     for r in results["methods"].values():
         assert r["cpu_seconds"]["mean"] > 0 and r["learn_cpu_seconds"]["mean"] > 0
-        assert r["upper_bound"]["cpu_seconds"]["mean"] > 0
+    assert results["methods"]["finetune"]["upper_bound"]["cpu_seconds"]["mean"] > 0
+    assert results["methods"]["textual-inversion"]["upper_bound"]["cpu_seconds"] is None  # no unit of its own
     task = json.loads((out / "finetune" / "seed-0" / "progress.json").read_text())["tasks"][1]
     assert task["learning"]["cpu_seconds"] > 0 and task["reading"]["wall_seconds"] > 0
 
@@ -177,8 +195,8 @@ def test_times_are_recorded(bench):
 def test_rerun_changes_nothing_and_other_settings_are_refused(bench, tiny_v2_base, v2_evaluator):
     out, results = bench
     progress = {p: p.read_bytes() for p in out.rglob("progress.json")}
-    # base; per method and seed its sequence and upper bound; finetune's joint oracle per seed
-    assert len(progress) == 1 + 2 * 2 * len(METHODS) + 2
+    # base; per method and seed its sequence; finetune's upper bound and joint oracle per seed
+    assert len(progress) == 1 + 2 * len(METHODS) + 2 + 2
     again = run_benchmark(METHODS, CONCEPTS, out, base=tiny_v2_base, evaluator=v2_evaluator, seeds=2, **RUN)
     assert {p: p.read_bytes() for p in out.rglob("progress.json")} == progress
     assert again["methods"] == results["methods"]
@@ -312,10 +330,11 @@ def test_report(bench):
         rows = re.findall(r"<tr><td>(.*?)</td>", re.search(rf'<table id="concepts-{reading}">.*?</table>', text,
                                                           re.S).group(0))
         assert rows == [*METHODS, *(f"alone: {m}" for m in METHODS), "joint: finetune"]
-    for method in METHODS:
+    for method, alone in (("finetune", 1), ("textual-inversion", 0)):  # textual inversion's alone: its own task's
         samples = re.search(rf'<table id="samples-{method}" class="samples">.*?</table>', text, re.S).group(0)
         assert re.findall(r"<tr><td>([^<]*)</td>", samples) == CONCEPTS
-        assert [len(re.findall("<img ", row)) for row in re.findall(r"<tr><td>.*?</tr>", samples)] == [5, 5, 5]
+        assert [len(re.findall("<img ", row)) for row in re.findall(r"<tr><td>.*?</tr>", samples)] == [4 + alone] * 3
+    assert "for textual-inversion, whose concepts are independent of one another" in text
     generality = re.search(r'<table id="generality">.*?</table>', text, re.S).group(0)
     assert len(re.findall("<tr><td>", generality)) == 1 + len(METHODS)
     assert len(re.findall("<tr><td>", re.search(r'<table id="composition">.*?</table>', text, re.S).group(0))) == 2

@@ -5,7 +5,7 @@ method beside its upper bound and the base model); the summary bars and the curv
 intervals as error bars; the per-concept matrix of final gap closed (both readings); the base vocabulary's
 prompt following over the tasks and per attribute; the side-by-side table; per method its mean R[t, j] and a
 sample table (each concept drawn by the base model, rendered, after its own task, after the last task and
-learned alone); the CPU seconds each unit took.
+learned alone, for an independent method the same as after its own task); the CPU seconds each unit took.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from museum.evaluation.benchmark.v2.results import RESULTS_VERSION, read_results
+from museum.evaluation.benchmark.v2.results import RESULTS_VERSION, UPPER_OWN_TASK, read_results
 from museum.report.figures import fmt, fmt_int, grid_cells, heatmap, heatmap_axes, render_figure
 from museum.report.html import Raw, img_tag, table, write_page
 
@@ -103,6 +103,11 @@ def oracles(results: dict) -> list[tuple[str, str, dict]]:
             for m, r in results["methods"].items() if r.get(key)]
 
 
+def own_task_uppers(results: dict) -> list[str]:
+    """The methods whose upper bound is their sequence's own-task readings (``Method.independent``)."""
+    return [m for m, r in results["methods"].items() if (r["upper_bound"] or {}).get("source") == UPPER_OWN_TASK]
+
+
 def _per_task_cpu(r: dict, tasks: int) -> float | None:
     """CPU seconds a method's sequence took per task (learning and reading), averaged over seeds."""
     return r["cpu_seconds"]["mean"] / tasks if r.get("cpu_seconds") else None
@@ -144,6 +149,7 @@ def composition_rows(results: dict) -> list[list[str]]:
 
 def time_rows(results: dict) -> list[list[str]]:
     rows = [[m, fmt_ci(r["cpu_seconds"], 0), fmt_ci(r["learn_cpu_seconds"], 1),
+             "0 (own-task readings)" if m in own_task_uppers(results) else
              fmt_ci((r["upper_bound"] or {}).get("cpu_seconds"), 0)] for m, r in results["methods"].items()]
     base = results.get("base")
     return rows + ([["base row (anchors, generality, pairs)", fmt(base["cpu_seconds"], 0), "–", "–"]] if base else [])
@@ -248,6 +254,7 @@ def samples_rows(out_dir: Path, results: dict, method: str) -> list[list]:
     r, base = results["methods"][method], results.get("base") or {}
     grids, last = r["grids"], r["grids"][-1] if r["grids"] else None
     upper = (r["upper_bound"] or {}).get("grids") or {}
+    own_task = method in own_task_uppers(results)
     rows = []
     for t, c in enumerate(results["concepts"]):
         row = [c]
@@ -257,7 +264,8 @@ def samples_rows(out_dir: Path, results: dict, method: str) -> list[list]:
         for grid, when in ((grids[t] if t < len(grids) else None, "own task"), (last, "last task")):
             row.append(_cell(out_dir / grid["grid"], len(grid["concepts"]), grid["concepts"].index(c),
                              f"{method} after {when}: {c}") if grid and c in grid["concepts"] else "")
-        row.append(_cell(out_dir / upper[c], 1, 0, f"{method} alone: {c}") if c in upper else "")
+        row.append("the same as after its own task" if own_task else
+                   _cell(out_dir / upper[c], 1, 0, f"{method} alone: {c}") if c in upper else "")
         rows.append(row)
     return rows
 
@@ -267,7 +275,7 @@ def samples_rows(out_dir: Path, results: dict, method: str) -> list[list]:
 
 def introduction(results: dict) -> list[str]:
     s, seeds, concepts = results.get("settings") or {}, results["seeds"], results["concepts"]
-    base = results.get("base") or {}
+    base, independent = results.get("base") or {}, own_task_uppers(results)
     excluded = "; ".join(f"{GAP_LABELS[g]}: {', '.join(cs)}" for g, cs in (base.get("excluded") or {}).items() if cs)
     intervals = (f"Every figure is the mean over {seeds} training seeds and its 95% interval (Student's t), "
                  "shown as ± and as error bars." if seeds > 1 else
@@ -282,9 +290,12 @@ def introduction(results: dict) -> list[str]:
         "scene; read by the evaluator's image alignment and independently (colour and patches, no learned model). "
         "A: average after the last task; F: forgetting (each earlier concept's drop from its best to its final "
         "value); own: each concept right after its own task; A / alone: A over the average of each concept learned "
-        "alone from the base model (alone: m). Joint: m: every concept learned at once, in one run (the methods that "
-        "can). Generality drop: the base model's prompt following (held-out prompts, every "
-        "concept's effect installed) minus the method's after the last task, in percentage points."
+        "alone from the base model (alone: m)"
+        + (f"; for {html.escape(', '.join(independent))}, whose concepts are independent of one another, that is "
+           "their own-task readings (the same bit for bit, so nothing was learned twice)" if independent else "")
+        + ". Joint: m: every concept learned at once, in one run (the methods that can). Generality drop: the base "
+        "model's prompt following (held-out prompts, every concept's effect installed) minus the method's after the "
+        "last task, in percentage points."
         + (f" Left out of gap closed (anchors under 0.02 apart): {html.escape(excluded)}." if excluded else "")
         + "</p>",
     ]

@@ -7,7 +7,9 @@ Per method: the matrices R[t][j] of every reading (the four of ``metrics.READING
 (forgetting: each earlier concept's drop from its best to its final value), BWT (backward transfer) and "own"
 (each concept's value right after its own task); the curves of the average and forgetting over the tasks
 whose row was read in full; the base vocabulary's prompt following after those tasks and its drop from the
-base model's; the side-by-side pairs; the upper bound; storage and the wall and CPU seconds the units took.
+base model's; the side-by-side pairs; the upper bound (``source``: each concept learned alone, or for a method
+whose concepts are independent, ``Method.independent``, the sequence's own-task readings, which are the same); storage
+and the wall and CPU seconds the units took.
 A concept whose anchors are too close for a reading's gap closed is listed under ``excluded`` and left out
 of that reading's figures (never averaged in as 0).
 """
@@ -27,6 +29,7 @@ from museum.evaluation.benchmark.units import PROGRESS, RESULTS, RunSettings, re
 from museum.evaluation.benchmark.v2.metrics import GAPS, READINGS, gaps_closed
 from museum.evaluation.metrics import backward_transfer, forgetting
 from museum.evaluation.prompt_following import ATTRIBUTES
+from museum.methods import METHODS
 from museum.store.atomic import atomic_write_json
 from museum.world.v2.concepts import spec
 
@@ -138,19 +141,38 @@ def sequence_results(progress: dict, names: Sequence[str], anchors: dict) -> dic
     }
 
 
+UPPER_ALONE = "each concept learned alone"
+UPPER_OWN_TASK = "own-task readings (independent method)"
+
+
 def upper_results(progress: dict, names: Sequence[str], anchors: dict) -> dict:
     """One training seed's upper bound: per concept every reading, their means, storage and times."""
     rows = progress.get("concepts", {})
     present = [n for n in names if n in rows]
-    scores = {n: _with_gaps(rows[n]["scores"], anchors.get(n)) for n in present}
     learning = [rows[n]["learning"] for n in present if rows[n].get("learning")]
-    return {"concepts": present, "scores": scores,
-            "mean": {r: _mean(scores[n][r] for n in present) for r in ALL_READINGS},
-            "grids": {n: rows[n]["grid"] for n in present},
-            "bytes_per_concept": float(np.mean([rows[n]["concept_bytes"] + rows[n]["state_bytes"] for n in present]))
-            if present else None,
+    return {**_alone(rows, present, anchors), "source": UPPER_ALONE, "grids": {n: rows[n]["grid"] for n in present},
             "cpu_seconds": sum(rows[n]["reading"]["cpu_seconds"] for n in present)
             + sum(x["cpu_seconds"] for x in learning)}
+
+
+def own_task_results(progress: dict, names: Sequence[str], anchors: dict) -> dict:
+    """One training seed's upper bound of a method whose concepts are independent (``Method.independent``), from its
+    sequence's progress: each concept as read right after its own task, which is what learning it alone from the base
+    model with the same seed would read, bit for bit. No unit of its own ran: no CPU seconds, no grids (the
+    sequence's show the same images)."""
+    tasks = {t["concept"]: t for t in progress.get("tasks", []) if t["task"] < len(names)}
+    present = [n for n in names if n in tasks]
+    rows = {n: {**tasks[n], "scores": tasks[n]["scores"][n]} for n in present}
+    return {**_alone(rows, present, anchors), "source": UPPER_OWN_TASK, "grids": {}, "cpu_seconds": None}
+
+
+def _alone(rows: dict, present: list[str], anchors: dict) -> dict:
+    """Each concept alone (``rows``: concept -> its scores and bytes): every reading, their means, storage."""
+    scores = {n: _with_gaps(rows[n]["scores"], anchors.get(n)) for n in present}
+    return {"concepts": present, "scores": scores,
+            "mean": {r: _mean(scores[n][r] for n in present) for r in ALL_READINGS},
+            "bytes_per_concept": float(np.mean([rows[n]["concept_bytes"] + rows[n]["state_bytes"] for n in present]))
+            if present else None}
 
 
 def joint_results(progress: dict, names: Sequence[str], anchors: dict) -> dict:
@@ -248,9 +270,12 @@ def composition_results(blocks: list[dict], base: dict | None) -> dict | None:
 
 
 def upper_bound_results(blocks: list[dict]) -> dict | None:
-    """Each concept alone, over seeds: every reading's mean over concepts and per concept."""
-    if not blocks:
-        return None
+    """Each concept alone, over seeds, and where its readings come from (``source``)."""
+    return {**_concepts_over_seeds(blocks), "source": blocks[0]["source"]} if blocks else None
+
+
+def _concepts_over_seeds(blocks: list[dict]) -> dict:
+    """Every reading's mean over concepts and per concept, over seeds; storage and CPU seconds."""
     concepts = blocks[0]["concepts"]
     return {"concepts": concepts,
             "summary": {r: _over_seeds(blocks, lambda b: b["mean"][r]) for r in ALL_READINGS},
@@ -264,7 +289,7 @@ def joint_oracle_results(blocks: list[dict], base: dict | None) -> dict | None:
     """Every concept learned at once, over seeds: what the upper bound has, and generality and the pairs."""
     if not blocks:
         return None
-    return {**upper_bound_results(blocks),
+    return {**_concepts_over_seeds(blocks),
             "generality": generality_results(blocks, base), "composition": composition_results(blocks, base),
             "grid": blocks[0]["grid"]}
 
@@ -331,13 +356,21 @@ def collect_results(out_dir: str | Path, methods: Sequence[str], names: Sequence
     for method in methods:
         seeds = {k: sequence_results(p, names, anchors) for k, p in _seed_folders(out_dir / method).items()
                  if k < n_seeds}
-        uppers = {k: upper_results(p, names, anchors) for k, p in _seed_folders(out_dir / method / "upper").items()
-                  if k < n_seeds}
+        uppers = _uppers(out_dir, method, names, n_seeds, anchors)
         joints = {k: joint_results(p, names, anchors) for k, p in _seed_folders(out_dir / method / "joint").items()
                   if k < n_seeds}
         if seeds:
             results["methods"][method] = method_results(seeds, uppers, joints, base, names, n_seeds)
     return results
+
+
+def _uppers(out_dir: Path, method: str, names: Sequence[str], n_seeds: int, anchors: dict) -> dict[int, dict]:
+    """seed -> the method's upper bound: its upper-bound units', or an independent method's own-task readings
+    (there whenever its sequence was read: they cost nothing, whether or not the run asked for the upper bound)."""
+    independent = METHODS[method].independent
+    folder = out_dir / method if independent else out_dir / method / "upper"
+    read = own_task_results if independent else upper_results
+    return {k: read(p, names, anchors) for k, p in _seed_folders(folder).items() if k < n_seeds}
 
 
 def write_results(out_dir: str | Path, methods: Sequence[str], names: Sequence[str], n_seeds: int,

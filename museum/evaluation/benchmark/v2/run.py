@@ -7,6 +7,10 @@ learned objects are drawn side by side. The upper bound learns each concept alon
 the same seed. The base row reads each concept's two anchors, the base model's prompt following and the
 pairs drawn with class words. Every unit records the wall and CPU seconds it spent (``units.Clock``).
 
+A method whose concepts are independent of one another (``Method.independent``: textual inversion, Custom Diffusion,
+Perfusion) runs no upper-bound unit: learned alone, a concept is bit for bit what its sequence learned at its own
+task with the same seed, so its upper bound is the sequence's own-task readings (``results.own_task_results``).
+
 Layout of ``out_dir``::
 
     results.json                                   everything the report needs (``results.RESULTS_VERSION``)
@@ -15,7 +19,7 @@ Layout of ``out_dir``::
     <method>/seed-<k>/progress.json                its settings and every reading so far (resume point)
     <method>/seed-<k>/grids/task-NN.png            4 samples of each concept drawn after task NN (rows)
     <method>/upper/seed-<k>/<concept>/museum/, <method>/upper/seed-<k>/progress.json,
-    <method>/upper/seed-<k>/grids/<concept>.png    each concept alone (``upper_bound=True``)
+    <method>/upper/seed-<k>/grids/<concept>.png    each concept alone (``upper_bound=True``; not independent methods)
 
 A rerun with the same settings continues: learned concepts are read back from the museums, read tasks from the
 progress files; ``accelerate launch --num_processes 2 -m museum bench --world v2 ...`` shares the units between
@@ -302,14 +306,15 @@ def run_benchmark(methods: Sequence[str], concepts: Sequence[str] | int = 10, ou
         raise BenchmarkError("n_prompts, n_seeds, gen_steps and generality_prompts must be at least 1")
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = [(m, k) for m in methods for k in range(seeds)]
+    alone = [(m, k) for m, k in pairs if upper_bound and not METHODS[m].independent]  # an independent one: its sequence
     joined = [(m, k) for m, k in pairs if joint and METHODS[m].joint]
-    total = len(names) * (len(pairs) * (2 if upper_bound else 1) + len(joined) + (1 if base_row else 0))
+    total = len(names) * (len(pairs) + len(alone) + len(joined) + (1 if base_row else 0))
     procs, rank, device = this_process(device)
     with progress_bar(total, progress, procs, rank) as bar:
         run = _Run(names, evaluator, settings, out_dir, bar, device)
         units = [("base", run.run_base)] if base_row else []
         units += [(f"{m}.seed-{k}", lambda m=m, k=k: run.run_sequence(m, k)) for m, k in pairs]
-        units += [(f"{m}.upper.seed-{k}", lambda m=m, k=k: run.run_upper_bound(m, k)) for m, k in pairs if upper_bound]
+        units += [(f"{m}.upper.seed-{k}", lambda m=m, k=k: run.run_upper_bound(m, k)) for m, k in alone]
         units += [(f"{m}.joint.seed-{k}", lambda m=m, k=k: run.run_joint(m, k)) for m, k in joined]
         run.run_units(units, procs, rank)
     return write_results(out_dir, methods, names, seeds, settings)
