@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from museum.evaluation.benchmark.v2.results import RESULTS_VERSION, UPPER_OWN_TASK, read_results
+from museum.evaluation.benchmark.v2.results import UPPER_OWN_TASK, read_results
 from museum.report.figures import fmt, fmt_int, grid_cells, heatmap, heatmap_axes, render_figure
 from museum.report.html import Raw, img_tag, table, write_page
 
