@@ -509,7 +509,7 @@ def train_icgen(work: Path, pipe: StableDiffusionPipeline, evaluator: Evaluator,
         context = F.normalize((embeds[obj] * others[..., None]).sum(1), dim=-1)
         context = context * (torch.rand(ICGEN_BATCH, 1, generator=gen) >= ICGEN_DROP)
         x0 = latents[obj, target]
-        noise = torch.randn(x0.shape, generator=gen)
+        noise = training_noise(x0, NOISE_OFFSET, gen)  # the noise the UNet was last trained on
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (ICGEN_BATCH,), generator=gen)
         ids = pipe.tokenizer([captions[o][v] for o, v in zip(obj.tolist(), target.tolist())], padding="max_length",
                              max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -519,7 +519,8 @@ def train_icgen(work: Path, pipe: StableDiffusionPipeline, evaluator: Evaluator,
                     added_cond_kwargs={"image_embeds": [context[:, None]]}).sample
         return F.mse_loss(pred, noise)
 
-    settings = {"lr": ICGEN_LR, "batch": ICGEN_BATCH, "drop": ICGEN_DROP, **data["settings"]}
+    settings = {"lr": ICGEN_LR, "batch": ICGEN_BATCH, "drop": ICGEN_DROP, "noise_offset": NOISE_OFFSET,
+                **data["settings"]}
     if not run_stage("icgen", work / "icgen-run", [unet], opt, sched, loss_fn, steps=steps, minutes=minutes, seed=seed,
                      settings=settings, max_new_steps=max_new_steps, logfile=logfile):
         return None
@@ -567,10 +568,10 @@ def encode_latents(work: Path, vae: AutoencoderKL, paths: list[Path], *, minutes
     return torch.cat([torch.from_numpy(a["mean"]) for a in arrays]), torch.cat([torch.from_numpy(a["std"]) for a in arrays])
 
 
-def training_noise(latents: torch.Tensor, offset: float) -> torch.Tensor:
+def training_noise(latents: torch.Tensor, offset: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Gaussian noise plus ``offset`` times a Gaussian constant per sample and channel (offset noise)."""
-    noise = torch.randn_like(latents)
-    return noise + offset * torch.randn(latents.shape[:2] + (1, 1)) if offset else noise
+    noise = torch.randn(latents.shape, generator=generator)
+    return noise + offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator) if offset else noise
 
 
 def unet_loss(unet, text_encoder, scheduler, latents, ids, noise_offset: float = 0.0) -> torch.Tensor:
