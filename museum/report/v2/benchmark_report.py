@@ -17,7 +17,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from museum.evaluation.benchmark.v2.results import UPPER_OWN_TASK, read_results
+# RESULTS_VERSION is read here by report/benchmark_report.py to tell a World v2 run's results from the first world's
+from museum.evaluation.benchmark.v2.results import RESULTS_VERSION, UPPER_OWN_TASK, read_results  # noqa: F401
 from museum.report.figures import fmt, fmt_int, grid_cells, heatmap, heatmap_axes, render_figure
 from museum.report.html import Raw, img_tag, table, write_page
 
