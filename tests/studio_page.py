@@ -90,6 +90,18 @@ def finished(page, name: str, timeout: float = 120_000) -> str:
 
 def show_tab(page, name: str) -> None:
     page.locator("button[role=tab]", has_text=name).click()
+    page.locator("button[role=tab][aria-selected=true]", has_text=name).wait_for()
+
+
+def fill_kept(page, selector: str, value: str, tries: int = 3) -> None:
+    """Fill ``selector`` and check, a moment later, that the page kept the value: a tab Gradio mounts on first
+    showing can reset a field filled at once (seen in CI: the click then sent the empty initial value)."""
+    for _ in range(tries):
+        page.fill(selector, value)
+        page.wait_for_timeout(200)
+        if page.input_value(selector) == value:
+            return
+    raise AssertionError(f"{selector} did not keep {value!r} after {tries} fills")
 
 
 def fill_generate(page, prompt: str, *, n: int, steps: int, seed: int = 0, knobs: dict[str, str] | None = None) -> None:

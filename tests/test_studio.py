@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from reliability_support import leftovers, manifest_names
 from studio_page import (
-    CHROMIUM, chromium, click_learn, fill_generate, fill_learn, finished, free_port, generated, open_studio, show_tab,
+    CHROMIUM, chromium, click_learn, fill_generate, fill_kept, fill_learn, finished, free_port, generated, open_studio,
+    show_tab,
 )
 
 from conftest import museum_snapshot
@@ -286,11 +287,11 @@ def test_benchmark_tab_opens_a_bench_folders_report(browser, served, tiny_base, 
     Museum.init(tmp_path / "museum", base=tiny_base)
     page = open_studio(browser, served(tmp_path / "museum"))
     show_tab(page, "Benchmark")
-    page.fill("#bench-folder textarea", str(tmp_path / "nothing"))
+    fill_kept(page, "#bench-folder textarea", str(tmp_path / "nothing"))
     page.click("#bench-open")
     page.wait_for_selector("#bench-status .studio-error")
     assert "no benchmark results at" in page.inner_text("#bench-status")
-    page.fill("#bench-folder textarea", str(tmp_path / "bench"))
+    fill_kept(page, "#bench-folder textarea", str(tmp_path / "bench"))
     page.click("#bench-open")
     frame = page.frame_locator("#bench-frame")
     frame.locator("#results td", has_text="textual-inversion").first.wait_for()
