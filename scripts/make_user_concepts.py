@@ -2,7 +2,10 @@
 two styles that are not in the rendered world at all, four 64x64 images each on varied backgrounds.
 They check that a model trained on the world learns concepts from outside it (issue 21).
 
-    python scripts/make_user_concepts.py --out docs/world-v2/user-concepts
+    python scripts/make_user_concepts.py --out docs/world-v2/user-concepts --held-out docs/world-v2/user-concepts-held-out
+
+``--held-out``: four more pictures of each concept, drawn the same way with other positions and sizes (objects) or
+other scenery (styles): the references ``scripts/measure_user_concepts.py`` reads images against; no method sees them.
 
 Objects: mug (red, white dots, a handle), house (yellow walls, brown roof, a door), tree (green crown,
 brown trunk), fish (orange with white stripes and a tail). Styles: watercolour (soft edges, paper
@@ -27,12 +30,17 @@ BACKDROPS = [((0.55, 0.75, 0.95), (0.85, 0.93, 1.0)), ((0.93, 0.88, 0.75), (0.98
              ((0.35, 0.55, 0.3), (0.55, 0.75, 0.45)), ((0.2, 0.2, 0.3), (0.35, 0.35, 0.5))]
 
 
-def _canvas(backdrop):
+def _canvas(ground):
+    """A figure on ``ground``: a (top, bottom) pair of RGB colours in [0, 1] (a gradient), or an (H, W, 3) uint8
+    image (a model's world's ground, for the upper anchor of scripts/measure_user_concepts.py)."""
     fig = plt.figure(figsize=(2.56, 2.56), dpi=100)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.set_xlim(0, 1), ax.set_ylim(0, 1), ax.axis("off")
-    top, bottom = np.array(backdrop[0]), np.array(backdrop[1])
-    ax.imshow(np.linspace(top, bottom, 64)[:, None, :].repeat(2, axis=1), extent=(0, 1, 0, 1), aspect="auto")
+    if isinstance(ground, np.ndarray):
+        ax.imshow(ground, extent=(0, 1, 0, 1), aspect="auto")
+    else:
+        top, bottom = np.array(ground[0]), np.array(ground[1])
+        ax.imshow(np.linspace(top, bottom, 64)[:, None, :].repeat(2, axis=1), extent=(0, 1, 0, 1), aspect="auto")
     return fig, ax
 
 
@@ -100,25 +108,38 @@ OBJECTS = {"mug": mug, "house": house, "tree": tree, "fish": fish}
 STYLES = {"watercolour": watercolour, "duotone": duotone}
 
 
-def make(out: Path, n: int = 4) -> None:
-    for name, draw in OBJECTS.items():
-        rng = random.Random(name)
-        for i in range(n):
-            fig, ax = _canvas(BACKDROPS[i % len(BACKDROPS)])
-            draw(ax, rng.uniform(0.4, 0.6), rng.uniform(0.4, 0.6), rng.uniform(0.16, 0.24))
-            (out / name).mkdir(parents=True, exist_ok=True)
-            _finish(fig).save(out / name / f"{i:02d}.png")
-    for name, stylise in STYLES.items():
-        rng = random.Random(name)
-        for i in range(n):
-            fig, ax = _canvas(BACKDROPS[i % len(BACKDROPS)])
-            scenery(ax, rng)
-            (out / name).mkdir(parents=True, exist_ok=True)
-            stylise(_finish(fig), rng).save(out / name / f"{i:02d}.png")
+def object_picture(name: str, ground, rng: random.Random) -> Image.Image:
+    """The object ``name`` at a random place and size on ``ground`` (see :func:`_canvas`)."""
+    fig, ax = _canvas(ground)
+    OBJECTS[name](ax, rng.uniform(0.4, 0.6), rng.uniform(0.4, 0.6), rng.uniform(0.16, 0.24))
+    return _finish(fig)
+
+
+def style_picture(name: str, ground, rng: random.Random) -> Image.Image:
+    """Random scenery on ``ground`` in the style ``name``."""
+    fig, ax = _canvas(ground)
+    scenery(ax, rng)
+    return STYLES[name](_finish(fig), rng)
+
+
+def pictures(name: str, n: int = 4, tag: str = "") -> list[Image.Image]:
+    """``n`` pictures of ``name`` on the backdrops in turn; ``tag`` seeds another set (the held-out one)."""
+    rng = random.Random(name + tag)
+    draw = object_picture if name in OBJECTS else style_picture
+    return [draw(name, BACKDROPS[i % len(BACKDROPS)], rng) for i in range(n)]
+
+
+def write(folder: Path, images: list[Image.Image]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(folder / f"{i:02d}.png")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/world-v2/user-concepts"))
+    parser.add_argument("--held-out", type=Path, default=Path("docs/world-v2/user-concepts-held-out"))
     args = parser.parse_args()
-    make(args.out)
+    for name in (*OBJECTS, *STYLES):
+        write(args.out / name, pictures(name))
+        write(args.held_out / name, pictures(name, tag=":held-out"))

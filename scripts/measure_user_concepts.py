@@ -16,12 +16,12 @@ prompts both worlds can read ("a <tok> square on a grass background"; styles: "a
 without the style (styles), the same seeds.
 
 Reading: the independent one only (no learned model; each model has its own evaluator, so the evaluator's numbers
-are not comparable across models), at the model's own resolution with the pictures resized to it, as gap closed
-= (learned - base) / (upper - base). There is no renderer for these concepts, so the upper anchor is the pictures
-themselves read leave-one-out (each picture against the other three: a method that draws new members of the
-concept scores this); learned and base images are read against the same four leave-one-out reference sets and
-averaged, so all three numbers see three references at a time. Writes JSON and a sheet of images (pictures,
-base, each method) beside it.
+are not comparable across models), at the model's own resolution, against four held-out pictures of the concept
+(drawn as the training ones, never shown to a method), as gap closed = (learned - base) / (upper - base). The upper
+anchor is what a perfect method would draw for the same prompts, as the benchmark's is (``prompt_renders``):
+objects drawn by the same script on the model's own world's ground for each prompt's background word; styles: the
+base model's own images of the prompts without the style, stylised by the same function as the pictures. Writes
+JSON and a sheet of images (pictures, upper, base, each method) beside it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -39,17 +40,24 @@ import numpy as np
 import torch
 from PIL import Image
 
+from make_user_concepts import SIZE, object_picture
+from make_user_concepts import STYLES as STYLISE
+
 from museum.evaluation.independent import gap_closed, independent_fidelity
 from museum.generation import generate_images, image_grid
 from museum.methods import method_names
 from museum.methods.base import parse_setting
 from museum.models.loading import load_pipeline
 from museum.museum import Museum
+from museum.world import render as render_v1
+from museum.world.v2 import render as render_v2
 
 PICTURES = Path(__file__).resolve().parent.parent / "docs/world-v2/user-concepts"
+HELD_OUT = PICTURES.with_name("user-concepts-held-out")
 CLASS_WORDS = {"mug": "square", "house": "triangle", "tree": "circle", "fish": "diamond"}
 STYLES = ("watercolour", "duotone")
-OBJECT_PROMPTS = ("a {}", "a {} on a sky background", "a {} on a grass background", "a {} on a night background")
+GROUNDS = ("sand", "sky", "grass", "night")
+OBJECT_PROMPTS = tuple(f"a {{}} on a {ground} background" for ground in GROUNDS)
 STYLE_PROMPTS = ("a red circle on a sand background, {} style", "a blue square on a grass background, {} style",
                  "a yellow star on a night background, {} style", "a green triangle on a sky background, {} style")
 
@@ -62,16 +70,23 @@ def prompts_for(name: str, phrase: str | None) -> list[str]:
     return [p.format(phrase or CLASS_WORDS[name]) for p in OBJECT_PROMPTS]
 
 
-def leave_one_out(images: list, pictures: list) -> float:
-    """The independent reading of ``images`` against each three of the four pictures, averaged."""
-    return float(np.mean([independent_fidelity(images, pictures[:i] + pictures[i + 1:])["fidelity"]
-                          for i in range(len(pictures))]))
+def world_ground(word: str, size: int, seed: int) -> np.ndarray:
+    """The ground the model's world draws for ``word`` (uint8): the first world's renderer for a 32-pixel model."""
+    world = render_v2 if size == render_v2.IMAGE_SIZE else render_v1
+    return np.clip(world.background(word, np.random.default_rng(seed)), 0, 255).astype(np.uint8)
 
 
-def upper_anchor(pictures: list) -> float:
-    """Each picture read against the other three, averaged: what drawing new members of the concept scores."""
-    return float(np.mean([independent_fidelity([held], pictures[:i] + pictures[i + 1:])["fidelity"]
-                          for i, held in enumerate(pictures)]))
+def upper_images(name: str, base: list[Image.Image], size: int, per_prompt: int) -> list[Image.Image]:
+    """What a perfect method draws for the concept's prompts (see the module docstring), ``per_prompt`` each."""
+    if name in STYLES:
+        rng = random.Random(f"{name}:upper")
+        return resized([STYLISE[name](b.convert("RGB").resize((SIZE, SIZE), Image.BICUBIC), rng) for b in base], size)
+    return resized([object_picture(name, world_ground(ground, size, k), random.Random(f"{name}:upper:{ground}:{k}"))
+                    for ground in GROUNDS for k in range(per_prompt)], size)
+
+
+def reading(images: list, references: list) -> float:
+    return independent_fidelity(images, references)["fidelity"]
 
 
 def resized(pictures: list[Image.Image], size: int) -> list[Image.Image]:
@@ -97,19 +112,22 @@ def measure(args) -> dict:
     sheet = []
     for name in args.concepts:
         pictures = resized([Image.open(p) for p in sorted((PICTURES / name).glob("*.png"))], size)
+        references = resized([Image.open(p) for p in sorted((HELD_OUT / name).glob("*.png"))], size)
         base_prompts = prompts_for(name, None)
         base = generate_images(pipe, [p for p in base_prompts for _ in range(args.per_prompt)],
                                seeds=[k for _ in base_prompts for k in range(args.per_prompt)])
-        anchors = {"base": leave_one_out(base, pictures), "upper": upper_anchor(pictures)}
+        upper = upper_images(name, base, size, args.per_prompt)
+        anchors = {"base": reading(base, references), "upper": reading(upper, references)}
         row = {"anchors": anchors, "methods": {}}
-        sheet += pictures + base[: len(pictures)]
+        every = max(1, len(base) // len(pictures))
+        sheet += pictures + upper[::every][: len(pictures)] + base[::every][: len(pictures)]
         for method in args.methods:
             with tempfile.TemporaryDirectory() as tmp:
                 images, info = learn_and_draw(Path(tmp) / "museum", name, method, args)
-            reading = leave_one_out(images, pictures)
-            gap = gap_closed(reading, anchors["base"], anchors["upper"])
-            row["methods"][method] = dict(info, reading=reading, gap_closed=gap)
-            sheet += images[:: max(1, len(images) // len(pictures))][: len(pictures)]
+            learned = reading(images, references)
+            row["methods"][method] = dict(info, reading=learned, gap_closed=gap_closed(learned, anchors["base"],
+                                                                                         anchors["upper"]))
+            sheet += images[::every][: len(pictures)]
             print(name, method, f"gap closed {row['methods'][method]['gap_closed']:.2f}", flush=True)
         results["concepts"][name] = row
     image_grid(sheet, cols=len(pictures), scale=max(1, 128 // size)).save(args.out.with_suffix(".png"))

@@ -58,13 +58,17 @@ def test_measure_user_concepts_reads_pictures_from_outside_the_world(tiny_v2_bas
     results = json.loads(out.read_text())
     assert results["resolution"] == 64 and list(results["concepts"]) == ["mug", "duotone"]
     for name, row in results["concepts"].items():
-        assert 0 < row["anchors"]["upper"] <= 1 and 0 < row["anchors"]["base"] <= 1, name
+        assert 0 < row["anchors"]["base"] < row["anchors"]["upper"] <= 1, name  # the tiny model draws no mug
         learned = row["methods"]["textual-inversion"]
         assert learned["steps"] == 2 and 0 < learned["reading"] <= 1
         if not math.isnan(learned["gap_closed"]):
             assert learned["gap_closed"] == pytest.approx((learned["reading"] - row["anchors"]["base"])
                                                           / (row["anchors"]["upper"] - row["anchors"]["base"]))
     assert out.with_suffix(".png").is_file()
+    pictures = ROOT / "docs/world-v2/user-concepts"
+    for name in ("mug", "duotone"):  # the held-out references are other pictures than the training ones
+        held_out = {p.read_bytes() for p in (pictures.with_name("user-concepts-held-out") / name).glob("*.png")}
+        assert len(held_out) == 4 and not held_out & {p.read_bytes() for p in (pictures / name).glob("*.png")}
     table = run_script("scripts/measure_user_concepts.py", "--compare", str(out), str(out))
     assert "| textual-inversion | objects |" in table and "| textual-inversion | styles |" in table
 
