@@ -83,7 +83,7 @@ def test_pairs_are_readable_and_span_the_sequence():
     for a, b, ground in pairs:  # a perfect method is read as placed
         scene = M.pair_scene(a, b, ground)
         assert all(read_placement(im, scene)["placed"] for im in M.pair_renders(scene))
-        assert M.pair_prompt(scene, ("<x> circle", "<y> square")).startswith("a small <x> circle on the left and a small")
+        assert M.pair_prompt(scene, ("<x> circle", "<y> square")).startswith("on the left a small <x> circle and on the right a small")
 
 
 def test_interval_is_the_t_interval():

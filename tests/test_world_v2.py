@@ -50,7 +50,7 @@ def test_vocabulary_covers_every_caption(pretraining_scenes):
     rng = random.Random(0)
     captions = [W.caption(s, drop=W.caption_drop(rng)) for s in pretraining_scenes]
     assert not {w for c in captions for w in _words(c)} - vocab
-    assert "a large red and white square with diagonal stripes on the left on a sand background, neon style" == W.caption(
+    assert "on the left a large red and white square with diagonal stripes on a sand background, neon style" == W.caption(
         W.Scene(look=W.Look("square", ("red", "white"), "stripes", "diagonal", (0.32,)), background="sand",
                 size="large", position="left", style=W.StyleLook("neon", ("pink", 1.0))))
 

@@ -76,9 +76,9 @@ MIN_SNR_GAMMA = 5.0
 # schedule (its 256 positions average the noise down), so the UNet learned to read the ground's colour from the
 # starting noise and ignored the words: at step 6,250, 6 seeds x 3 ground words gave a top-strip colour variance of
 # 4,967 between seeds and 48 between words (docs/logs/pretrain-v2.log). 0.25 brings that mean's ratio at the last
-# step to ~0.05 (SD-1.5's 64x64 latents with the usual 0.1: ~0.1). Switched on at step 6,500 of this run.
+# step to ~0.05 (SD-1.5's 64x64 latents with the usual 0.1: ~0.1). The first run switched it on at step 6,500, after
+# which the grounds followed the words; the second (after that run's checkpoints were lost) uses it from step 1.
 NOISE_OFFSET = 0.25
-NOISE_OFFSET_FROM = 6500
 CHECKPOINT_EVERY = 250
 ICGEN_OBJECTS = 2048  # objects, each drawn in ICGEN_VIEWS settings
 ICGEN_VIEWS = 4
@@ -617,11 +617,10 @@ def train_unet(work: Path, vae: AutoencoderKL, paths: list[Path], scenes: list[r
                  for i in idx.tolist()]
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
-        offset = NOISE_OFFSET if step > NOISE_OFFSET_FROM else 0.0
-        return unet_loss(unet, text_encoder, noise_scheduler, latents, ids, offset)
+        return unet_loss(unet, text_encoder, noise_scheduler, latents, ids, NOISE_OFFSET)
 
     settings = {"lr": UNET_LR, "batch": UNET_BATCH, "cfg_dropout": CFG_DROPOUT, "min_snr": MIN_SNR_GAMMA,
-                "images": len(means), "noise_offset": NOISE_OFFSET, "noise_offset_from": NOISE_OFFSET_FROM}
+                "images": len(means), "noise_offset": NOISE_OFFSET, "captions": "position first"}
     if not run_stage("unet", work / "unet-run", [unet, text_encoder], opt, sched, loss_fn, steps=steps,
                      minutes=minutes, seed=seed, settings=settings, extra_state=[ema], after_step=lambda: ema.step(params),
                      max_grad_norm=1.0, max_new_steps=max_new_steps, logfile=logfile):

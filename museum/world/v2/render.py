@@ -131,8 +131,11 @@ def pattern_words(look: Look) -> list[str]:
 
 
 def object_words(scene: Scene, object_phrase: Optional[str] = None, drop: frozenset = frozenset()) -> list[str]:
-    """"a [size] [colours] shape [with pattern] [position]"; ``object_phrase`` (e.g. "<tok> circle")
-    stands for the colours, shape and pattern of a concept."""
+    """"[position] a [size] [colours] shape [with pattern]"; ``object_phrase`` (e.g. "<tok> circle")
+    stands for the colours, shape and pattern of a concept. The position comes first: in a causal text
+    encoder (CLIP's) an object's words then carry its side, where after them they cannot: with the
+    position last, "a red circle on the left and a blue star on the right" and its mirror image give "red
+    circle" the same embeddings, and the first World v2 UNet ignored the sides (docs/world-v2/README.md)."""
     look = scene.look
     words = ["a"]
     if scene.size != "medium" and "size" not in drop:
@@ -145,16 +148,16 @@ def object_words(scene: Scene, object_phrase: Optional[str] = None, drop: frozen
         words.append(look.shape)
         if "pattern" not in drop:
             words += pattern_words(look)
-    if POSITION_PHRASES[scene.position] and "position" not in drop:
-        words += POSITION_PHRASES[scene.position].split()
     if words[1][0] in "aeiou":  # "an orange star"
         words[0] = "an"
+    if POSITION_PHRASES[scene.position] and "position" not in drop:
+        words = POSITION_PHRASES[scene.position].split() + words
     return words
 
 
 def caption(scene: Scene, *, object_phrase: Optional[str] = None, style_phrase: Optional[str] = None,
             drop: frozenset = frozenset()) -> str:
-    """The scene's caption, e.g. "a large red and white square with diagonal stripes on the left on a sand
+    """The scene's caption, e.g. "on the left a large red and white square with diagonal stripes on a sand
     background, neon style". ``object_phrase`` replaces the first object's colours, shape and pattern (a
     concept, "<tok> circle"); ``style_phrase`` replaces the style family's name; ``drop`` leaves parts out
     (:data:`CAPTION_PARTS`)."""
@@ -676,8 +679,8 @@ def random_scene(rng: random.Random, *, look: Optional[Look] = None, style: Opti
 
 def random_pair_scene(rng: random.Random, *, looks: tuple[Optional[Look], Optional[Look]] = (None, None),
                       style_p: float = 0.0) -> Scene:
-    """Two small objects side by side, either named first: "a small red circle on the left and a small blue
-    star on the right on a sand background"."""
+    """Two small objects side by side, either named first: "on the left a small red circle and on the right a
+    small blue star on a sand background"."""
     first = looks[0] or random_look(rng)
     second = looks[1] or random_look(rng, avoid=first.palette[:1])
     scene = random_scene(rng, look=first, style_p=style_p)
