@@ -119,3 +119,14 @@ def test_peek_ground_check_tells_a_ground_that_follows_the_seed_from_one_that_fo
     seeds = peek.ground_variances(None, 1)
     assert words["between seeds"] == 0 < words["between words"]
     assert seeds["between words"] == 0 < seeds["between seeds"]
+
+
+def test_check_evaluator_tower_trains_each_layout_to_name_the_pattern(tmp_path):
+    out = tmp_path / "tower.json"
+    run_script("scripts/check_evaluator_tower.py", "--train", "24", "--test", "12", "--steps", "2", "--batch", "4",
+               "--report", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["layouts"]) == {"strided", "stem"} and result["test"] == 12
+    for layout in result["layouts"].values():
+        assert set(layout["accuracy"]) == {"1", "2"} and all(0 <= a <= 1 for a in layout["accuracy"].values())
+        assert layout["seconds_per_step"] > 0

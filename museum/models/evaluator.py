@@ -33,10 +33,12 @@ IMAGE_SIZE = 32
 
 class ImageEncoder(nn.Module):
     """(B, 3, S, S) in [0, 1] -> (B, EMBED_DIM) features, S = ``image_size`` (32 or 64). Keeps a 4x4 spatial map
-    so position words matter. At 64 the first convolution has stride 2 (its 3x3 kernels still see every
-    pixel, as a ViT's patch embedding does): a full-resolution first layer cost 2.5x as much a step."""
+    so position words matter. At 64 the first convolution has stride 2 unless ``stem_width`` is set: then a
+    convolution of that width first reads the image at full resolution (stride 1), which fine patterns need
+    (stripes 3-7 pixels wide at 64: ``scripts/check_evaluator_tower.py`` trains each layout to name the pattern),
+    at several times the cost of a step."""
 
-    def __init__(self, width: int = 64, embed_dim: int = EMBED_DIM, image_size: int = IMAGE_SIZE):
+    def __init__(self, width: int = 64, embed_dim: int = EMBED_DIM, image_size: int = IMAGE_SIZE, stem_width: int = 0):
         super().__init__()
 
         def block(cin, cout, stride):
@@ -44,9 +46,14 @@ class ImageEncoder(nn.Module):
 
         if image_size not in (32, 64):
             raise ValueError(f"image_size must be 32 or 64, got {image_size}")
-        stem = [block(3, width, 1 if image_size == 32 else 2)]
+        if stem_width and image_size != 64:
+            raise ValueError(f"a full-resolution stem is for 64x64 images, got image_size {image_size}")
+        if stem_width:
+            stem = [block(3, stem_width, 1), block(stem_width, width, 2)]  # 64x64, then 32x32
+        else:
+            stem = [block(3, width, 1 if image_size == 32 else 2)]  # 32x32
         self.features = nn.Sequential(
-            *stem,                           # 32x32
+            *stem,
             block(width, width, 2),          # 16x16
             block(width, 2 * width, 2),      # 8x8
             block(2 * width, 2 * width, 2),  # 4x4
@@ -55,6 +62,8 @@ class ImageEncoder(nn.Module):
                                   nn.Linear(2 * embed_dim, embed_dim))
         self.image_size = image_size
         self.config = {"width": width, "embed_dim": embed_dim, "image_size": image_size}
+        if stem_width:
+            self.config["stem_width"] = stem_width  # absent in configs saved before the option: they load as before
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(pixels * 2 - 1))
@@ -89,13 +98,14 @@ class Evaluator(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
 
     @classmethod
-    def create(cls, tokenizer: CLIPTokenizer, image_size: int = IMAGE_SIZE) -> "Evaluator":
+    def create(cls, tokenizer: CLIPTokenizer, image_size: int = IMAGE_SIZE, **image_encoder) -> "Evaluator":
+        """A new evaluator; ``image_encoder`` keywords go to :class:`ImageEncoder` (``width``, ``stem_width``)."""
         config = CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=96, intermediate_size=384, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=EMBED_DIM,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
-        return cls(tokenizer, CLIPTextModelWithProjection(config), ImageEncoder(image_size=image_size))
+        return cls(tokenizer, CLIPTextModelWithProjection(config), ImageEncoder(image_size=image_size, **image_encoder))
 
     # ------------------------------------------------------------------ embeddings
     def image_features(self, images) -> torch.Tensor:
@@ -112,7 +122,9 @@ class Evaluator(nn.Module):
         return F.normalize(torch.cat(out), dim=-1)
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(texts), padding="max_length", max_length=self.tokenizer.model_max_length,
+        """Padded to the longest text only: the causal text tower's embedding (at the end token) does not see
+        the padding after it, so this equals padding to the full length, at a fraction of the cost."""
+        ids = self.tokenizer(list(texts), padding="longest", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.logit_scale.device)
         return F.normalize(self.text_encoder(ids).text_embeds, dim=-1)
 

@@ -64,8 +64,11 @@ VAE_REFINE_BATCH = 16
 STYLED_SHARE = 0.5
 FREQUENCY_WEIGHT = 10.0  # not tuned; the round trip measured after refining (scripts/measure_vae_v2.py) decides
 EVALUATOR_STEPS = 3000
-EVALUATOR_BATCH = 256
+EVALUATOR_BATCH = 128
 EVALUATOR_LR = 1e-3
+EVALUATOR_STEM = 32  # a full-resolution first convolution (evaluator.ImageEncoder): patterns are read at 64x64
+EVALUATOR_NEGATIVES = 3  # hard negatives per caption, each changing another attribute
+N_EVALUATOR = 80_000  # the first chunks of the pretraining set
 UNET_STEPS = 12_000
 UNET_BATCH = 64
 UNET_LR = 4e-4
@@ -375,23 +378,52 @@ def batch_rng(generator: torch.Generator) -> random.Random:
 PERTURBED = {"shape": 3, "colour": 2, "pattern": 2, "background": 1, "style": 1, "position": 1}  # how often each
 
 
-def perturb(scene: render.Scene, rng: random.Random, drop: frozenset = frozenset()) -> render.Scene:
-    """``scene`` with one attribute its caption (without the parts in ``drop``) names changed: shape, main
-    colour, pattern, background, style or position. The hard negative of that caption (NegCLIP,
-    Yuksekgonul et al. 2023); the shape is always named, so there is always one to change."""
+def perturbable(scene: render.Scene, drop: frozenset = frozenset()) -> list[str]:
+    """The attributes of :data:`PERTURBED` that the caption of ``scene`` without ``drop`` names."""
+    return [k for k in PERTURBED if k not in drop and not (k == "position" and scene.position == "center")]
+
+
+def negative_kinds(scene: render.Scene, rng: random.Random, n: int, drop: frozenset = frozenset()) -> list[str]:
+    """Up to ``n`` different attributes to change, drawn by the weights of :data:`PERTURBED` without
+    replacement: one hard negative each."""
+    kinds, chosen = perturbable(scene, drop), []
+    while kinds and len(chosen) < n:
+        kind = rng.choices(kinds, [PERTURBED[k] for k in kinds])[0]
+        kinds.remove(kind)
+        chosen.append(kind)
+    return chosen
+
+
+def _other_pattern(look: render.Look, rng: random.Random) -> render.Look:
+    """``look`` with another pattern and the same colours where a pattern takes that many (then the caption
+    differs in its pattern words alone, and the negative can only be told apart by reading the pattern)."""
+    n = len(look.palette)
+    fits = [(p, spec) for p, spec in render.PATTERNS.items() if p != look.pattern and spec.colours[0] <= n <= spec.colours[1]]
+    if not fits:
+        other = render.random_look(rng, shape=look.shape)
+        while other.pattern == look.pattern:
+            other = render.random_look(rng, shape=look.shape)
+        return replace(other, palette=(look.palette + other.palette)[:len(other.palette)])
+    pattern, spec = rng.choice(fits)
+    return replace(look, pattern=pattern, orientation=rng.choice(render.ORIENTATIONS) if spec.oriented else None,
+                   layout=tuple(rng.choice(choices) for choices in spec.layouts))
+
+
+def perturb(scene: render.Scene, rng: random.Random, drop: frozenset = frozenset(), kind: str | None = None
+            ) -> render.Scene:
+    """``scene`` with one attribute its caption (without the parts in ``drop``) names changed: ``kind``, or one
+    drawn by :data:`PERTURBED` (shape, main colour, pattern, background, style or position). The hard negative
+    of that caption (NegCLIP, Yuksekgonul et al. 2023); the shape is always named, so there is always one to
+    change."""
     look = scene.look
-    kinds = [k for k in PERTURBED if k not in drop and not (k == "position" and scene.position == "center")]
-    kind = rng.choices(kinds, [PERTURBED[k] for k in kinds])[0]
+    kind = kind or negative_kinds(scene, rng, 1, drop)[0]
     if kind == "shape":
         return replace(scene, look=replace(look, shape=rng.choice([s for s in render.SHAPES if s != look.shape])))
     if kind == "colour":
         colour = rng.choice([c for c in render.COLOURS if c not in look.palette])
         return replace(scene, look=replace(look, palette=(colour,) + look.palette[1:]))
     if kind == "pattern":
-        other = render.random_look(rng, shape=look.shape)
-        while other.pattern == look.pattern:
-            other = render.random_look(rng, shape=look.shape)
-        return replace(scene, look=replace(other, palette=(look.palette + other.palette)[:len(other.palette)]))
+        return replace(scene, look=_other_pattern(look, rng))
     if kind == "background":
         return replace(scene, background=rng.choice([b for b in render.BACKGROUNDS if b != scene.background]))
     if kind == "style":
@@ -407,14 +439,15 @@ def perturb(scene: render.Scene, rng: random.Random, drop: frozenset = frozenset
 def train_evaluator(work: Path, images: np.ndarray, scenes: list[render.Scene], *, steps: int = EVALUATOR_STEPS,
                     minutes: float, seed: int = 0, max_new_steps: int | None = None,
                     logfile: Path | None = None) -> Evaluator | None:
-    """The CLIP-style evaluator v2 on ``images`` (the VAE's 40,000 of the pretraining set: no pooled concept,
-    so the zero-shot pool checks it on combinations it never saw), partial captions, one hard negative per
-    caption; None until done."""
+    """The CLIP-style evaluator v2 on ``images`` (the first :data:`N_EVALUATOR` of the pretraining set: no pooled
+    concept, so the zero-shot pool checks it on combinations it never saw), partial captions, and
+    :data:`EVALUATOR_NEGATIVES` hard negatives per caption, each changing another attribute; None until done."""
     if (work / "evaluator" / "config.json").exists():
         return Evaluator.from_pretrained(work / "evaluator")
     torch.manual_seed(seed)
     tokenizer = write_clip_tokenizer(render.vocabulary(), work / "evaluator-tokenizer", components.MODEL_MAX_LENGTH)
-    evaluator = Evaluator.create(tokenizer, image_size=components.IMAGE_SIZE).train().requires_grad_(True)
+    evaluator = Evaluator.create(tokenizer, image_size=components.IMAGE_SIZE, stem_width=EVALUATOR_STEM)
+    evaluator = evaluator.train().requires_grad_(True)
     opt = torch.optim.AdamW(evaluator.parameters(), lr=EVALUATOR_LR, weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, 200, steps)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
@@ -424,10 +457,12 @@ def train_evaluator(work: Path, images: np.ndarray, scenes: list[render.Scene], 
         rng = batch_rng(gen)
         drops = [render.caption_drop(rng) for _ in idx]
         texts = [render.caption(scenes[i], drop=d) for i, d in zip(idx, drops)]
-        negatives = [render.caption(perturb(scenes[i], rng, d), drop=d) for i, d in zip(idx, drops)]
+        negatives = [render.caption(perturb(scenes[i], rng, d, kind), drop=d) for i, d in zip(idx, drops)
+                     for kind in negative_kinds(scenes[i], rng, EVALUATOR_NEGATIVES, d)]
         return evaluator.contrastive_loss(pixels[idx].float() / 255.0, texts, negatives=negatives)
 
-    settings = {"lr": EVALUATOR_LR, "batch": EVALUATOR_BATCH, "images": len(images)}
+    settings = {"lr": EVALUATOR_LR, "batch": EVALUATOR_BATCH, "images": len(images), "stem": EVALUATOR_STEM,
+                "negatives": EVALUATOR_NEGATIVES}
     if not run_stage("evaluator", work / "evaluator-run", [evaluator], opt, sched, loss_fn, steps=steps,
                      minutes=minutes, seed=seed, settings=settings, max_new_steps=max_new_steps, logfile=logfile):
         return None
@@ -694,8 +729,10 @@ def pretrain(work: Path, *, minutes: float, seed: int = 0, logfile: Path | None 
     pipe = train_unet(work, vae, paths, scenes, steps=UNET_STEPS, minutes=left(), seed=seed, logfile=logfile)
     if pipe is None:
         return False
-    evaluator = train_evaluator(work, images, scenes[:len(images)], steps=EVALUATOR_STEPS, minutes=left(), seed=seed,
-                                logfile=logfile)
+    del images
+    evaluator_paths = paths[:N_EVALUATOR // CHUNK]
+    evaluator = train_evaluator(work, load_images(evaluator_paths), scenes[:len(evaluator_paths) * CHUNK],
+                                steps=EVALUATOR_STEPS, minutes=left(), seed=seed, logfile=logfile)
     if evaluator is None:
         return False
     return train_icgen(work, pipe, evaluator, steps=ICGEN_STEPS, minutes=left(), seed=seed, logfile=logfile) is not None
