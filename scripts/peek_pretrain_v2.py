@@ -11,9 +11,14 @@ seeds 0-5, the variance of the top strip's mean colour between words and between
 UNet reading the ground from the starting noise; museum/models/v2/pretrain.py, NOISE_OFFSET).
 
     OMP_NUM_THREADS=1 python scripts/peek_pretrain_v2.py --out /tmp/peek.png --grounds
+
+``--placement N`` also reads N two-object prompts from pixels (prompt_following.read_placement, one seed each):
+how many are placed, and how many come out mirrored (each object on the other's side), an early sign of whether
+the sides are being learned; the published reading is bench_base_model_v2's.
 """
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +40,16 @@ def ground_variances(pipe, steps: int) -> dict[str, float]:
     return {"between words": float(top.mean(1).var(0).sum()), "between seeds": float(top.mean(0).var(0).sum())}
 
 
+def placement(pipe, n: int, steps: int) -> dict[str, int]:
+    """Of ``n`` readable two-object prompts: how many are placed, and how many placed once the sides are swapped."""
+    pairs = PF.readable_pairs(n, seed=778)
+    images = generate_images(pipe, [render.caption(s) for s in pairs], seeds=list(range(n)), steps=steps)
+    mirrored = [replace(s, position=s.companion.position, companion=replace(s.companion, position=s.position))
+                for s in pairs]
+    return {"pairs": n, "placed": sum(PF.read_placement(im, s)["placed"] for im, s in zip(images, pairs)),
+            "mirrored": sum(PF.read_placement(im, s)["placed"] for im, s in zip(images, mirrored))}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache/museum/pretrain-v2")
@@ -42,6 +57,7 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--grounds", action="store_true", help="also check that grounds follow the words")
+    parser.add_argument("--placement", type=int, default=0, help="also read this many two-object prompts' placement")
     args = parser.parse_args()
     pipe, step = unet_snapshot(args.work)
     scenes = PF.held_out_scenes(args.prompts, seed=777) + PF.readable_pairs(2, seed=777)
@@ -56,3 +72,5 @@ if __name__ == "__main__":
     print(f"step {step}: {args.out}")
     if args.grounds:
         print(f"step {step}: top-strip colour variance", {k: round(v) for k, v in ground_variances(pipe, args.steps).items()})
+    if args.placement:
+        print(f"step {step}: two objects", placement(pipe, args.placement, args.steps))

@@ -101,11 +101,8 @@ def test_bench_base_model_v2_reads_every_attribute_both_ways_and_times_against_a
 
 
 def test_peek_ground_check_tells_a_ground_that_follows_the_seed_from_one_that_follows_the_word(monkeypatch):
-    import importlib.util
     from PIL import Image
-    spec = importlib.util.spec_from_file_location("peek", ROOT / "scripts" / "peek_pretrain_v2.py")
-    peek = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peek)
+    peek = _peek_module()
     colours = {"blue": (0, 0, 255), "yellow": (255, 255, 0), "grass": (60, 120, 40)}
 
     def by_word(pipe, prompts, seeds, steps):
@@ -119,6 +116,36 @@ def test_peek_ground_check_tells_a_ground_that_follows_the_seed_from_one_that_fo
     seeds = peek.ground_variances(None, 1)
     assert words["between seeds"] == 0 < words["between words"]
     assert seeds["between words"] == 0 < seeds["between seeds"]
+
+
+def _peek_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("peek", ROOT / "scripts" / "peek_pretrain_v2.py")
+    peek = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peek)
+    return peek
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_peek_placement_counts_placed_and_mirrored_pairs(monkeypatch, mirror):
+    """Renders of the prompts' scenes stand in for samples: all placed; drawn mirrored, all mirrored."""
+    from dataclasses import replace
+    from museum.evaluation import prompt_following as PF
+    from museum.world.v2 import render
+    peek = _peek_module()
+    scenes = {render.caption(s): s for s in PF.readable_pairs(6, seed=778)}
+
+    def draw(pipe, prompts, seeds, steps):
+        out = []
+        for p, k in zip(prompts, seeds):
+            s = scenes[p]
+            if mirror:
+                s = replace(s, position=s.companion.position, companion=replace(s.companion, position=s.position))
+            out.append(render.render(s, k))
+        return out
+    monkeypatch.setattr(peek, "generate_images", draw)
+    counts = peek.placement(None, 6, 1)
+    assert counts == ({"pairs": 6, "placed": 0, "mirrored": 6} if mirror else {"pairs": 6, "placed": 6, "mirrored": 0})
 
 
 def test_check_evaluator_tower_trains_each_layout_to_name_the_pattern(tmp_path):
