@@ -171,7 +171,13 @@ def test_pretrain_runs_the_stages_in_order_across_calls(tiny_components, monkeyp
         monkeypatch.setattr(P, name, value)
     assert not P.pretrain(tmp_path, minutes=0)  # renders the VAE's set, then its time is up
     assert len(list((tmp_path / "render").glob("chunk-*.npz"))) == 1 and not (tmp_path / "vae").exists()
+    monkeypatch.setattr(P, "N_EVALUATOR", 20)
+    P.pretrain_evaluator(tmp_path, minutes=10)  # alone, before the UNet: it needs the renders only
+    evaluator_file = tmp_path / "evaluator" / "image_encoder.safetensors"
+    trained_at = evaluator_file.stat().st_mtime_ns
+    assert not (tmp_path / "vae").exists() and not (tmp_path / "unet-run").exists()
     assert P.pretrain(tmp_path, minutes=10)
+    assert evaluator_file.stat().st_mtime_ns == trained_at  # pretrain found it done
     assert (tmp_path / "pipeline" / "model_index.json").exists() and (tmp_path / "evaluator" / "config.json").exists()
     assert (tmp_path / "icgen" / icgen.WEIGHT_NAME).exists()
     refined = AutoencoderKL.from_pretrained(tmp_path / "vae-refined")
