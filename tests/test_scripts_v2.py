@@ -157,3 +157,17 @@ def test_check_evaluator_tower_trains_each_layout_to_name_the_pattern(tmp_path):
     for layout in result["layouts"].values():
         assert set(layout["accuracy"]) == {"1", "2"} and all(0 <= a <= 1 for a in layout["accuracy"].values())
         assert layout["seconds_per_step"] > 0
+
+
+def test_check_evaluator_v2_reads_renders_of_held_out_prompts_and_of_every_pool_concept(v2_evaluator, tmp_path):
+    v2_evaluator.save_pretrained(tmp_path / "evaluator")
+    out = tmp_path / "evaluator.json"
+    table = run_script("scripts/check_evaluator_v2.py", "--evaluator", str(tmp_path / "evaluator"), "--prompts", "12",
+                       "--pools", "tuning", "--per-prompt", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    following = result["prompt_following"]
+    assert {"shape", "colour", "pattern", "background", "style"} <= set(following) and following["shape"]["n"] == 12
+    assert 0 < following["style, styled prompts only"]["n"] < 12
+    assert set(result["recognition"]) == {"tuning"} and len(result["recognition"]["tuning"]) == 8
+    assert all(0 <= v <= 1 for v in result["recognition"]["tuning"].values())
+    assert "| recognition, tuning pool, objects (6) |" in table and "| recognition, tuning pool, styles (2) |" in table
