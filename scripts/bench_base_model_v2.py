@@ -10,7 +10,8 @@
    caption with that attribute set to every value; the same reading on renders of the same scenes (the
    evaluator's own accuracy) and on their VAE round trips (what the latent space keeps). Colour and background
    are read from pixels too, without a learned model (``read_pixels``: prompts without a style; colour on
-   plain objects only).
+   plain objects only), and so is the pattern, by synthesis (``read_pattern_pixels``: patterned objects without a
+   style), which the evaluator cannot read (scripts/check_evaluator_v2.py).
 3. ``--pairs`` two-object prompts read for placement from pixels; renders of them are read too.
 4. The time of 16 images at 25 steps, this model and ``--reference`` (the shipped model) alternating in one
    process, each the median of ``--timing-runs`` after a warm-up, and their ratio (the issue allows 3x).
@@ -77,6 +78,7 @@ def main(args) -> dict:
     for name, images in (("generated", generated), ("renders", renders), ("vae_round_trip", trips)):
         readings[name] = {a: accuracy(f) for a, f in PF.read_attributes(evaluator, images, scenes).items()}
         readings[name].update({f"{a}, pixels": accuracy(f) for a, f in PF.read_pixels(images, scenes).items()})
+        readings[name]["pattern, pixels"] = accuracy(PF.read_pattern_pixels(images, scenes, seed=SEED))
     styled = [i for i, s in enumerate(scenes) if s.style is not None]  # most prompts have no style to read
     for name, images in (("generated", generated), ("renders", renders)):
         flags = PF.read_attributes(evaluator, [images[i] for i in styled], [scenes[i] for i in styled])["style"]
@@ -115,7 +117,7 @@ def write_markdown(args, readings: dict, prompts: list[str]) -> None:
     g, r = readings["generated"]["style, styled prompts only"], readings["renders"]["style, styled prompts only"]
     rows.append(f"| style, styled prompts only | {g['accuracy']:.1%} ({g['right']}/{g['n']}) | | {r['accuracy']:.1%} | "
                 f"{'met' if g['accuracy'] >= TARGET else 'not met'} |")
-    for a in ("colour, pixels", "background, pixels"):
+    for a in ("colour, pixels", "background, pixels", "pattern, pixels"):
         g, v, r = (readings[k][a] for k in ("generated", "vae_round_trip", "renders"))
         rows.append(f"| {a} (no learned model) | {g['accuracy']:.1%} ({g['right']}/{g['n']}) | {v['accuracy']:.1%} | "
                     f"{r['accuracy']:.1%} | {'met' if g['accuracy'] >= TARGET else 'not met'} |")
@@ -125,7 +127,8 @@ def write_markdown(args, readings: dict, prompts: list[str]) -> None:
         "# World v2 base model: prompt following", "",
         f"{len(prompts)} held-out prompts, one image each, read zero-shot by the evaluator "
         "(museum/evaluation/prompt_following.py); the rows marked \"pixels\" read the same images without a "
-        "learned model (the prompts without a style; colour on plain objects only).", "", *rows, "",
+        "learned model (the prompts without a style; colour on plain objects only; the pattern by synthesis, on "
+        "patterned objects: museum.evaluation.prompt_following.read_pattern_pixels).", "", *rows, "",
         f"Two objects side by side ({p['generated']['n']} prompts, read from pixels): placed right "
         f"{p['generated']['accuracy']:.1%} (renders {p['renders']['accuracy']:.1%}).", "",
         (f"16 images at 25 steps: {t['median']:.2f} s, {t['ratio']:.2f}x the shipped model's {t['reference_median']:.2f} s "

@@ -1,5 +1,6 @@
 """World v2's prompt-following readings, on renders (no model needed)."""
 
+import random
 from dataclasses import replace
 
 from museum.evaluation import prompt_following as PF
@@ -48,3 +49,15 @@ def test_pixel_reading_gets_renders_right_and_a_changed_colour_or_ground_wrong()
     assert not any(PF.read_pixels([render.render(r, i) for i, r in enumerate(reground)], scenes)["background"])
     styled = [s for s in PF.held_out_scenes(40, seed=3, style_p=1.0)]
     assert PF.read_pixels([render.render(s) for s in styled], styled) == {"colour": [], "background": []}
+
+
+def test_pattern_read_by_synthesis_gets_renders_right_and_another_pattern_wrong():
+    scenes = [s for s in PF.held_out_scenes(60, seed=4, style_p=0.0) if s.look.pattern in ("stripes", "checks", "rings", "face")][:8]
+    renders = [render.render(s, 100 + i) for i, s in enumerate(scenes)]  # layouts the candidates draw anew
+    assert len(scenes) == 8 and sum(PF.read_pattern_pixels(renders, scenes)) >= 7
+    plain = [render.render(replace(s, look=replace(s.look, pattern="plain", palette=s.look.palette[:1], layout=(),
+                                                   orientation=None)), i) for i, s in enumerate(scenes)]
+    assert not any(PF.read_pattern_pixels(plain, scenes))  # a pattern not drawn reads wrong
+    unread = [replace(scenes[0], style=render.random_style(random.Random(0))), replace(scenes[0], look=replace(
+        scenes[0].look, pattern="plain", palette=scenes[0].look.palette[:1], layout=(), orientation=None))]
+    assert PF.read_pattern_pixels(renders[:2], unread) == []  # styled prompts and plain prompts are not read

@@ -91,13 +91,13 @@ def test_bench_base_model_v2_reads_every_attribute_both_ways_and_times_against_a
     readings = json.loads((tmp_path / "out" / "base_model.json").read_text())["readings"]
     for name in ("generated", "renders", "vae_round_trip"):
         assert {"shape", "colour", "pattern", "background", "style", "colour, pixels",
-                "background, pixels"} <= set(readings[name])
+                "background, pixels", "pattern, pixels"} <= set(readings[name])
         assert readings[name]["shape"]["n"] == 12 and readings[name]["background, pixels"]["n"] <= 12
     assert readings["renders"]["background, pixels"]["accuracy"] == 1.0  # the pixel reading is exact on renders
     assert readings["pairs"]["renders"]["accuracy"] == 1.0 and readings["pairs"]["generated"]["n"] == 3
     assert readings["timing_s"]["ratio"] > 0
     page = (tmp_path / "out" / "BASE_MODEL.md").read_text()
-    assert "| background, pixels (no learned model) |" in page and "the issue allows 3x" in page
+    assert "| background, pixels (no learned model) |" in page and "| pattern, pixels (no learned model) |" in page and "the issue allows 3x" in page
 
 
 def test_peek_ground_check_tells_a_ground_that_follows_the_seed_from_one_that_follows_the_word(monkeypatch):

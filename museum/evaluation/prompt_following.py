@@ -8,6 +8,9 @@
   learned model, beside the evaluator's reading, on the prompts without a style: the object's main colour
   is the named colour nearest to the median of the pixels inside its shape (plain objects only), the
   background the one whose mean colour is nearest to the mean of the pixels well outside it.
+* **Pattern from pixels** (:func:`read_pattern_pixels`): by synthesis, without a learned model: the prompt's
+  scene rendered with each candidate pattern (its uncaptioned layout drawn anew), and the image read as the
+  pattern whose renders its small patches match best, both ways (``independent.patch_similarity``).
 * **Two objects** (:func:`readable_pairs`, :func:`read_placement`): plain objects whose colours are far
   apart from each other and from the background; placed right when each colour is mostly in its own
   half. Read from pixels: the evaluator is not needed.
@@ -23,12 +26,14 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from museum.evaluation.independent import patch_similarity
 from museum.world.v2 import concepts, render
 
 ATTRIBUTES = ("shape", "colour", "pattern", "background", "style")
 NEAR = 60.0  # RGB distance within which a pixel has an object's colour
 COLOUR_GAP = 110.0  # readable pairs: the two colours and the background's are at least this far apart
 MIN_PIXELS = 16  # an object is drawn when at least this many pixels (of 64x64) have its colour
+PATTERN_VARIANTS = 3  # renders per candidate pattern, each with its uncaptioned layout drawn anew
 
 
 def held_out_scenes(n: int, seed: int, *, style_p: float = 0.3) -> list[render.Scene]:
@@ -112,6 +117,40 @@ def read_pixels(images, scenes: list[render.Scene]) -> dict[str, list[bool]]:
             inside = px[core if core.sum() >= 8 else mask]
             out["colour"].append(_nearest(np.median(inside, axis=0), render.COLOURS) == scene.look.palette[0])
         out["background"].append(_nearest(px[outside].mean(0), grounds) == scene.background)
+    return out
+
+
+def pattern_renders(scene: render.Scene, pattern: str, rng: random.Random, variants: int) -> list[Image.Image]:
+    """``scene`` rendered with ``pattern`` (plain: the main colour alone), ``variants`` times, the pattern's
+    uncaptioned layout (and an orientation the prompt does not name) drawn anew each time."""
+    spec, look = render.PATTERNS[pattern], scene.look
+    palette = look.palette[:1] if pattern == "plain" else look.palette
+    orientation = (look.orientation or rng.choice(render.ORIENTATIONS)) if spec.oriented else None
+    looks = [replace(look, pattern=pattern, palette=palette, orientation=orientation,
+                     layout=tuple(rng.choice(choices) for choices in spec.layouts)) for _ in range(variants)]
+    return [render.render(replace(scene, look=v), rng.randrange(2 ** 31)) for v in looks]
+
+
+def two_way_patch_similarity(image, references) -> float:
+    """``patch_similarity`` both ways, averaged: the image's patches among the references' and theirs among the
+    image's (one way alone, a plain object's patches are all found inside a striped one)."""
+    return float(patch_similarity([image], references)[0] + patch_similarity(references, [image]).mean()) / 2
+
+
+def read_pattern_pixels(images, scenes: list[render.Scene], *, variants: int = PATTERN_VARIANTS,
+                        seed: int = 0) -> list[bool]:
+    """``pattern`` without a learned model, for each patterned object without a style: the candidates are plain
+    and every pattern that takes as many colours as the prompt names, each rendered in the prompt's scene
+    (:func:`pattern_renders`, so a render of the prompt itself is not matched by its own layout); right when the
+    best match (:func:`two_way_patch_similarity`) is the prompt's pattern."""
+    rng, out = random.Random(f"patterns:{seed}"), []
+    for image, scene in zip(images, scenes):
+        if scene.style is not None or scene.look.pattern == "plain":
+            continue
+        n = len(scene.look.palette)
+        candidates = ["plain"] + [p for p, spec in render.PATTERNS.items() if p != "plain" and spec.colours[0] <= n <= spec.colours[1]]
+        scores = {p: two_way_patch_similarity(image, pattern_renders(scene, p, rng, variants)) for p in candidates}
+        out.append(max(scores, key=scores.get) == scene.look.pattern)
     return out
 
 
