@@ -79,10 +79,8 @@ def main(args) -> dict:
         readings[name] = {a: accuracy(f) for a, f in PF.read_attributes(evaluator, images, scenes).items()}
         readings[name].update({f"{a}, pixels": accuracy(f) for a, f in PF.read_pixels(images, scenes).items()})
         readings[name]["pattern, pixels"] = accuracy(PF.read_pattern_pixels(images, scenes, seed=SEED))
-    styled = [i for i, s in enumerate(scenes) if s.style is not None]  # most prompts have no style to read
     for name, images in (("generated", generated), ("renders", renders)):
-        flags = PF.read_attributes(evaluator, [images[i] for i in styled], [scenes[i] for i in styled])["style"]
-        readings[name]["style, styled prompts only"] = accuracy(flags)
+        readings[name]["style, styled prompts only"] = accuracy(PF.read_styled(evaluator, images, scenes))
     pairs = PF.readable_pairs(args.pairs, SEED)
     pair_images = generate_images(pipe, [render.caption(s) for s in pairs], seeds=[SEED + i for i in range(len(pairs))])
     readings["pairs"] = {

@@ -29,16 +29,13 @@ from museum.world.v2 import concepts as pools
 from museum.world.v2 import render
 
 SEED = 12345  # the Foundation benchmark's (scripts/bench_base_model_v2.py): the same held-out prompts
-POOLS = {"tuning": pools.TUNING_POOL, "benchmark": pools.BENCHMARK_POOL, "zero-shot": pools.ZERO_SHOT_POOL}
 
 
 def prompt_following(evaluator, n: int) -> dict[str, dict]:
     scenes = PF.held_out_scenes(n, SEED)
     renders = [render.render(s, SEED + i) for i, s in enumerate(scenes)]
     flags = PF.read_attributes(evaluator, renders, scenes)
-    styled = [i for i, s in enumerate(scenes) if s.style is not None]
-    flags["style, styled prompts only"] = PF.read_attributes(
-        evaluator, [renders[i] for i in styled], [scenes[i] for i in styled])["style"]
+    flags["style, styled prompts only"] = PF.read_styled(evaluator, renders, scenes)
     return {a: {"accuracy": sum(f) / len(f), "n": len(f)} for a, f in flags.items()}
 
 
@@ -65,14 +62,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--evaluator", type=Path, default=Path.home() / ".cache/museum/pretrain-v2/evaluator")
     parser.add_argument("--prompts", type=int, default=200)
-    parser.add_argument("--pools", nargs="+", choices=list(POOLS), default=list(POOLS))
+    parser.add_argument("--pools", nargs="+", choices=list(pools.POOLS), default=list(pools.POOLS))
     parser.add_argument("--per-prompt", type=int, default=2, help="renders per evaluation prompt and concept")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     evaluator = load_evaluator(args.evaluator)
     with torch.no_grad():
         result = {"evaluator": str(args.evaluator), "prompt_following": prompt_following(evaluator, args.prompts),
-                  "recognition": {p: pool_recognition(evaluator, POOLS[p], args.per_prompt) for p in args.pools}}
+                  "recognition": {p: pool_recognition(evaluator, pools.POOLS[p], args.per_prompt) for p in args.pools}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(table(result))

@@ -25,7 +25,6 @@ from museum.evaluation.independent import gap_closed, independent_fidelity
 from museum.world.v2 import concepts as pools
 from museum.world.v2.render import random_look, random_style, render
 
-POOLS = {"tuning": pools.TUNING_POOL, "benchmark": pools.BENCHMARK_POOL, "zero-shot": pools.ZERO_SHOT_POOL}
 PER_PROMPT = 2
 
 
@@ -55,10 +54,10 @@ def check(name: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pool", choices=list(POOLS), default="tuning")
+    parser.add_argument("--pool", choices=list(pools.POOLS), default="tuning")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    rows = {name: check(name) for name in POOLS[args.pool]}
+    rows = {name: check(name) for name in pools.POOLS[args.pool]}
     print("| concept | kind | upper | other looks | training images | gap closed by training images |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():

@@ -42,7 +42,6 @@ from museum.methods.base import get_method, parse_setting
 from museum.museum import Museum
 from museum.world.v2 import concepts as pools
 
-POOLS = {"tuning": pools.TUNING_POOL, "benchmark": pools.BENCHMARK_POOL, "zero-shot": pools.ZERO_SHOT_POOL}
 N_PROMPTS, N_SEEDS = 8, 2
 
 
@@ -67,7 +66,7 @@ def learned_images(folder: Path, pipeline: Path, concept, method: str, overrides
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pool", choices=list(POOLS), default="tuning")
+    parser.add_argument("--pool", choices=list(pools.POOLS), default="tuning")
     parser.add_argument("--concepts", nargs="+", help="a subset of the pool")
     parser.add_argument("--methods", nargs="+", default=["custom-diffusion", "c-lora", "perfusion", "textual-inversion"])
     parser.add_argument("--pipeline", type=Path, default=Path.home() / ".cache/museum/pretrain-v2/pipeline")
@@ -84,14 +83,14 @@ def main() -> None:
     unknown = set(args.methods) - set(method_names())
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; known: {', '.join(method_names())}")
-    names = args.concepts or list(POOLS[args.pool])
-    if set(names) - set(POOLS[args.pool]):
-        parser.error(f"not in the {args.pool} pool: {sorted(set(names) - set(POOLS[args.pool]))}")
+    names = args.concepts or list(pools.POOLS[args.pool])
+    if set(names) - set(pools.POOLS[args.pool]):
+        parser.error(f"not in the {args.pool} pool: {sorted(set(names) - set(pools.POOLS[args.pool]))}")
     overrides = dict(parse_setting(kv) for kv in args.set)
     if (args.around or args.grid) and args.pool != "tuning":
         parser.error("defaults are chosen on the tuning pool only: --around and --grid need --pool tuning")
     evaluator, pipe = load_evaluator(args.evaluator), load_pipeline(args.pipeline)
-    built = {n: pools.build_concept(n) for n in POOLS[args.pool]}
+    built = {n: pools.build_concept(n) for n in pools.POOLS[args.pool]}
     bank = reference_bank(evaluator, {n: c.reference_images for n, c in built.items()})
     base_images = {n: class_images(pipe, built[n]) for n in names}
     anchors = {n: (fidelity(evaluator, base_images[n], built[n].reference_images),

@@ -73,14 +73,25 @@ def attribute_candidates(scene: render.Scene, attribute: str) -> tuple[list[str]
     return [render.caption(_with(scene, attribute, v)) for v in values], values.index(own)
 
 
+def read_attribute(evaluator, images, scenes: list[render.Scene], attribute: str) -> list[bool]:
+    """For each image, whether the evaluator picked the prompt's own value of ``attribute``."""
+    if not scenes:
+        return []
+    pairs = [attribute_candidates(s, attribute) for s in scenes]
+    picks = evaluator.classify(images, [c for c, _ in pairs])
+    return [p == own for p, (_, own) in zip(picks, pairs)]
+
+
 def read_attributes(evaluator, images, scenes: list[render.Scene]) -> dict[str, list[bool]]:
-    """attribute -> for each image, whether the evaluator picked the prompt's own value."""
-    out = {}
-    for attribute in ATTRIBUTES:
-        pairs = [attribute_candidates(s, attribute) for s in scenes]
-        picks = evaluator.classify(images, [c for c, _ in pairs])
-        out[attribute] = [p == own for p, (_, own) in zip(picks, pairs)]
-    return out
+    """attribute -> :func:`read_attribute` for each of :data:`ATTRIBUTES`."""
+    return {attribute: read_attribute(evaluator, images, scenes, attribute) for attribute in ATTRIBUTES}
+
+
+def read_styled(evaluator, images, scenes: list[render.Scene]) -> list[bool]:
+    """``style`` on the prompts that name one alone (most prompts name none, and an image without a style
+    reads as the prompt's "no style" whatever was learned)."""
+    styled = [i for i, s in enumerate(scenes) if s.style is not None]
+    return read_attribute(evaluator, [images[i] for i in styled], [scenes[i] for i in styled], "style")
 
 
 @lru_cache(maxsize=None)
@@ -147,8 +158,7 @@ def read_pattern_pixels(images, scenes: list[render.Scene], *, variants: int = P
     for image, scene in zip(images, scenes):
         if scene.style is not None or scene.look.pattern == "plain":
             continue
-        n = len(scene.look.palette)
-        candidates = ["plain"] + [p for p, spec in render.PATTERNS.items() if p != "plain" and spec.colours[0] <= n <= spec.colours[1]]
+        candidates = ["plain"] + render.patterns_taking(len(scene.look.palette))
         scores = {p: two_way_patch_similarity(image, pattern_renders(scene, p, rng, variants)) for p in candidates}
         out.append(max(scores, key=scores.get) == scene.look.pattern)
     return out

@@ -397,14 +397,14 @@ def negative_kinds(scene: render.Scene, rng: random.Random, n: int, drop: frozen
 def _other_pattern(look: render.Look, rng: random.Random) -> render.Look:
     """``look`` with another pattern and the same colours where a pattern takes that many (then the caption
     differs in its pattern words alone, and the negative can only be told apart by reading the pattern)."""
-    n = len(look.palette)
-    fits = [(p, spec) for p, spec in render.PATTERNS.items() if p != look.pattern and spec.colours[0] <= n <= spec.colours[1]]
+    fits = [p for p in render.patterns_taking(len(look.palette)) if p != look.pattern]
     if not fits:
         other = render.random_look(rng, shape=look.shape)
         while other.pattern == look.pattern:
             other = render.random_look(rng, shape=look.shape)
         return replace(other, palette=(look.palette + other.palette)[:len(other.palette)])
-    pattern, spec = rng.choice(fits)
+    pattern = rng.choice(fits)
+    spec = render.PATTERNS[pattern]
     return replace(look, pattern=pattern, orientation=rng.choice(render.ORIENTATIONS) if spec.oriented else None,
                    layout=tuple(rng.choice(choices) for choices in spec.layouts))
 

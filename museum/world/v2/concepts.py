@@ -113,6 +113,7 @@ ZERO_SHOT_STYLES: dict[str, StyleLook] = {
 TUNING_POOL: tuple[str, ...] = tuple(TUNING_OBJECTS) + tuple(TUNING_STYLES)
 BENCHMARK_POOL: tuple[str, ...] = tuple(BENCHMARK_OBJECTS) + tuple(BENCHMARK_STYLES)
 ZERO_SHOT_POOL: tuple[str, ...] = tuple(ZERO_SHOT_OBJECTS) + tuple(ZERO_SHOT_STYLES)
+POOLS: dict[str, tuple[str, ...]] = {"tuning": TUNING_POOL, "benchmark": BENCHMARK_POOL, "zero-shot": ZERO_SHOT_POOL}
 LOOKS: dict[str, Union[Look, StyleLook]] = {
     **BENCHMARK_OBJECTS, **BENCHMARK_STYLES, **TUNING_OBJECTS, **TUNING_STYLES, **ZERO_SHOT_OBJECTS, **ZERO_SHOT_STYLES,
 }

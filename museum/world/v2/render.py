@@ -632,6 +632,11 @@ def render_batch(samples: list[tuple[Scene, int]]) -> np.ndarray:
 # --------------------------------------------------------------------------- random scenes
 
 
+def patterns_taking(n: int) -> list[str]:
+    """The patterns other than plain that take ``n`` colours."""
+    return [p for p, spec in PATTERNS.items() if p != "plain" and spec.colours[0] <= n <= spec.colours[1]]
+
+
 def random_look(rng: random.Random, *, shape: Optional[str] = None, avoid: tuple[str, ...] = ()) -> Look:
     """A random object look: any shape, pattern, layout and palette (colours distinct, none in ``avoid``);
     a border on one object in four."""
