@@ -219,3 +219,22 @@ def test_offset_noise_moves_each_channels_mean_and_nothing_else():
     assert offset.mean((2, 3)).std().item() == pytest.approx((0.25 ** 2 + 1 / 256) ** 0.5, rel=0.1)
     within = offset - offset.mean((2, 3), keepdim=True)
     assert within.std().item() == pytest.approx(1.0, rel=0.02)  # the noise around each channel's mean is unchanged
+
+
+def test_a_lengthened_schedule_is_diffusers_cosine_until_it_is_lengthened_then_the_longer_one():
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    def factors(make, n):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, out = make(opt), []
+        for _ in range(n):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step(), sched.step()
+        return np.array(out)
+
+    lengthened = factors(lambda o: P.lengthened_cosine(o, 10, 60, 40, 80), 80)
+    planned = factors(lambda o: get_cosine_schedule_with_warmup(o, 10, 60), 60)
+    longer = factors(lambda o: get_cosine_schedule_with_warmup(o, 10, 80), 80)
+    np.testing.assert_allclose(lengthened[:41], planned[:41])  # step 41 still ran at the rate its checkpoint held
+    np.testing.assert_allclose(lengthened[41:], longer[41:])
+    assert lengthened[41] > lengthened[40]  # the learning rate rises where the run was lengthened

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -69,7 +70,9 @@ EVALUATOR_LR = 1e-3
 EVALUATOR_STEM = 32  # a full-resolution first convolution (evaluator.ImageEncoder): patterns are read at 64x64
 EVALUATOR_NEGATIVES = 3  # hard negatives per caption, each changing another attribute
 N_EVALUATOR = 80_000  # the first chunks of the pretraining set
-UNET_STEPS = 6000  # the first run's 12,000 took 1.25-1.6 s a step; the second run's machine takes 3.4 s
+UNET_STEPS = 8000  # the first run's 12,000 took 1.25-1.6 s a step; the second run's machine takes 3.4 s
+UNET_PLANNED_STEPS, UNET_LENGTHENED_AT = 6000, 4250  # planned for 6,000; shapes were still blobs at 4,000
+UNET_WARMUP = 500
 UNET_BATCH = 64
 UNET_LR = 4e-4
 CFG_DROPOUT = 0.1
@@ -619,6 +622,19 @@ def unet_loss(unet, text_encoder, scheduler, latents, ids, noise_offset: float =
     return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
 
 
+def lengthened_cosine(optimizer, warmup: int, planned: int, lengthened_at: int, steps: int
+                      ) -> torch.optim.lr_scheduler.LambdaLR:
+    """diffusers' ``get_cosine_schedule_with_warmup`` over ``planned`` steps, continued from step
+    ``lengthened_at`` as if it had been planned over ``steps``: the schedule of a run lengthened on the way,
+    so that a run from scratch repeats it (the second UNet run, docs/world-v2/README.md)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        total = planned if step <= lengthened_at else steps  # the step after the checkpoint kept its planned rate
+        return max(0.0, 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train_unet(work: Path, vae: AutoencoderKL, paths: list[Path], scenes: list[render.Scene], *,
                steps: int = UNET_STEPS, minutes: float, seed: int = 0, max_new_steps: int | None = None,
                logfile: Path | None = None):
@@ -632,7 +648,7 @@ def train_unet(work: Path, vae: AutoencoderKL, paths: list[Path], scenes: list[r
     unet, text_encoder = components.make_unet(), components.make_text_encoder(tokenizer)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=1e-2)
-    sched = get_cosine_schedule_with_warmup(opt, 500, steps)
+    sched = lengthened_cosine(opt, UNET_WARMUP, min(UNET_PLANNED_STEPS, steps), UNET_LENGTHENED_AT, steps)
     ema = EMAModel(params, decay=0.9995, use_ema_warmup=True, power=0.75)
     start = time.time()
     latents = encode_latents(work, vae, paths, minutes=minutes, logfile=logfile)
@@ -655,7 +671,8 @@ def train_unet(work: Path, vae: AutoencoderKL, paths: list[Path], scenes: list[r
         return unet_loss(unet, text_encoder, noise_scheduler, latents, ids, NOISE_OFFSET)
 
     settings = {"lr": UNET_LR, "batch": UNET_BATCH, "cfg_dropout": CFG_DROPOUT, "min_snr": MIN_SNR_GAMMA,
-                "images": len(means), "noise_offset": NOISE_OFFSET, "captions": "position first"}
+                "images": len(means), "noise_offset": NOISE_OFFSET, "captions": "position first",
+                "planned_steps": UNET_PLANNED_STEPS, "lengthened_at": UNET_LENGTHENED_AT}
     if not run_stage("unet", work / "unet-run", [unet, text_encoder], opt, sched, loss_fn, steps=steps,
                      minutes=minutes, seed=seed, settings=settings, extra_state=[ema], after_step=lambda: ema.step(params),
                      max_grad_norm=1.0, max_new_steps=max_new_steps, logfile=logfile):
