@@ -83,14 +83,16 @@ def main() -> None:
     unknown = set(args.methods) - set(method_names())
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; known: {', '.join(method_names())}")
-    names = args.concepts or list(pools.POOLS[args.pool])
-    if set(names) - set(pools.POOLS[args.pool]):
-        parser.error(f"not in the {args.pool} pool: {sorted(set(names) - set(pools.POOLS[args.pool]))}")
+    pool = pools.POOLS[args.pool]
+    names = args.concepts or list(pool)
+    outside = set(names) - set(pool)
+    if outside:
+        parser.error(f"not in the {args.pool} pool: {sorted(outside)}")
     overrides = dict(parse_setting(kv) for kv in args.set)
     if (args.around or args.grid) and args.pool != "tuning":
         parser.error("defaults are chosen on the tuning pool only: --around and --grid need --pool tuning")
     evaluator, pipe = load_evaluator(args.evaluator), load_pipeline(args.pipeline)
-    built = {n: pools.build_concept(n) for n in pools.POOLS[args.pool]}
+    built = {n: pools.build_concept(n) for n in pool}
     bank = reference_bank(evaluator, {n: c.reference_images for n, c in built.items()})
     base_images = {n: class_images(pipe, built[n]) for n in names}
     anchors = {n: (fidelity(evaluator, base_images[n], built[n].reference_images),
